@@ -1,0 +1,223 @@
+/* kvtier.h: the one public header of libkvtier, the C client of kvtierd.
+ *
+ * A client handle is a gRPC channel to one kvtierd. Every call blocks until
+ * the daemon answers or the handle's timeout passes. Handles are opaque; the
+ * same handle may be used from several threads at once, but the "last error
+ * message" (kvtier_errmsg) is per handle, so a multi-threaded caller that
+ * wants the message should use one handle per thread.
+ *
+ * Errors: every function that can fail returns int: 0 on success, a negative
+ * errno value for a local system failure (-ENOENT, -EIO, ...), or one of the
+ * KVTIER_E_* codes below, which mirror the daemon's gRPC status codes.
+ * kvtier_strerror() names both kinds. After a failure kvtier_errmsg() holds
+ * the daemon's own message (what was wrong and what to do).
+ *
+ * Ownership: strings and structs passed in are only read during the call.
+ * Structs filled out are owned by the caller; where they point into the
+ * handle, the header says how long that stays valid.
+ */
+#ifndef KVTIER_KVTIER_H
+#define KVTIER_KVTIER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(KVTIER_BUILDING) && defined(__GNUC__)
+#define KVTIER_API __attribute__((visibility("default")))
+#else
+#define KVTIER_API
+#endif
+
+/* Error codes, in their own range below -errno values. */
+enum kvtier_error {
+	KVTIER_E_FIRST = -30999,
+	KVTIER_E_INVALID = -30999,   /* bad input: malformed slot file, bad argument (INVALID_ARGUMENT) */
+	KVTIER_E_LAYOUT,             /* KV layout disagrees with the namespace (FAILED_PRECONDITION) */
+	KVTIER_E_FULL,               /* no room on any tier (RESOURCE_EXHAUSTED) */
+	KVTIER_E_NOTFOUND,           /* no such blob, lease or file (NOT_FOUND) */
+	KVTIER_E_UNAUTH,             /* missing or wrong bearer token (UNAUTHENTICATED) */
+	KVTIER_E_DENIED,             /* path outside the allowed slot directories (PERMISSION_DENIED) */
+	KVTIER_E_CORRUPT,            /* stored bytes failed their checksum (DATA_LOSS) */
+	KVTIER_E_EXISTS,             /* target already exists (ALREADY_EXISTS) */
+	KVTIER_E_UNAVAILABLE,        /* daemon unreachable or shutting down (UNAVAILABLE) */
+	KVTIER_E_TIMEOUT,            /* deadline passed (DEADLINE_EXCEEDED) */
+	KVTIER_E_INTERNAL,           /* a bug or an unexpected state; see the message (INTERNAL) */
+	KVTIER_E_LAST = KVTIER_E_INTERNAL
+};
+
+/* Names an error code (a KVTIER_E_* code or a negative errno). Never NULL;
+ * the string is static. */
+KVTIER_API const char *kvtier_strerror(int rc);
+
+#define KVTIER_BLOB_ID_LEN 64 /* hex characters of a blob id, without the NUL */
+
+typedef struct kvtier_client kvtier_client;
+
+struct kvtier_options {
+	const char *auth_token; /* bearer token for TCP addresses; NULL = none */
+	unsigned timeout_ms;    /* per call (streams: per message); 0 = 60000 */
+};
+
+/* Opens a handle to the daemon at `address`: "unix:/path/to.sock",
+ * "/path/to.sock" (same thing) or "host:port". Nothing is sent until the
+ * first call, so an unreachable daemon shows up there as KVTIER_E_UNAVAILABLE.
+ * `opt` may be NULL. On success *out is a handle to free with
+ * kvtier_close(). Returns 0, -ENOMEM or KVTIER_E_INVALID. */
+KVTIER_API int kvtier_open(kvtier_client **out, const char *address,
+			   const struct kvtier_options *opt);
+
+/* Closes the handle. Calls in flight on other threads must have returned. */
+KVTIER_API void kvtier_close(kvtier_client *c);
+
+/* The message of the last failed call on this handle (the daemon's status
+ * message, or a local description). Valid until the next call on the handle. */
+KVTIER_API const char *kvtier_errmsg(const kvtier_client *c);
+
+struct kvtier_tier {
+	unsigned index;
+	char kind[16];
+	char path[256];
+	uint64_t capacity_bytes, used_bytes, blobs;
+	double read_bytes_per_s, read_fixed_s;
+};
+
+struct kvtier_info {
+	char version[32];
+	unsigned block_size;
+	int supersede;
+	uint64_t max_blob_bytes;
+	unsigned n_tiers;
+	struct kvtier_tier tiers[8];
+	unsigned n_slot_dirs;
+	char slot_dirs[8][256];
+};
+
+/* Asks the daemon for its version, block size, tiers and slot directories. */
+KVTIER_API int kvtier_info(kvtier_client *c, struct kvtier_info *out);
+
+struct kvtier_match {
+	int found;                       /* 0 on a miss: the rest is zero */
+	char blob[KVTIER_BLOB_ID_LEN + 1];
+	uint32_t matched_tokens;         /* prefix of the query the blob holds */
+	uint32_t n_tokens;               /* tokens in the blob */
+	uint64_t size_bytes;
+	unsigned tier;
+	char tier_kind[16];
+	double est_restore_s;
+};
+
+/* Finds the blob of namespace `ns` with the longest prefix in common with
+ * tokens[0..n). A miss is success with out->found == 0. */
+KVTIER_API int kvtier_lookup(kvtier_client *c, const char *ns, const int32_t *tokens,
+			     size_t n, struct kvtier_match *out);
+
+struct kvtier_put_result {
+	char blob[KVTIER_BLOB_ID_LEN + 1];
+	int deduplicated;
+	uint32_t n_tokens;
+	unsigned tier;
+	unsigned n_superseded;           /* blobs this one made redundant (and dropped) */
+};
+
+/* Streams the slot file at `path` (and its sidecars `path`.tokens.json and
+ * `path`.checkpoints when they exist) into namespace `ns`. The daemon parses
+ * and checks the header; a refused file stores nothing. */
+KVTIER_API int kvtier_put_file(kvtier_client *c, const char *ns, const char *path,
+			       struct kvtier_put_result *out);
+
+/* Asks the daemon to take the file at `path` (inside one of its --slot-dir
+ * directories, same host) into namespace `ns` by rename or link, sidecars
+ * included. Unless keep_source, the source name is gone afterwards. */
+KVTIER_API int kvtier_adopt(kvtier_client *c, const char *ns, const char *path,
+			    int keep_source, struct kvtier_put_result *out);
+
+/* Streams blob `blob` into the file `path` (created or truncated) and its
+ * sidecars into `path`.tokens.json etc. Written to temporary names and
+ * renamed, so `path` never holds a partial blob. *size_out (may be NULL)
+ * receives the slot file's size. */
+KVTIER_API int kvtier_fetch_file(kvtier_client *c, const char *blob, const char *path,
+				 uint64_t *size_out);
+
+struct kvtier_stage {
+	char lease[64];
+	char filename[256];   /* the name inside the directory */
+	char path[4096];
+	uint64_t expires_unix_ms;
+	int copied;
+	uint32_t n_tokens;
+};
+
+/* Makes blob `blob` appear in `directory` (one of the daemon's --slot-dir)
+ * under a daemon-chosen name, with a lease of lease_seconds (0 = default).
+ * The file stays until kvtier_release() or the lease expires. */
+KVTIER_API int kvtier_stage(kvtier_client *c, const char *blob, const char *directory,
+			    unsigned lease_seconds, struct kvtier_stage *out);
+
+/* Ends a lease: the staged file is removed. */
+KVTIER_API int kvtier_release(kvtier_client *c, const char *lease);
+
+/* Deletes a blob (metadata first, then files). */
+KVTIER_API int kvtier_delete(kvtier_client *c, const char *blob);
+
+struct kvtier_blob_info {
+	char blob[KVTIER_BLOB_ID_LEN + 1];
+	char ns[256];
+	uint32_t n_tokens;
+	uint32_t version;
+	uint64_t size_bytes, stored_bytes;
+	unsigned tier;
+	char tier_kind[16];
+	char compression[16];
+	unsigned n_sidecars;
+	char sidecars[2][16];
+	int64_t created_unix_ms, last_access_unix_ms;
+	uint64_t hits;
+	uint32_t crc32c;
+};
+
+/* Calls `cb` for every blob (of namespace `ns`, or all when ns is NULL or
+ * empty), in blob id order, fetching pages from the daemon as needed. The
+ * struct passed to cb is valid only during that call. A non-zero return from
+ * cb stops the walk and is returned. */
+KVTIER_API int kvtier_list(kvtier_client *c, const char *ns,
+			   int (*cb)(void *ctx, const struct kvtier_blob_info *b), void *ctx);
+
+struct kvtier_ns_stats {
+	char ns[256];
+	uint64_t blobs, bytes, lookups, hits;
+	double prefill_tokens_per_s;
+};
+
+struct kvtier_stats {
+	uint64_t blobs, bytes, lookups, hits, matched_tokens, puts, dedups, supersessions,
+		stages, active_leases;
+	unsigned n_tiers;
+	struct kvtier_tier tiers[8];
+	unsigned n_namespaces;             /* entries filled in namespaces[] */
+	struct kvtier_ns_stats namespaces[32];
+};
+
+/* Asks the daemon for its counters. */
+KVTIER_API int kvtier_stats(kvtier_client *c, struct kvtier_stats *out);
+
+struct kvtier_report {
+	const char *ns;
+	uint32_t prompt_tokens; /* tokens prefilled (timings.prompt_n) */
+	double prompt_ms;       /* timings.prompt_ms */
+	const char *blob;       /* NULL unless reporting on a restore */
+	double restore_ms;
+	uint32_t restored_tokens;
+	int restore_ignored;    /* the server did not use the restored blob */
+};
+
+/* Tells the daemon measured prefill and restore timings. */
+KVTIER_API int kvtier_report(kvtier_client *c, const struct kvtier_report *r);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVTIER_KVTIER_H */

@@ -1,0 +1,455 @@
+/* main.c: kvtierd, the kvtier storage daemon: options, start-up, signals.
+ *
+ * Options come from one table (options[]) that drives parsing, --help and
+ * the configuration reference in docs/ (kvtierd --help-markdown prints it;
+ * a test checks docs/configuration.md against it). Start-up order: lock the
+ * data directory, open the store (which reconciles after a crash), start the
+ * RPC server, then the metrics endpoint. SIGTERM/SIGINT stop them in reverse
+ * order, letting calls in flight finish first.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <malloc.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <grpc/grpc.h>
+
+#include "kvtier.h"
+#include "log.h"
+#include "metrics.h"
+#include "rpc.h"
+#include "store.h"
+
+#ifndef KVTIER_VERSION
+#define KVTIER_VERSION "0.0.0"
+#endif
+
+enum opt_id {
+	OPT_DATA = 1000,
+	OPT_SOCKET,
+	OPT_TIER,
+	OPT_SLOT_DIR,
+	OPT_LISTEN,
+	OPT_AUTH_TOKEN_FILE,
+	OPT_METRICS,
+	OPT_BLOCK_SIZE,
+	OPT_NO_SUPERSEDE,
+	OPT_MAX_BLOB_SIZE,
+	OPT_LEASE_SECONDS,
+	OPT_LEASE_MAX_SECONDS,
+	OPT_WORKERS,
+	OPT_IO_TIMEOUT_MS,
+	OPT_MAP_SIZE,
+	OPT_LOG_LEVEL,
+	OPT_HELP,
+	OPT_HELP_MARKDOWN,
+	OPT_VERSION,
+};
+
+struct option_def {
+	const char *name;
+	int id;
+	const char *arg;       /* NULL: a flag */
+	const char *def;       /* default as shown to users */
+	const char *help;
+};
+
+static const struct option_def options[] = {
+	{"data", OPT_DATA, "DIR", "./kvtier-data",
+	 "Data directory: the LMDB index and the lock file. Created if missing."},
+	{"socket", OPT_SOCKET, "PATH", "DATA/kvtierd.sock",
+	 "Unix socket to serve on (mode 0660). Clients need no token here."},
+	{"tier", OPT_TIER, "KIND:PATH:SIZE", "tmpfs:/dev/shm/kvtier:2G",
+	 "A storage tier, fastest first; repeat for more. KIND is tmpfs. SIZE takes K, M, G, T "
+	 "(powers of 1024). New blobs land on the first tier."},
+	{"slot-dir", OPT_SLOT_DIR, "DIR", "(none)",
+	 "A llama-server --slot-save-path that Stage may link blobs into and Adopt may take files "
+	 "from; repeat for several servers. Nothing outside these directories is ever touched."},
+	{"listen", OPT_LISTEN, "HOST:PORT", "(none)",
+	 "Also serve gRPC over TCP. Requires --auth-token-file."},
+	{"auth-token-file", OPT_AUTH_TOKEN_FILE, "FILE", "(none)",
+	 "File whose first line is the bearer token TCP clients must send."},
+	{"metrics", OPT_METRICS, "HOST:PORT", "(off)",
+	 "Serve Prometheus metrics at http://HOST:PORT/metrics (use a loopback address)."},
+	{"block-size", OPT_BLOCK_SIZE, "N", "64",
+	 "Tokens per prefix block (16..4096). Fixed when the data directory is created."},
+	{"no-supersede", OPT_NO_SUPERSEDE, NULL, "supersede on",
+	 "Keep blobs whose tokens are a strict prefix of a newer blob in the same namespace."},
+	{"max-blob-size", OPT_MAX_BLOB_SIZE, "SIZE", "64G",
+	 "Largest slot file (or sidecar) accepted."},
+	{"lease-seconds", OPT_LEASE_SECONDS, "N", "300",
+	 "Lease of a staged file when the client asks for none."},
+	{"lease-max-seconds", OPT_LEASE_MAX_SECONDS, "N", "3600",
+	 "Longest lease a client may ask for."},
+	{"workers", OPT_WORKERS, "N", "16",
+	 "Worker threads: calls served at once (1..256)."},
+	{"io-timeout-ms", OPT_IO_TIMEOUT_MS, "MS", "60000",
+	 "A stream that makes no progress for this long is cancelled."},
+	{"map-size", OPT_MAP_SIZE, "SIZE", "64G",
+	 "LMDB map size (address space reserved for the index; sparse)."},
+	{"log-level", OPT_LOG_LEVEL, "LEVEL", "info", "error, warn, info or debug."},
+	{"help", OPT_HELP, NULL, NULL, "Show this help and exit."},
+	{"help-markdown", OPT_HELP_MARKDOWN, NULL, NULL,
+	 "Print the option table in Markdown (the configuration reference) and exit."},
+	{"version", OPT_VERSION, NULL, NULL, "Print the version and exit."},
+};
+#define N_OPTIONS (sizeof(options) / sizeof(options[0]))
+
+static void usage(FILE *f)
+{
+	fprintf(f, "Usage: kvtierd [OPTION]...\n"
+		   "kvtier storage daemon: keeps llama-server slot files keyed by token prefix and "
+		   "serves them over gRPC.\n\nOptions:\n");
+	for (size_t i = 0; i < N_OPTIONS; i++) {
+		char lhs[64];
+		snprintf(lhs, sizeof(lhs), "--%s%s%s", options[i].name, options[i].arg ? " " : "",
+			 options[i].arg ? options[i].arg : "");
+		fprintf(f, "  %-34s %s", lhs, options[i].help);
+		if (options[i].def)
+			fprintf(f, " [default: %s]", options[i].def);
+		fputc('\n', f);
+	}
+	fprintf(f, "\nExample:\n  kvtierd --data /var/lib/kvtier --tier tmpfs:/dev/shm/kvtier:8G "
+		   "--slot-dir /srv/llama/slots --metrics 127.0.0.1:9477\n"
+		   "Stop with SIGTERM or SIGINT: calls in flight finish first.\n");
+}
+
+static void usage_markdown(void)
+{
+	printf("| option | argument | default | meaning |\n|---|---|---|---|\n");
+	for (size_t i = 0; i < N_OPTIONS; i++)
+		printf("| `--%s` | %s | %s | %s |\n", options[i].name,
+		       options[i].arg ? options[i].arg : "", options[i].def ? options[i].def : "",
+		       options[i].help);
+}
+
+/* Parses "123", "64K", "2G", ... (powers of 1024). Returns 0 or -1. */
+static int parse_size(const char *s, uint64_t *out)
+{
+	char *end;
+	unsigned long long v;
+
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno || end == s)
+		return -1;
+	unsigned shift = 0;
+	switch (*end) {
+	case '\0':
+		break;
+	case 'k': case 'K': shift = 10; end++; break;
+	case 'm': case 'M': shift = 20; end++; break;
+	case 'g': case 'G': shift = 30; end++; break;
+	case 't': case 'T': shift = 40; end++; break;
+	default:
+		return -1;
+	}
+	if (*end == 'i' || *end == 'B')
+		end += (*end == 'i' && end[1] == 'B') ? 2 : 1;
+	if (*end || (shift && v > (UINT64_MAX >> shift)))
+		return -1;
+	*out = (uint64_t)v << shift;
+	return 0;
+}
+
+static int parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out)
+{
+	char *end;
+	unsigned long v;
+
+	errno = 0;
+	v = strtoul(s, &end, 10);
+	if (errno || end == s || *end || v < lo || v > hi)
+		return -1;
+	*out = (unsigned)v;
+	return 0;
+}
+
+static int parse_tier(const char *s, struct store_tier_config *t)
+{
+	const char *c1 = strchr(s, ':'), *c2 = strrchr(s, ':');
+
+	if (!c1 || c1 == c2 || (size_t)(c1 - s) >= sizeof(t->kind) ||
+	    (size_t)(c2 - c1 - 1) >= sizeof(t->path) || c2 == c1 + 1)
+		return -1;
+	memcpy(t->kind, s, (size_t)(c1 - s));
+	t->kind[c1 - s] = '\0';
+	memcpy(t->path, c1 + 1, (size_t)(c2 - c1 - 1));
+	t->path[c2 - c1 - 1] = '\0';
+	if (strcmp(t->kind, "tmpfs") != 0)
+		return -2;
+	if (parse_size(c2 + 1, &t->capacity) || t->capacity == 0)
+		return -1;
+	return 0;
+}
+
+static int read_token(const char *path, char *out, size_t cap)
+{
+	FILE *f = fopen(path, "re");
+	struct stat st;
+
+	if (!f)
+		return -errno;
+	if (fstat(fileno(f), &st) == 0 && (st.st_mode & 077))
+		klog(LOG_WARN, "event=token_file_permissions path=%s mode=%o hint=\"chmod 600\"",
+		     path, (unsigned)(st.st_mode & 0777));
+	if (!fgets(out, (int)cap, f)) {
+		fclose(f);
+		return -ENODATA;
+	}
+	fclose(f);
+	out[strcspn(out, "\r\n")] = '\0';
+	return strlen(out) >= 16 ? 0 : -EINVAL;
+}
+
+static int die(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Prints "kvtierd: <message>" and returns the exit status for bad usage. */
+static int die(const char *fmt, ...)
+{
+	va_list ap;
+
+	fprintf(stderr, "kvtierd: ");
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	return 2;
+}
+
+int main(int argc, char **argv)
+{
+	struct store_config cfg;
+	struct rpc_config rcfg = {0};
+	struct option longopts[N_OPTIONS + 1];
+	char socket_path[4096 + 32] = "", token[256] = "", lock_path[4096 + 32], err[1024] = "";
+	const char *metrics_addr = NULL, *token_file = NULL;
+	unsigned workers = 16, io_timeout = 60000, lease = 300, lease_max = 3600;
+	struct store *store = NULL;
+	struct rpc_server *rpc = NULL;
+	struct metrics *metrics = NULL;
+	sigset_t sigs;
+	int rc, lock_fd = -1, sig;
+
+	memset(&cfg, 0, sizeof(cfg));
+	snprintf(cfg.data_dir, sizeof(cfg.data_dir), "./kvtier-data");
+	cfg.supersede = 1;
+	cfg.max_blob_bytes = 64ull << 30;
+	for (size_t i = 0; i < N_OPTIONS; i++) {
+		longopts[i].name = options[i].name;
+		longopts[i].has_arg = options[i].arg ? required_argument : no_argument;
+		longopts[i].flag = NULL;
+		longopts[i].val = options[i].id;
+	}
+	memset(&longopts[N_OPTIONS], 0, sizeof(longopts[0]));
+
+	while ((rc = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+		switch (rc) {
+		case OPT_DATA:
+			if (strlen(optarg) >= sizeof(cfg.data_dir))
+				return die("--data: path too long: %s", optarg);
+			snprintf(cfg.data_dir, sizeof(cfg.data_dir), "%s", optarg);
+			break;
+		case OPT_SOCKET:
+			snprintf(socket_path, sizeof(socket_path), "%s", optarg);
+			break;
+		case OPT_TIER: {
+			if (cfg.n_tiers == STORE_MAX_TIERS)
+				return die("--tier: at most 4 tiers");
+			int t = parse_tier(optarg, &cfg.tiers[cfg.n_tiers]);
+			if (t == -2)
+				return die("--tier %s: unknown kind (this build has: tmpfs)", optarg);
+			if (t)
+				return die("--tier %s: expected KIND:PATH:SIZE, e.g. "
+					   "tmpfs:/dev/shm/kvtier:8G", optarg);
+			cfg.n_tiers++;
+			break;
+		}
+		case OPT_SLOT_DIR:
+			if (cfg.n_slot_dirs == STORE_MAX_SLOT_DIRS)
+				return die("--slot-dir: at most 8 directories");
+			snprintf(cfg.slot_dirs[cfg.n_slot_dirs++], sizeof(cfg.slot_dirs[0]), "%s",
+				 optarg);
+			break;
+		case OPT_LISTEN:
+			rcfg.listen = optarg;
+			break;
+		case OPT_AUTH_TOKEN_FILE:
+			token_file = optarg;
+			break;
+		case OPT_METRICS:
+			metrics_addr = optarg;
+			break;
+		case OPT_BLOCK_SIZE:
+			if (parse_uint(optarg, 16, 4096, &cfg.block_size))
+				return die("--block-size %s: expected 16..4096", optarg);
+			break;
+		case OPT_NO_SUPERSEDE:
+			cfg.supersede = 0;
+			break;
+		case OPT_MAX_BLOB_SIZE:
+			if (parse_size(optarg, &cfg.max_blob_bytes) || cfg.max_blob_bytes < 1024)
+				return die("--max-blob-size %s: expected a size such as 64G", optarg);
+			break;
+		case OPT_LEASE_SECONDS:
+			if (parse_uint(optarg, 1, 86400, &lease))
+				return die("--lease-seconds %s: expected 1..86400", optarg);
+			break;
+		case OPT_LEASE_MAX_SECONDS:
+			if (parse_uint(optarg, 1, 7 * 86400, &lease_max))
+				return die("--lease-max-seconds %s: expected 1..604800", optarg);
+			break;
+		case OPT_WORKERS:
+			if (parse_uint(optarg, 1, 256, &workers))
+				return die("--workers %s: expected 1..256", optarg);
+			break;
+		case OPT_IO_TIMEOUT_MS:
+			if (parse_uint(optarg, 100, 3600000, &io_timeout))
+				return die("--io-timeout-ms %s: expected 100..3600000", optarg);
+			break;
+		case OPT_MAP_SIZE:
+			if (parse_size(optarg, &cfg.map_size) || cfg.map_size < (1u << 20))
+				return die("--map-size %s: expected a size such as 64G", optarg);
+			break;
+		case OPT_LOG_LEVEL:
+			if (log_level_parse(optarg) < 0)
+				return die("--log-level %s: expected error, warn, info or debug", optarg);
+			log_threshold = log_level_parse(optarg);
+			break;
+		case OPT_HELP:
+			usage(stdout);
+			return 0;
+		case OPT_HELP_MARKDOWN:
+			usage_markdown();
+			return 0;
+		case OPT_VERSION:
+			printf("kvtierd %s\n", KVTIER_VERSION);
+			return 0;
+		default:
+			fprintf(stderr, "Try 'kvtierd --help'.\n");
+			return 2;
+		}
+	}
+	if (optind < argc)
+		return die("unexpected argument: %s (options start with --; see --help)",
+			   argv[optind]);
+	if (cfg.n_tiers == 0) {
+		parse_tier("tmpfs:/dev/shm/kvtier:2G", &cfg.tiers[0]);
+		cfg.n_tiers = 1;
+	}
+	if (lease > lease_max)
+		return die("--lease-seconds is larger than --lease-max-seconds");
+	cfg.lease_default_s = lease;
+	cfg.lease_max_s = lease_max;
+	if (rcfg.listen && !token_file)
+		return die("--listen %s needs --auth-token-file: TCP is never served without a "
+			   "token", rcfg.listen);
+	if (token_file) {
+		rc = read_token(token_file, token, sizeof(token));
+		if (rc)
+			return die("--auth-token-file %s: %s (the first line must be a token of at "
+				   "least 16 characters)", token_file, strerror(-rc));
+	}
+	if (!socket_path[0])
+		snprintf(socket_path, sizeof(socket_path), "%s/kvtierd.sock", cfg.data_dir);
+
+	/* Bulk transfers allocate and free 1 MiB buffers constantly: keep them in
+	 * the heap instead of mmap/munmap and page faults for every chunk. */
+	mallopt(M_MMAP_THRESHOLD, 4 << 20);
+	mallopt(M_TRIM_THRESHOLD, 256 << 20);
+	mallopt(M_TOP_PAD, 64 << 20);
+
+	/* Signals are taken by sigwait() in this thread only. */
+	sigemptyset(&sigs);
+	sigaddset(&sigs, SIGTERM);
+	sigaddset(&sigs, SIGINT);
+	sigaddset(&sigs, SIGHUP);
+	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+	signal(SIGPIPE, SIG_IGN);
+
+	if (mkdir(cfg.data_dir, 0700) && errno != EEXIST)
+		return die("cannot create data directory %s: %s", cfg.data_dir, strerror(errno));
+	snprintf(lock_path, sizeof(lock_path), "%s/kvtierd.lock", cfg.data_dir);
+	lock_fd = open(lock_path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+	if (lock_fd < 0)
+		return die("cannot open %s: %s", lock_path, strerror(errno));
+	if (flock(lock_fd, LOCK_EX | LOCK_NB)) {
+		char pid[32] = "?";
+		ssize_t n = pread(lock_fd, pid, sizeof(pid) - 1, 0);
+		pid[n > 0 ? n : 1] = '\0';
+		pid[strcspn(pid, "\n")] = '\0';
+		return die("another kvtierd (pid %s) is running on data directory %s", pid,
+			   cfg.data_dir);
+	}
+	{
+		char pid[32];
+		int n = snprintf(pid, sizeof(pid), "%d\n", (int)getpid());
+		if (ftruncate(lock_fd, 0) || pwrite(lock_fd, pid, (size_t)n, 0) != n)
+			klog(LOG_WARN, "event=lock_write_failed path=%s", lock_path);
+	}
+
+	grpc_init();
+	rc = store_open(&cfg, &store, err, sizeof(err));
+	if (rc) {
+		fprintf(stderr, "kvtierd: %s\n", err[0] ? err : kvtier_strerror(rc));
+		rc = 1;
+		goto out;
+	}
+	rcfg.unix_path = socket_path;
+	rcfg.auth_token = token[0] ? token : NULL;
+	rcfg.workers = workers;
+	rcfg.io_timeout_ms = io_timeout;
+	rc = rpc_start(store, &rcfg, &rpc, err, sizeof(err));
+	if (rc) {
+		fprintf(stderr, "kvtierd: %s\n", err[0] ? err : kvtier_strerror(rc));
+		rc = 1;
+		goto out;
+	}
+	if (metrics_addr) {
+		rc = metrics_start(metrics_addr, store, &metrics, err, sizeof(err));
+		if (rc) {
+			fprintf(stderr, "kvtierd: --metrics %s: %s\n", metrics_addr,
+				err[0] ? err : kvtier_strerror(rc));
+			rc = 1;
+			goto out;
+		}
+	}
+	klog(LOG_INFO, "event=ready version=%s pid=%d data=%s socket=%s listen=%s metrics=%s "
+	     "block_size=%u tiers=%u slot_dirs=%u supersede=%d",
+	     KVTIER_VERSION, (int)getpid(), cfg.data_dir, socket_path,
+	     rcfg.listen ? rcfg.listen : "-", metrics_addr ? metrics_addr : "-",
+	     store_block_size(store), cfg.n_tiers, cfg.n_slot_dirs, cfg.supersede);
+	for (;;) {
+		if (sigwait(&sigs, &sig))
+			continue;
+		if (sig == SIGHUP) {
+			klog(LOG_INFO, "event=sighup action=none hint=\"restart to change options\"");
+			continue;
+		}
+		break;
+	}
+	klog(LOG_INFO, "event=stopping signal=%d", sig);
+	rc = 0;
+out:
+	metrics_stop(metrics);
+	rpc_stop(rpc, 5000);
+	if (rpc || rc == 0)
+		unlink(socket_path);
+	store_close(store);
+	grpc_shutdown();
+	if (lock_fd >= 0)
+		close(lock_fd);
+	if (rc == 0)
+		klog(LOG_INFO, "event=stopped");
+	return rc;
+}

@@ -1,0 +1,50 @@
+/* metrics.h: kvtierd's Prometheus endpoint and RPC counters.
+ *
+ * The RPC layer reports each finished call with metrics_rpc_observe() (lock
+ * free: atomics). metrics_start() serves GET /metrics (text format 0.0.4) on
+ * a libmicrohttpd thread; the page is rendered from these counters and from
+ * store_get_stats()/store_ns_stats() at scrape time. The endpoint is
+ * read-only: every other path is 404, every other method 405.
+ */
+#ifndef KVTIER_METRICS_H
+#define KVTIER_METRICS_H
+
+#include <stddef.h>
+
+struct store;
+
+enum rpc_method_id {
+	RPC_INFO,
+	RPC_LOOKUP,
+	RPC_FETCH,
+	RPC_PUT,
+	RPC_STAGE,
+	RPC_RELEASE,
+	RPC_ADOPT,
+	RPC_DELETE,
+	RPC_LIST,
+	RPC_STATS,
+	RPC_REPORT,
+	RPC_METHOD_COUNT
+};
+
+/* "Info", "Lookup", ... indexed by enum rpc_method_id. */
+extern const char *const rpc_method_names[RPC_METHOD_COUNT];
+
+/* Counts one finished call of `method` with gRPC status code `status`
+ * (0..16) that took `seconds`. Thread-safe, never blocks. */
+void metrics_rpc_observe(int method, int status, double seconds);
+
+/* Renders the whole exposition into a malloc'd NUL-terminated buffer
+ * (caller frees). Returns NULL on allocation failure. */
+char *metrics_render(struct store *s);
+
+struct metrics;
+
+/* Serves /metrics on "HOST:PORT" (IPv4 or [IPv6]; HOST may be a name that
+ * resolves to loopback). Returns 0 or -errno / KVTIER_E_INVALID with err. */
+int metrics_start(const char *hostport, struct store *s, struct metrics **out, char *err,
+		  size_t errlen);
+void metrics_stop(struct metrics *m);
+
+#endif /* KVTIER_METRICS_H */

@@ -1,0 +1,41 @@
+/* rpc.h: kvtierd's gRPC service (proto/kvtier.proto) on the gRPC core C API.
+ *
+ * One thread waits on the server's notification completion queue: it only
+ * re-posts requests and hands each new call to a pool of worker threads, so
+ * no LMDB transaction and no blocking I/O ever runs on a completion-queue
+ * thread. Each call is bound to its own pluck completion queue, which the
+ * worker running it waits on; streams send or receive one message at a time
+ * (gRPC's flow control is the back-pressure), overlapping the next chunk's
+ * file I/O with the current message's transfer.
+ *
+ * Status codes are mapped from store errors in one place (rpc.c,
+ * status_of()). Calls from TCP peers must carry "authorization: Bearer
+ * <token>" when a token is configured; calls over the Unix socket rely on
+ * the socket's file mode (0660).
+ */
+#ifndef KVTIER_RPC_H
+#define KVTIER_RPC_H
+
+#include <stddef.h>
+
+struct store;
+struct rpc_server;
+
+struct rpc_config {
+	const char *unix_path;     /* Unix socket path; NULL for none */
+	const char *listen;        /* "HOST:PORT" for TCP; NULL for none */
+	const char *auth_token;    /* required when listen is set */
+	unsigned workers;          /* worker threads (calls running at once) */
+	unsigned io_timeout_ms;    /* longest wait for one message of a stream */
+};
+
+/* Binds, starts the threads and serves `s`. On failure nothing is left
+ * running and err says why (e.g. the socket is in use). */
+int rpc_start(struct store *s, const struct rpc_config *cfg, struct rpc_server **out, char *err,
+	      size_t errlen);
+
+/* Stops accepting calls, lets calls in flight finish for up to grace_ms,
+ * cancels the rest, joins every thread and frees the server. */
+void rpc_stop(struct rpc_server *srv, unsigned grace_ms);
+
+#endif /* KVTIER_RPC_H */

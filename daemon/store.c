@@ -1,0 +1,1509 @@
+/* store.c: the storage core of kvtierd, gluing the index (LMDB) to the tiers.
+ *
+ * Order of operations is what makes it crash-safe (DESIGN.md, "Crash safety"):
+ * bytes first (temporary, durable, renamed into place), metadata second; on
+ * delete, metadata first, files second. Whatever a crash leaves between the
+ * two steps is repaired by reconcile() at the next start.
+ *
+ * This file must never talk to the network and never hold a blob in memory:
+ * bytes flow through tier writers and readers in caller-sized pieces.
+ */
+#include "store.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "crc32c.h"
+#include "kvtier.h"
+#include "log.h"
+#include "slotfile.h"
+#include "tier.h"
+
+#define STORE_MAX_NS_COUNTERS 1024
+#define STORE_TOUCH_MAX 65536
+
+struct lease {
+	struct lease *next;
+	char id[33];
+	unsigned slot_dir;             /* index into slot dir fds */
+	char name[256];                /* staged main file name */
+	uint32_t parts;                /* parts staged (bit per part) */
+	int64_t expires_ms;
+};
+
+struct ns_counter {
+	char ns[INDEX_NS_MAX + 1];
+	uint64_t lookups, hits, matched;
+};
+
+struct store {
+	struct store_config cfg;
+	struct index *ix;
+	struct tier *tiers[STORE_MAX_TIERS];
+	unsigned n_tiers;
+	int slot_fd[STORE_MAX_SLOT_DIRS];
+	char slot_real[STORE_MAX_SLOT_DIRS][PATH_MAX];
+	uint32_t block;
+
+	pthread_mutex_t commit_lock;   /* file commit + index_put of one blob at a time */
+
+	pthread_mutex_t lease_lock;
+	struct lease *leases;
+
+	pthread_mutex_t touch_lock;
+	struct index_touch *touch;
+	size_t n_touch;
+
+	pthread_mutex_t ns_lock;
+	struct ns_counter *ns_counters;
+	size_t n_ns_counters;
+
+	pthread_t bg;
+	int bg_started;
+	pthread_mutex_t bg_lock;
+	pthread_cond_t bg_cond;
+	int bg_stop;
+
+	_Atomic uint64_t lookups, hits, matched_tokens;
+	_Atomic uint64_t puts, put_bytes, adopts, dedups, supersessions, refused;
+	_Atomic uint64_t fetches, fetch_bytes, stages, stage_copies, releases, lease_expiries,
+		deletes, quarantined, active_leases;
+	uint64_t reconcile_files, reconcile_blobs;
+	_Atomic uint64_t tier_blobs[STORE_MAX_TIERS]; /* slot files (part 0) per tier */
+};
+
+struct store_put {
+	struct store *s;
+	char ns[INDEX_NS_MAX + 1];
+	struct tier_writer *w[PART_COUNT];
+	uint64_t size[PART_COUNT];
+	uint64_t written[PART_COUNT];
+	uint32_t crc[PART_COUNT];
+	uint32_t parts;                /* bit per started part */
+	int cur;                       /* part being written, -1 none */
+	int crc_known;                 /* crc[] filled while streaming */
+};
+
+struct store_fetch {
+	struct store *s;
+	unsigned tier;
+	struct tier_reader *r[PART_COUNT];
+};
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!err || !errlen)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(err, errlen, fmt, ap);
+	va_end(ap);
+}
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int random_hex(char *out, size_t nbytes)
+{
+	uint8_t buf[32];
+	static const char hx[] = "0123456789abcdef";
+
+	if (nbytes > sizeof(buf))
+		return -EINVAL;
+	if (getrandom(buf, nbytes, 0) != (ssize_t)nbytes)
+		return -errno;
+	for (size_t i = 0; i < nbytes; i++) {
+		out[2 * i] = hx[buf[i] >> 4];
+		out[2 * i + 1] = hx[buf[i] & 15];
+	}
+	out[2 * nbytes] = '\0';
+	return 0;
+}
+
+static void part_name(const struct key *id, int part, char *out, size_t cap)
+{
+	char hex[KEY_HEX_LEN + 1];
+
+	snprintf(out, cap, "%s%s", key_hex(id, hex), blob_part_suffix[part]);
+}
+
+static int ns_valid(const char *ns, char *err, size_t errlen)
+{
+	size_t n = ns ? strlen(ns) : 0;
+
+	if (n == 0 || n > INDEX_NS_MAX) {
+		set_err(err, errlen, "namespace must be 1 to %d bytes (got %zu)", INDEX_NS_MAX, n);
+		return KVTIER_E_INVALID;
+	}
+	return 0;
+}
+
+/* ---- access statistics, flushed in batches by the background thread ---- */
+
+static void touch_blob(struct store *s, const struct key *id)
+{
+	pthread_mutex_lock(&s->touch_lock);
+	if (s->n_touch < STORE_TOUCH_MAX) {
+		struct index_touch *t = &s->touch[s->n_touch++];
+		t->id = *id;
+		t->hits = 1;
+		t->last_access_ms = now_ms();
+	}
+	pthread_mutex_unlock(&s->touch_lock);
+}
+
+static void touch_flush(struct store *s)
+{
+	struct index_touch *batch;
+	size_t n;
+
+	pthread_mutex_lock(&s->touch_lock);
+	n = s->n_touch;
+	if (n == 0) {
+		pthread_mutex_unlock(&s->touch_lock);
+		return;
+	}
+	batch = malloc(n * sizeof(*batch));
+	if (batch) {
+		memcpy(batch, s->touch, n * sizeof(*batch));
+		s->n_touch = 0;
+	}
+	pthread_mutex_unlock(&s->touch_lock);
+	if (!batch)
+		return;
+	int rc = index_touch(s->ix, batch, n);
+	if (rc)
+		klog(LOG_WARN, "event=touch_flush_failed n=%zu rc=%d err=\"%s\"", n, rc,
+		     kvtier_strerror(rc));
+	free(batch);
+}
+
+static void ns_count(struct store *s, const char *ns, int hit, uint32_t matched)
+{
+	pthread_mutex_lock(&s->ns_lock);
+	struct ns_counter *c = NULL;
+	for (size_t i = 0; i < s->n_ns_counters; i++)
+		if (strcmp(s->ns_counters[i].ns, ns) == 0) {
+			c = &s->ns_counters[i];
+			break;
+		}
+	if (!c && s->n_ns_counters < STORE_MAX_NS_COUNTERS) {
+		c = &s->ns_counters[s->n_ns_counters++];
+		snprintf(c->ns, sizeof(c->ns), "%s", ns);
+	}
+	if (c) {
+		c->lookups++;
+		c->hits += hit ? 1 : 0;
+		c->matched += matched;
+	}
+	pthread_mutex_unlock(&s->ns_lock);
+}
+
+/* ---- leases ---- */
+
+static void lease_unlink(struct store *s, const struct lease *l)
+{
+	char name[512];
+
+	for (int p = 0; p < PART_COUNT; p++) {
+		if (!(l->parts & (1u << p)))
+			continue;
+		snprintf(name, sizeof(name), "%s%s", l->name, blob_part_suffix[p]);
+		if (unlinkat(s->slot_fd[l->slot_dir], name, 0) && errno != ENOENT)
+			klog(LOG_WARN, "event=stage_unlink_failed dir=%s name=%s errno=%d",
+			     s->slot_real[l->slot_dir], name, errno);
+	}
+}
+
+static void leases_expire(struct store *s, int all)
+{
+	int64_t now = now_ms();
+	struct lease *dead = NULL;
+
+	pthread_mutex_lock(&s->lease_lock);
+	for (struct lease **pp = &s->leases; *pp;) {
+		struct lease *l = *pp;
+		if (all || l->expires_ms <= now) {
+			*pp = l->next;
+			l->next = dead;
+			dead = l;
+		} else {
+			pp = &l->next;
+		}
+	}
+	pthread_mutex_unlock(&s->lease_lock);
+	while (dead) {
+		struct lease *l = dead;
+		dead = l->next;
+		lease_unlink(s, l);
+		if (!all) {
+			klog(LOG_INFO, "event=lease_expired lease=%s name=%s", l->id, l->name);
+			atomic_fetch_add(&s->lease_expiries, 1);
+		}
+		atomic_fetch_sub(&s->active_leases, 1);
+		free(l);
+	}
+}
+
+static void *bg_main(void *arg)
+{
+	struct store *s = arg;
+
+	pthread_mutex_lock(&s->bg_lock);
+	while (!s->bg_stop) {
+		struct timespec ts;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_sec += 1;
+		pthread_cond_timedwait(&s->bg_cond, &s->bg_lock, &ts);
+		if (s->bg_stop)
+			break;
+		pthread_mutex_unlock(&s->bg_lock);
+		leases_expire(s, 0);
+		touch_flush(s);
+		pthread_mutex_lock(&s->bg_lock);
+	}
+	pthread_mutex_unlock(&s->bg_lock);
+	return NULL;
+}
+
+/* ---- reconcile (crash recovery at start) ---- */
+
+struct bad_blob {
+	struct key id;
+	unsigned tier;
+	uint32_t parts;
+};
+
+struct reconcile_ctx {
+	struct store *s;
+	struct bad_blob *bad;
+	size_t n_bad, cap_bad;
+	int rc;
+};
+
+static int reconcile_blob(void *ctx, const struct blob_meta *m, const char *ns)
+{
+	struct reconcile_ctx *rc = ctx;
+	struct store *s = rc->s;
+	char name[KEY_HEX_LEN + 32];
+	int ok = m->tier < s->n_tiers;
+	uint64_t total = 0;
+
+	for (int p = 0; ok && p < PART_COUNT; p++) {
+		uint64_t size;
+		if (!(m->parts & (1u << p)))
+			continue;
+		part_name(&m->id, p, name, sizeof(name));
+		if (tier_stat(s->tiers[m->tier], name, &size) || size != m->part_size[p])
+			ok = 0;
+		total += size;
+	}
+	if (ok) {
+		int nfiles = 0;
+		for (int p = 0; p < PART_COUNT; p++)
+			nfiles += (m->parts >> p) & 1;
+		tier_account(s->tiers[m->tier], (int64_t)total, nfiles);
+		atomic_fetch_add(&s->tier_blobs[m->tier], 1);
+		return 0;
+	}
+	if (rc->n_bad == rc->cap_bad) {
+		size_t cap = rc->cap_bad ? rc->cap_bad * 2 : 64;
+		struct bad_blob *b = realloc(rc->bad, cap * sizeof(*b));
+		if (!b)
+			return -ENOMEM;
+		rc->bad = b;
+		rc->cap_bad = cap;
+	}
+	rc->bad[rc->n_bad].id = m->id;
+	rc->bad[rc->n_bad].tier = m->tier;
+	rc->bad[rc->n_bad].parts = m->parts;
+	rc->n_bad++;
+	return 0;
+}
+
+/* Parses "<64 hex><known suffix>". Returns the part or -1. */
+static int parse_part_name(const char *name, struct key *id)
+{
+	char hex[KEY_HEX_LEN + 1];
+
+	if (strlen(name) < KEY_HEX_LEN)
+		return -1;
+	memcpy(hex, name, KEY_HEX_LEN);
+	hex[KEY_HEX_LEN] = '\0';
+	if (key_from_hex(hex, id))
+		return -1;
+	return blob_part_from_suffix(name + KEY_HEX_LEN);
+}
+
+struct scan_ctx {
+	struct store *s;
+	unsigned tier;
+	char (*victims)[TIER_NAME_MAX + 1];
+	size_t n, cap;
+};
+
+static int reconcile_scan_entry(void *ctx, const char *name, uint64_t size, int is_regular)
+{
+	struct scan_ctx *c = ctx;
+	struct blob_meta m;
+	struct key id;
+	int part, keep = 0;
+
+	if (strncmp(name, TIER_TMP_PREFIX, strlen(TIER_TMP_PREFIX)) != 0) {
+		part = parse_part_name(name, &id);
+		keep = is_regular && part >= 0 && index_get(c->s->ix, &id, &m, NULL, 0) == 0 &&
+		       m.tier == c->tier && (m.parts & (1u << part)) && m.part_size[part] == size;
+	}
+	if (keep)
+		return 0;
+	if (strlen(name) > TIER_NAME_MAX)
+		return 0; /* not ours: never created by a tier */
+	if (c->n == c->cap) {
+		size_t cap = c->cap ? c->cap * 2 : 64;
+		void *v = realloc(c->victims, cap * sizeof(*c->victims));
+		if (!v)
+			return -ENOMEM;
+		c->victims = v;
+		c->cap = cap;
+	}
+	snprintf(c->victims[c->n++], TIER_NAME_MAX + 1, "%s", name);
+	return 0;
+}
+
+/* Staged names look like kvtier-<32 hex>.bin plus a sidecar suffix. */
+static int is_stage_name(const char *name)
+{
+	size_t pre = strlen(STORE_STAGE_PREFIX);
+
+	if (strncmp(name, ".kvtier-tmp-", 12) == 0)
+		return 1;
+	if (strncmp(name, STORE_STAGE_PREFIX, pre) != 0)
+		return 0;
+	for (size_t i = 0; i < 32; i++)
+		if (!strchr("0123456789abcdef", name[pre + i]) || !name[pre + i])
+			return 0;
+	if (strncmp(name + pre + 32, ".bin", 4) != 0)
+		return 0;
+	return blob_part_from_suffix(name + pre + 36) >= 0;
+}
+
+static int reconcile(struct store *s, char *err, size_t errlen)
+{
+	struct reconcile_ctx rc = {.s = s};
+	int r;
+
+	r = index_list(s->ix, NULL, NULL, 0, reconcile_blob, &rc, NULL);
+	if (r) {
+		set_err(err, errlen, "reconcile: reading the index failed: %s", kvtier_strerror(r));
+		goto out;
+	}
+	for (size_t i = 0; i < rc.n_bad; i++) {
+		char hex[KEY_HEX_LEN + 1];
+		struct blob_meta m;
+		klog(LOG_WARN, "event=reconcile_drop_blob blob=%s reason=\"files missing, wrong size or tier gone\"",
+		     key_hex(&rc.bad[i].id, hex));
+		r = index_delete(s->ix, &rc.bad[i].id, &m);
+		if (r && r != KVTIER_E_NOTFOUND) {
+			set_err(err, errlen, "reconcile: dropping blob %s failed: %s", hex,
+				kvtier_strerror(r));
+			goto out;
+		}
+		s->reconcile_blobs++;
+		/* Remaining files of that blob are orphans now: the scan removes them. */
+	}
+	for (unsigned t = 0; t < s->n_tiers; t++) {
+		struct scan_ctx sc = {.s = s, .tier = t};
+		r = tier_scan(s->tiers[t], reconcile_scan_entry, &sc);
+		for (size_t i = 0; r == 0 && i < sc.n; i++) {
+			klog(LOG_WARN, "event=reconcile_remove_file tier=%u name=%s", t, sc.victims[i]);
+			if (tier_unlink_raw(s->tiers[t], sc.victims[i]) == 0)
+				s->reconcile_files++;
+		}
+		free(sc.victims);
+		if (r) {
+			set_err(err, errlen, "reconcile: scanning tier %s failed: %s",
+				tier_path(s->tiers[t]), kvtier_strerror(r));
+			goto out;
+		}
+	}
+	/* Leases do not survive a restart: remove files staged by a previous run. */
+	for (unsigned d = 0; d < s->cfg.n_slot_dirs; d++) {
+		int fd = openat(s->slot_fd[d], ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		DIR *dir = fd >= 0 ? fdopendir(fd) : NULL;
+		struct dirent *de;
+		if (!dir) {
+			if (fd >= 0)
+				close(fd);
+			continue;
+		}
+		while ((de = readdir(dir)))
+			if (is_stage_name(de->d_name) && unlinkat(s->slot_fd[d], de->d_name, 0) == 0) {
+				klog(LOG_INFO, "event=reconcile_remove_stale_stage dir=%s name=%s",
+				     s->slot_real[d], de->d_name);
+				s->reconcile_files++;
+			}
+		closedir(dir);
+	}
+	r = 0;
+out:
+	free(rc.bad);
+	return r;
+}
+
+/* ---- open / close ---- */
+
+static int mkdir_p(const char *path, mode_t mode)
+{
+	char buf[PATH_MAX];
+	size_t n = strlen(path);
+
+	if (n == 0 || n >= sizeof(buf))
+		return -ENAMETOOLONG;
+	memcpy(buf, path, n + 1);
+	for (char *p = buf + 1; *p; p++) {
+		if (*p != '/')
+			continue;
+		*p = '\0';
+		if (mkdir(buf, mode) && errno != EEXIST)
+			return -errno;
+		*p = '/';
+	}
+	if (mkdir(buf, mode) && errno != EEXIST)
+		return -errno;
+	return 0;
+}
+
+int store_open(const struct store_config *cfg, struct store **out, char *err, size_t errlen)
+{
+	struct store *s;
+	int rc;
+	char tiers_text[STORE_MAX_TIERS * 4200];
+	size_t tl = 0;
+
+	*out = NULL;
+	if (cfg->n_tiers == 0 || cfg->n_tiers > STORE_MAX_TIERS) {
+		set_err(err, errlen, "need 1 to %d tiers (--tier KIND:PATH:SIZE)", STORE_MAX_TIERS);
+		return KVTIER_E_INVALID;
+	}
+	s = calloc(1, sizeof(*s));
+	if (!s)
+		return -ENOMEM;
+	s->cfg = *cfg;
+	for (unsigned d = 0; d < STORE_MAX_SLOT_DIRS; d++)
+		s->slot_fd[d] = -1;
+	pthread_mutex_init(&s->commit_lock, NULL);
+	pthread_mutex_init(&s->lease_lock, NULL);
+	pthread_mutex_init(&s->touch_lock, NULL);
+	pthread_mutex_init(&s->ns_lock, NULL);
+	pthread_mutex_init(&s->bg_lock, NULL);
+	pthread_cond_init(&s->bg_cond, NULL);
+	s->touch = calloc(STORE_TOUCH_MAX, sizeof(*s->touch));
+	s->ns_counters = calloc(STORE_MAX_NS_COUNTERS, sizeof(*s->ns_counters));
+	if (!s->touch || !s->ns_counters) {
+		rc = -ENOMEM;
+		goto fail;
+	}
+	rc = mkdir_p(cfg->data_dir, 0700);
+	if (rc) {
+		set_err(err, errlen, "cannot create data directory %s: %s", cfg->data_dir,
+			strerror(-rc));
+		goto fail;
+	}
+	rc = index_open(cfg->data_dir, cfg->block_size, 0, cfg->map_size, &s->ix, err, errlen);
+	if (rc)
+		goto fail;
+	s->block = index_block_size(s->ix);
+	for (unsigned t = 0; t < cfg->n_tiers; t++) {
+		const struct store_tier_config *tc = &cfg->tiers[t];
+		rc = tier_open(tc->kind, tc->path, tc->capacity, &s->tiers[t]);
+		if (rc) {
+			set_err(err, errlen, "cannot open tier %s:%s: %s", tc->kind, tc->path,
+				kvtier_strerror(rc));
+			goto fail;
+		}
+		s->n_tiers++;
+		tl += (size_t)snprintf(tiers_text + tl, sizeof(tiers_text) - tl, "%u %s %s %llu\n", t,
+				       tc->kind, tc->path, (unsigned long long)tc->capacity);
+	}
+	for (unsigned d = 0; d < cfg->n_slot_dirs; d++) {
+		if (!realpath(cfg->slot_dirs[d], s->slot_real[d])) {
+			rc = -errno;
+			set_err(err, errlen, "slot directory %s: %s", cfg->slot_dirs[d],
+				strerror(errno));
+			goto fail;
+		}
+		s->slot_fd[d] = open(s->slot_real[d], O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		if (s->slot_fd[d] < 0) {
+			rc = -errno;
+			set_err(err, errlen, "slot directory %s: %s", cfg->slot_dirs[d],
+				strerror(errno));
+			goto fail;
+		}
+	}
+	rc = index_meta_put(s->ix, "tiers", tiers_text, tl);
+	if (rc) {
+		set_err(err, errlen, "cannot record the tier list: %s", kvtier_strerror(rc));
+		goto fail;
+	}
+	rc = reconcile(s, err, errlen);
+	if (rc)
+		goto fail;
+	klog(LOG_INFO, "event=reconciled removed_files=%llu dropped_blobs=%llu",
+	     (unsigned long long)s->reconcile_files, (unsigned long long)s->reconcile_blobs);
+	rc = pthread_create(&s->bg, NULL, bg_main, s);
+	if (rc) {
+		rc = -rc;
+		set_err(err, errlen, "cannot start the background thread: %s", strerror(-rc));
+		goto fail;
+	}
+	s->bg_started = 1;
+	*out = s;
+	return 0;
+fail:
+	store_close(s);
+	return rc;
+}
+
+void store_close(struct store *s)
+{
+	if (!s)
+		return;
+	if (s->bg_started) {
+		pthread_mutex_lock(&s->bg_lock);
+		s->bg_stop = 1;
+		pthread_cond_signal(&s->bg_cond);
+		pthread_mutex_unlock(&s->bg_lock);
+		pthread_join(s->bg, NULL);
+	}
+	if (s->ix) {
+		leases_expire(s, 1);
+		touch_flush(s);
+	}
+	for (unsigned d = 0; d < STORE_MAX_SLOT_DIRS; d++)
+		if (s->slot_fd[d] >= 0)
+			close(s->slot_fd[d]);
+	for (unsigned t = 0; t < s->n_tiers; t++)
+		tier_close(s->tiers[t]);
+	index_close(s->ix);
+	free(s->touch);
+	free(s->ns_counters);
+	pthread_mutex_destroy(&s->commit_lock);
+	pthread_mutex_destroy(&s->lease_lock);
+	pthread_mutex_destroy(&s->touch_lock);
+	pthread_mutex_destroy(&s->ns_lock);
+	pthread_mutex_destroy(&s->bg_lock);
+	pthread_cond_destroy(&s->bg_cond);
+	free(s);
+}
+
+uint32_t store_block_size(const struct store *s)
+{
+	return s->block;
+}
+
+const struct store_config *store_config(const struct store *s)
+{
+	return &s->cfg;
+}
+
+/* ---- put ---- */
+
+int store_put_begin(struct store *s, const char *ns, struct store_put **out, char *err,
+		    size_t errlen)
+{
+	struct store_put *p;
+	int rc = ns_valid(ns, err, errlen);
+
+	*out = NULL;
+	if (rc)
+		return rc;
+	p = calloc(1, sizeof(*p));
+	if (!p)
+		return -ENOMEM;
+	p->s = s;
+	p->cur = -1;
+	p->crc_known = 1;
+	snprintf(p->ns, sizeof(p->ns), "%s", ns);
+	*out = p;
+	return 0;
+}
+
+static int tier_full_msg(struct store *s, unsigned t, uint64_t need, char *err, size_t errlen)
+{
+	struct tier_stats st;
+
+	tier_get_stats(s->tiers[t], &st);
+	set_err(err, errlen,
+		"tier %u (%s:%s) is full: %llu of %llu bytes used, %llu reserved by uploads in "
+		"progress, this blob part needs %llu; delete blobs (kvtier rm) or raise the capacity",
+		t, tier_kind(s->tiers[t]), tier_path(s->tiers[t]), (unsigned long long)st.used,
+		(unsigned long long)st.capacity, (unsigned long long)st.reserved,
+		(unsigned long long)need);
+	return KVTIER_E_FULL;
+}
+
+int store_put_part(struct store_put *p, int part, uint64_t size, char *err, size_t errlen)
+{
+	struct store *s = p->s;
+	int rc;
+
+	if (part < 0 || part >= PART_COUNT) {
+		set_err(err, errlen, "unknown blob part");
+		return KVTIER_E_INVALID;
+	}
+	if (p->parts & (1u << part)) {
+		set_err(err, errlen, "part \"%s\" sent twice", blob_part_suffix[part]);
+		return KVTIER_E_INVALID;
+	}
+	if (part != PART_MAIN && !(p->parts & 1u)) {
+		set_err(err, errlen, "the slot file (part \"\") must come before its sidecars");
+		return KVTIER_E_INVALID;
+	}
+	if (p->cur >= 0 && p->written[p->cur] != p->size[p->cur]) {
+		set_err(err, errlen, "truncated upload: part \"%s\" got %llu of %llu bytes",
+			blob_part_suffix[p->cur], (unsigned long long)p->written[p->cur],
+			(unsigned long long)p->size[p->cur]);
+		return KVTIER_E_INVALID;
+	}
+	if (s->cfg.max_blob_bytes && size > s->cfg.max_blob_bytes) {
+		set_err(err, errlen, "oversized: part \"%s\" of %llu bytes exceeds the limit of %llu "
+			"(--max-blob-size)", blob_part_suffix[part], (unsigned long long)size,
+			(unsigned long long)s->cfg.max_blob_bytes);
+		return KVTIER_E_INVALID;
+	}
+	rc = tier_writer_open(s->tiers[0], size, &p->w[part]);
+	if (rc == KVTIER_E_FULL)
+		return tier_full_msg(s, 0, size, err, errlen);
+	if (rc) {
+		set_err(err, errlen, "cannot create a file on tier 0: %s", kvtier_strerror(rc));
+		return rc;
+	}
+	p->parts |= 1u << part;
+	p->size[part] = size;
+	p->cur = part;
+	return 0;
+}
+
+int store_put_write(struct store_put *p, const void *buf, size_t len, char *err, size_t errlen)
+{
+	int part = p->cur, rc;
+
+	if (part < 0) {
+		set_err(err, errlen, "data before any part header");
+		return KVTIER_E_INVALID;
+	}
+	if (len > p->size[part] - p->written[part]) {
+		set_err(err, errlen, "part \"%s\" has more bytes than the %llu announced",
+			blob_part_suffix[part], (unsigned long long)p->size[part]);
+		return KVTIER_E_INVALID;
+	}
+	p->crc[part] = crc32c(p->crc[part], buf, len);
+	rc = tier_writer_write(p->w[part], buf, len);
+	if (rc) {
+		set_err(err, errlen, "writing part \"%s\" to tier 0 failed: %s",
+			blob_part_suffix[part], kvtier_strerror(rc));
+		return rc;
+	}
+	p->written[part] += len;
+	return 0;
+}
+
+void store_put_abort(struct store_put *p)
+{
+	if (!p)
+		return;
+	for (int i = 0; i < PART_COUNT; i++)
+		if (p->w[i])
+			tier_writer_abort(p->w[i]);
+	free(p);
+}
+
+static int writer_read(void *ctx, void *buf, size_t len, uint64_t off)
+{
+	return tier_writer_pread(ctx, buf, len, off);
+}
+
+/* CRC of a part written by link or copy (adopt): read it back. */
+static int writer_crc(struct tier_writer *w, uint64_t size, uint32_t *crc)
+{
+	size_t bufsz = 1u << 20;
+	uint8_t *buf = malloc(bufsz);
+	uint64_t off = 0;
+	int rc = 0;
+
+	if (!buf)
+		return -ENOMEM;
+	*crc = 0;
+	while (off < size) {
+		size_t n = size - off < bufsz ? (size_t)(size - off) : bufsz;
+		rc = tier_writer_pread(w, buf, n, off);
+		if (rc)
+			break;
+		*crc = crc32c(*crc, buf, n);
+		off += n;
+	}
+	free(buf);
+	return rc;
+}
+
+static void remove_parts(struct store *s, unsigned tier, const struct key *id, uint32_t parts)
+{
+	char name[KEY_HEX_LEN + 32];
+
+	for (int p = 0; p < PART_COUNT; p++) {
+		if (!(parts & (1u << p)))
+			continue;
+		part_name(id, p, name, sizeof(name));
+		int rc = tier_remove(s->tiers[tier], name);
+		if (rc == 0 && p == PART_MAIN)
+			atomic_fetch_sub(&s->tier_blobs[tier], 1);
+		if (rc && rc != KVTIER_E_NOTFOUND)
+			klog(LOG_WARN, "event=remove_failed tier=%u name=%s err=\"%s\"", tier, name,
+			     kvtier_strerror(rc));
+	}
+}
+
+int store_put_finish(struct store_put *p, struct store_put_result *res, char *err,
+		     size_t errlen)
+{
+	struct store *s = p->s;
+	struct slot_info info;
+	int32_t *tokens = NULL;
+	struct key *chain = NULL, h0;
+	struct index_put_result *ipr = NULL;
+	struct blob_meta meta;
+	char hex[KEY_HEX_LEN + 1];
+	uint32_t committed = 0;
+	int rc, locked = 0;
+
+	memset(res, 0, sizeof(*res));
+	if (!(p->parts & 1u)) {
+		set_err(err, errlen, "empty upload: no slot file was sent");
+		rc = KVTIER_E_INVALID;
+		goto out;
+	}
+	for (int i = 0; i < PART_COUNT; i++) {
+		if (!(p->parts & (1u << i)))
+			continue;
+		if (p->written[i] != p->size[i]) {
+			set_err(err, errlen, "truncated upload: part \"%s\" got %llu of %llu bytes",
+				blob_part_suffix[i], (unsigned long long)p->written[i],
+				(unsigned long long)p->size[i]);
+			rc = KVTIER_E_INVALID;
+			goto out;
+		}
+		if (!p->crc_known) {
+			rc = writer_crc(p->w[i], p->size[i], &p->crc[i]);
+			if (rc) {
+				set_err(err, errlen, "reading back part \"%s\" failed: %s",
+					blob_part_suffix[i], kvtier_strerror(rc));
+				goto out;
+			}
+		}
+	}
+	rc = slot_parse(writer_read, p->w[PART_MAIN], p->size[PART_MAIN], &info, &tokens, err,
+			errlen);
+	if (rc)
+		goto out;
+	if (info.n_tokens < s->block) {
+		set_err(err, errlen,
+			"slot file has %u tokens, fewer than one block of %u: no lookup could ever "
+			"match it", info.n_tokens, s->block);
+		rc = KVTIER_E_INVALID;
+		goto out;
+	}
+	chain = malloc(((size_t)info.n_tokens / s->block) * sizeof(*chain));
+	ipr = malloc(sizeof(*ipr));
+	if (!chain || !ipr) {
+		rc = -ENOMEM;
+		goto out;
+	}
+	keys_root(p->ns, strlen(p->ns), &h0);
+	keys_chain(&h0, tokens, info.n_tokens, s->block, chain);
+	memset(&meta, 0, sizeof(meta));
+	meta.rec_version = 1;
+	keys_blob_id(&h0, chain, tokens, info.n_tokens, s->block, &meta.id);
+	meta.n_tokens = info.n_tokens;
+	meta.version = info.version;
+	meta.tier = 0;
+	meta.parts = p->parts;
+	for (int i = 0; i < PART_COUNT; i++) {
+		meta.part_size[i] = p->size[i];
+		meta.part_crc[i] = p->crc[i];
+		meta.stored_size += p->size[i];
+	}
+	meta.created_ms = meta.last_access_ms = now_ms();
+	key_hex(&meta.id, hex);
+
+	pthread_mutex_lock(&s->commit_lock);
+	locked = 1;
+	{
+		struct blob_meta old;
+		if (index_get(s->ix, &meta.id, &old, NULL, 0) == 0) {
+			res->id = old.id;
+			res->deduplicated = 1;
+			res->n_tokens = old.n_tokens;
+			res->tier = old.tier;
+			atomic_fetch_add(&s->dedups, 1);
+			klog(LOG_INFO, "event=put_dedup blob=%s ns=\"%s\"", hex, p->ns);
+			rc = 0;
+			goto out;
+		}
+	}
+	/* Bytes first: sidecars, then the slot file, each renamed into place. */
+	for (int i = PART_COUNT - 1; i >= 0; i--) {
+		char name[KEY_HEX_LEN + 32];
+		if (!(p->parts & (1u << i)))
+			continue;
+		part_name(&meta.id, i, name, sizeof(name));
+		rc = tier_writer_commit(p->w[i], name);
+		p->w[i] = NULL;
+		if (rc) {
+			set_err(err, errlen, "committing %s to tier 0 failed: %s", name,
+				kvtier_strerror(rc));
+			goto out;
+		}
+		committed |= 1u << i;
+		if (i == PART_MAIN)
+			atomic_fetch_add(&s->tier_blobs[0], 1);
+	}
+	/* Then metadata. */
+	rc = index_put(s->ix, p->ns, info.has_layout ? info.layout : NULL,
+		       info.has_layout ? info.layout_len : 0, &meta, tokens, chain, s->cfg.supersede,
+		       ipr, err, errlen);
+	if (rc)
+		goto out;
+	committed = 0; /* owned by the index now */
+	res->id = meta.id;
+	res->n_tokens = meta.n_tokens;
+	res->tier = 0;
+	res->deduplicated = ipr->deduplicated;
+	for (size_t i = 0; i < ipr->n_superseded; i++) {
+		const struct blob_meta *old = &ipr->superseded[i];
+		char ohex[KEY_HEX_LEN + 1];
+		remove_parts(s, old->tier, &old->id, old->parts);
+		res->superseded[res->n_superseded++] = old->id;
+		klog(LOG_INFO, "event=supersede blob=%s by=%s ns=\"%s\"", key_hex(&old->id, ohex),
+		     hex, p->ns);
+	}
+	atomic_fetch_add(&s->supersessions, ipr->n_superseded);
+	atomic_fetch_add(&s->puts, 1);
+	atomic_fetch_add(&s->put_bytes, meta.stored_size);
+	klog(LOG_INFO, "event=put blob=%s ns=\"%s\" tokens=%u bytes=%llu parts=%u superseded=%zu",
+	     hex, p->ns, meta.n_tokens, (unsigned long long)meta.stored_size, meta.parts,
+	     ipr->n_superseded);
+	rc = 0;
+out:
+	if (committed)
+		remove_parts(s, 0, &meta.id, committed);
+	if (locked)
+		pthread_mutex_unlock(&s->commit_lock);
+	if (rc)
+		atomic_fetch_add(&s->refused, 1);
+	free(tokens);
+	free(chain);
+	free(ipr);
+	store_put_abort(p);
+	return rc;
+}
+
+/* ---- adopt ---- */
+
+/* Finds the slot dir that is the parent of path; fills base. Returns the
+ * index or -1. */
+static int slot_dir_of(struct store *s, const char *path, char *base, size_t cap)
+{
+	char parent[PATH_MAX], real[PATH_MAX];
+	const char *slash = strrchr(path, '/');
+	size_t plen;
+
+	if (!slash || slash[1] == '\0')
+		return -1;
+	plen = (size_t)(slash - path);
+	if (plen == 0 || plen >= sizeof(parent))
+		return -1;
+	memcpy(parent, path, plen);
+	parent[plen] = '\0';
+	if (!realpath(parent, real))
+		return -1;
+	snprintf(base, cap, "%s", slash + 1);
+	for (unsigned d = 0; d < s->cfg.n_slot_dirs; d++)
+		if (strcmp(real, s->slot_real[d]) == 0)
+			return (int)d;
+	return -1;
+}
+
+static int name_valid(const char *name)
+{
+	size_t n = strlen(name);
+
+	if (n == 0 || n > 255 || name[0] == '.')
+		return 0;
+	for (size_t i = 0; i < n; i++)
+		if ((unsigned char)name[i] < 0x20 || name[i] == '/' || name[i] == ':' ||
+		    name[i] == 0x7f)
+			return 0;
+	return 1;
+}
+
+int store_adopt(struct store *s, const char *ns, const char *path, int keep_source,
+		struct store_put_result *res, char *err, size_t errlen)
+{
+	struct store_put *p = NULL;
+	char base[512], src[PATH_MAX + 32];
+	int d, rc;
+	uint32_t present = 0;
+
+	memset(res, 0, sizeof(*res));
+	d = slot_dir_of(s, path ? path : "", base, sizeof(base));
+	if (d < 0 || !name_valid(base)) {
+		set_err(err, errlen,
+			"%s is not a file directly inside a slot directory of this daemon "
+			"(--slot-dir); adopt only takes files llama-server saved there",
+			path ? path : "(null)");
+		return KVTIER_E_DENIED;
+	}
+	rc = store_put_begin(s, ns, &p, err, errlen);
+	if (rc)
+		return rc;
+	p->crc_known = 0;
+	for (int i = 0; i < PART_COUNT; i++) {
+		struct stat st;
+		uint64_t size;
+		snprintf(src, sizeof(src), "%s/%s%s", s->slot_real[d], base, blob_part_suffix[i]);
+		if (fstatat(s->slot_fd[d], src + strlen(s->slot_real[d]) + 1, &st,
+			    AT_SYMLINK_NOFOLLOW)) {
+			if (errno == ENOENT && i != PART_MAIN)
+				continue;
+			rc = errno == ENOENT ? KVTIER_E_NOTFOUND : -errno;
+			set_err(err, errlen, "%s: %s", src, strerror(errno));
+			goto fail;
+		}
+		if (!S_ISREG(st.st_mode)) {
+			set_err(err, errlen, "%s is not a regular file (symlinks are refused)", src);
+			rc = KVTIER_E_DENIED;
+			goto fail;
+		}
+		if (s->cfg.max_blob_bytes && (uint64_t)st.st_size > s->cfg.max_blob_bytes) {
+			set_err(err, errlen, "oversized: %s has %lld bytes, limit %llu", src,
+				(long long)st.st_size, (unsigned long long)s->cfg.max_blob_bytes);
+			rc = KVTIER_E_INVALID;
+			goto fail;
+		}
+		rc = tier_writer_from_file(s->tiers[0], src, &size, &p->w[i]);
+		if (rc == KVTIER_E_FULL) {
+			rc = tier_full_msg(s, 0, (uint64_t)st.st_size, err, errlen);
+			goto fail;
+		}
+		if (rc) {
+			set_err(err, errlen, "cannot take %s: %s", src, kvtier_strerror(rc));
+			goto fail;
+		}
+		p->parts |= 1u << i;
+		p->size[i] = p->written[i] = size;
+		present |= 1u << i;
+	}
+	rc = store_put_finish(p, res, err, errlen);
+	p = NULL;
+	if (rc)
+		return rc;
+	atomic_fetch_add(&s->adopts, 1);
+	if (!keep_source)
+		for (int i = 0; i < PART_COUNT; i++) {
+			if (!(present & (1u << i)))
+				continue;
+			snprintf(src, sizeof(src), "%s%s", base, blob_part_suffix[i]);
+			if (unlinkat(s->slot_fd[d], src, 0) && errno != ENOENT)
+				klog(LOG_WARN, "event=adopt_unlink_failed name=%s errno=%d", src,
+				     errno);
+		}
+	return 0;
+fail:
+	atomic_fetch_add(&s->refused, 1);
+	store_put_abort(p);
+	return rc;
+}
+
+/* ---- lookup, fetch ---- */
+
+static double est_restore(struct store *s, unsigned tier, uint64_t bytes)
+{
+	struct tier_stats st;
+
+	if (tier >= s->n_tiers)
+		return 0;
+	tier_get_stats(s->tiers[tier], &st);
+	if (st.read_bytes < (1u << 20) || st.read_seconds <= 0)
+		return 0;
+	return (double)bytes / ((double)st.read_bytes / st.read_seconds);
+}
+
+int store_lookup(struct store *s, const char *ns, const int32_t *tokens, size_t n,
+		 struct store_match *out, char *err, size_t errlen)
+{
+	struct key h0, stack_chain[64], *chain = stack_chain;
+	struct index_match m;
+	size_t n_chain = n / s->block;
+	int rc = ns_valid(ns, err, errlen);
+
+	memset(out, 0, sizeof(*out));
+	if (rc)
+		return rc;
+	if (n > SLOT_MAX_TOKENS) {
+		set_err(err, errlen, "query of %zu tokens exceeds the limit of %u", n,
+			SLOT_MAX_TOKENS);
+		return KVTIER_E_INVALID;
+	}
+	if (n_chain > 64) {
+		chain = malloc(n_chain * sizeof(*chain));
+		if (!chain)
+			return -ENOMEM;
+	}
+	keys_root(ns, strlen(ns), &h0);
+	keys_chain(&h0, tokens, n, s->block, chain);
+	rc = index_lookup(s->ix, ns, tokens, n, chain, n_chain, &m);
+	if (chain != stack_chain)
+		free(chain);
+	if (rc) {
+		set_err(err, errlen, "index lookup failed: %s", kvtier_strerror(rc));
+		return rc;
+	}
+	atomic_fetch_add(&s->lookups, 1);
+	ns_count(s, ns, m.found, m.found ? m.matched : 0);
+	if (!m.found)
+		return 0;
+	atomic_fetch_add(&s->hits, 1);
+	atomic_fetch_add(&s->matched_tokens, m.matched);
+	out->found = 1;
+	out->meta = m.meta;
+	out->matched = m.matched;
+	out->tier_kind = m.meta.tier < s->n_tiers ? tier_kind(s->tiers[m.meta.tier]) : "?";
+	out->est_restore_s = est_restore(s, m.meta.tier, m.meta.stored_size);
+	touch_blob(s, &m.meta.id);
+	return 0;
+}
+
+int store_fetch_open(struct store *s, const struct key *id, struct store_fetch **out,
+		     struct blob_meta *meta, char *err, size_t errlen)
+{
+	struct store_fetch *f;
+	char hex[KEY_HEX_LEN + 1], name[KEY_HEX_LEN + 32];
+	int rc;
+
+	*out = NULL;
+	rc = index_get(s->ix, id, meta, NULL, 0);
+	if (rc) {
+		set_err(err, errlen, "no blob %s", key_hex(id, hex));
+		return rc;
+	}
+	if (meta->tier >= s->n_tiers) {
+		set_err(err, errlen, "blob %s is on tier %u, which is not configured",
+			key_hex(id, hex), meta->tier);
+		return KVTIER_E_INTERNAL;
+	}
+	f = calloc(1, sizeof(*f));
+	if (!f)
+		return -ENOMEM;
+	f->s = s;
+	f->tier = meta->tier;
+	for (int p = 0; p < PART_COUNT; p++) {
+		uint64_t size;
+		if (!(meta->parts & (1u << p)))
+			continue;
+		part_name(id, p, name, sizeof(name));
+		rc = tier_reader_open(s->tiers[meta->tier], name, &f->r[p], &size);
+		if (rc == 0 && size != meta->part_size[p]) {
+			rc = KVTIER_E_CORRUPT;
+		}
+		if (rc) {
+			set_err(err, errlen,
+				"blob %s: file %s is missing or has the wrong size (%s); run kvtier fsck",
+				key_hex(id, hex), name, kvtier_strerror(rc));
+			store_fetch_close(f);
+			return rc == KVTIER_E_NOTFOUND ? KVTIER_E_CORRUPT : rc;
+		}
+	}
+	atomic_fetch_add(&s->fetches, 1);
+	touch_blob(s, id);
+	*out = f;
+	return 0;
+}
+
+ssize_t store_fetch_read(struct store_fetch *f, int part, void *buf, size_t len, uint64_t off)
+{
+	ssize_t n;
+
+	if (part < 0 || part >= PART_COUNT || !f->r[part])
+		return KVTIER_E_INVALID;
+	n = tier_reader_read(f->r[part], buf, len, off);
+	if (n > 0)
+		atomic_fetch_add(&f->s->fetch_bytes, (uint64_t)n);
+	return n;
+}
+
+void store_fetch_close(struct store_fetch *f)
+{
+	if (!f)
+		return;
+	for (int p = 0; p < PART_COUNT; p++)
+		if (f->r[p])
+			tier_reader_close(f->r[p]);
+	free(f);
+}
+
+/* ---- stage / release ---- */
+
+static int slot_dir_index(struct store *s, const char *dir)
+{
+	char real[PATH_MAX];
+
+	if (!dir || !realpath(dir, real))
+		return -1;
+	for (unsigned d = 0; d < s->cfg.n_slot_dirs; d++)
+		if (strcmp(real, s->slot_real[d]) == 0)
+			return (int)d;
+	return -1;
+}
+
+int store_stage(struct store *s, const struct key *id, const char *dir, unsigned lease_s,
+		struct store_stage_result *res, char *err, size_t errlen)
+{
+	struct blob_meta meta;
+	struct lease *l = NULL;
+	char hex[KEY_HEX_LEN + 1], src[KEY_HEX_LEN + 32], rnd[33], dst[512];
+	int d, rc, copied_any = 0;
+
+	memset(res, 0, sizeof(*res));
+	d = slot_dir_index(s, dir);
+	if (d < 0) {
+		set_err(err, errlen,
+			"%s is not a slot directory of this daemon; start kvtierd with --slot-dir %s",
+			dir ? dir : "(null)", dir ? dir : "DIR");
+		return KVTIER_E_DENIED;
+	}
+	rc = index_get(s->ix, id, &meta, NULL, 0);
+	if (rc) {
+		set_err(err, errlen, "no blob %s", key_hex(id, hex));
+		return rc;
+	}
+	if (meta.tier >= s->n_tiers) {
+		set_err(err, errlen, "blob is on an unconfigured tier %u", meta.tier);
+		return KVTIER_E_INTERNAL;
+	}
+	l = calloc(1, sizeof(*l));
+	if (!l)
+		return -ENOMEM;
+	for (int attempt = 0;; attempt++) {
+		rc = random_hex(rnd, 16);
+		if (rc)
+			goto fail;
+		snprintf(l->name, sizeof(l->name), "%s%s.bin", STORE_STAGE_PREFIX, rnd);
+		l->parts = 0;
+		for (int p = PART_COUNT - 1; p >= 0; p--) {
+			int copied = 0;
+			if (!(meta.parts & (1u << p)))
+				continue;
+			part_name(id, p, src, sizeof(src));
+			snprintf(dst, sizeof(dst), "%s%s", l->name, blob_part_suffix[p]);
+			rc = tier_link_out(s->tiers[meta.tier], src, s->slot_fd[d], dst, &copied);
+			if (rc)
+				break;
+			l->parts |= 1u << p;
+			copied_any |= copied;
+		}
+		if (rc == 0)
+			break;
+		l->slot_dir = (unsigned)d;
+		lease_unlink(s, l);
+		if (rc != KVTIER_E_EXISTS || attempt >= 3) {
+			set_err(err, errlen, "staging blob %s into %s failed: %s", key_hex(id, hex),
+				s->slot_real[d], kvtier_strerror(rc));
+			goto fail;
+		}
+	}
+	if (lease_s == 0)
+		lease_s = s->cfg.lease_default_s;
+	if (s->cfg.lease_max_s && lease_s > s->cfg.lease_max_s)
+		lease_s = s->cfg.lease_max_s;
+	rc = random_hex(l->id, 16);
+	if (rc)
+		goto fail;
+	l->slot_dir = (unsigned)d;
+	l->expires_ms = now_ms() + (int64_t)lease_s * 1000;
+	snprintf(res->lease, sizeof(res->lease), "%s", l->id);
+	snprintf(res->filename, sizeof(res->filename), "%s", l->name);
+	snprintf(res->path, sizeof(res->path), "%s/%s", s->slot_real[d], l->name);
+	res->expires_unix_ms = l->expires_ms;
+	res->copied = copied_any;
+	res->n_tokens = meta.n_tokens;
+	pthread_mutex_lock(&s->lease_lock);
+	l->next = s->leases;
+	s->leases = l;
+	pthread_mutex_unlock(&s->lease_lock);
+	atomic_fetch_add(&s->active_leases, 1);
+	atomic_fetch_add(&s->stages, 1);
+	if (copied_any)
+		atomic_fetch_add(&s->stage_copies, 1);
+	touch_blob(s, id);
+	klog(LOG_INFO, "event=stage blob=%s dir=%s name=%s lease=%s seconds=%u copied=%d",
+	     key_hex(id, hex), s->slot_real[d], l->name, l->id, lease_s, copied_any);
+	return 0;
+fail:
+	free(l);
+	return rc;
+}
+
+int store_release(struct store *s, const char *lease, char *err, size_t errlen)
+{
+	struct lease *l = NULL;
+
+	pthread_mutex_lock(&s->lease_lock);
+	for (struct lease **pp = &s->leases; *pp; pp = &(*pp)->next)
+		if (strcmp((*pp)->id, lease ? lease : "") == 0) {
+			l = *pp;
+			*pp = l->next;
+			break;
+		}
+	pthread_mutex_unlock(&s->lease_lock);
+	if (!l) {
+		set_err(err, errlen, "no lease %s (released already, or expired)",
+			lease ? lease : "(null)");
+		return KVTIER_E_NOTFOUND;
+	}
+	lease_unlink(s, l);
+	atomic_fetch_sub(&s->active_leases, 1);
+	atomic_fetch_add(&s->releases, 1);
+	free(l);
+	return 0;
+}
+
+/* ---- delete, quarantine, report ---- */
+
+int store_delete(struct store *s, const struct key *id, char *err, size_t errlen)
+{
+	struct blob_meta m;
+	char hex[KEY_HEX_LEN + 1];
+	int rc;
+
+	pthread_mutex_lock(&s->commit_lock);
+	rc = index_delete(s->ix, id, &m);
+	if (rc == 0)
+		remove_parts(s, m.tier, id, m.parts);
+	pthread_mutex_unlock(&s->commit_lock);
+	if (rc) {
+		set_err(err, errlen, rc == KVTIER_E_NOTFOUND ? "no blob %s" : "deleting %s failed",
+			key_hex(id, hex));
+		return rc;
+	}
+	atomic_fetch_add(&s->deletes, 1);
+	klog(LOG_INFO, "event=delete blob=%s", key_hex(id, hex));
+	return 0;
+}
+
+int store_quarantine(struct store *s, const struct key *id, char *err, size_t errlen)
+{
+	struct blob_meta m;
+	char hex[KEY_HEX_LEN + 1];
+	int rc;
+
+	pthread_mutex_lock(&s->commit_lock);
+	rc = index_get(s->ix, id, &m, NULL, 0);
+	if (rc == 0 && !(m.flags & BLOB_F_QUARANTINED)) {
+		m.flags |= BLOB_F_QUARANTINED;
+		rc = index_update(s->ix, &m);
+		if (rc == 0)
+			atomic_fetch_add(&s->quarantined, 1);
+	}
+	pthread_mutex_unlock(&s->commit_lock);
+	if (rc) {
+		set_err(err, errlen, rc == KVTIER_E_NOTFOUND ? "no blob %s" : "quarantine of %s failed",
+			key_hex(id, hex));
+		return rc;
+	}
+	klog(LOG_WARN, "event=quarantine blob=%s", key_hex(id, hex));
+	return 0;
+}
+
+int store_report_prefill(struct store *s, const char *ns, uint32_t tokens, double ms, char *err,
+			 size_t errlen)
+{
+	int rc = ns_valid(ns, err, errlen);
+
+	if (rc)
+		return rc;
+	if (tokens == 0 || !(ms > 0) || ms > 1e9) {
+		set_err(err, errlen, "prefill report needs tokens > 0 and 0 < ms < 1e9 (got %u, %g)",
+			tokens, ms);
+		return KVTIER_E_INVALID;
+	}
+	rc = index_ns_report_prefill(s->ix, ns, tokens / (ms / 1000.0), 0.2);
+	if (rc == KVTIER_E_NOTFOUND)
+		set_err(err, errlen, "unknown namespace \"%s\" (no blob was ever stored in it)", ns);
+	else if (rc)
+		set_err(err, errlen, "recording the report failed: %s", kvtier_strerror(rc));
+	return rc;
+}
+
+/* ---- list and stats ---- */
+
+struct list_ctx {
+	struct store *s;
+	int (*cb)(void *, const struct blob_meta *, const char *, const char *);
+	void *ctx;
+};
+
+static int list_cb(void *ctx, const struct blob_meta *m, const char *ns)
+{
+	struct list_ctx *c = ctx;
+
+	return c->cb(c->ctx, m, ns, m->tier < c->s->n_tiers ? tier_kind(c->s->tiers[m->tier]) : "?");
+}
+
+int store_list(struct store *s, const char *ns, const struct key *after, size_t limit,
+	       int (*cb)(void *ctx, const struct blob_meta *m, const char *ns, const char *tier_kind),
+	       void *ctx, int *more)
+{
+	struct list_ctx c = {s, cb, ctx};
+
+	return index_list(s->ix, ns, after, limit, list_cb, &c, more);
+}
+
+void store_get_stats(struct store *s, struct store_stats *o)
+{
+	memset(o, 0, sizeof(*o));
+	o->lookups = atomic_load(&s->lookups);
+	o->hits = atomic_load(&s->hits);
+	o->matched_tokens = atomic_load(&s->matched_tokens);
+	o->puts = atomic_load(&s->puts);
+	o->put_bytes = atomic_load(&s->put_bytes);
+	o->adopts = atomic_load(&s->adopts);
+	o->dedups = atomic_load(&s->dedups);
+	o->supersessions = atomic_load(&s->supersessions);
+	o->refused = atomic_load(&s->refused);
+	o->fetches = atomic_load(&s->fetches);
+	o->fetch_bytes = atomic_load(&s->fetch_bytes);
+	o->stages = atomic_load(&s->stages);
+	o->stage_copies = atomic_load(&s->stage_copies);
+	o->releases = atomic_load(&s->releases);
+	o->lease_expiries = atomic_load(&s->lease_expiries);
+	o->deletes = atomic_load(&s->deletes);
+	o->quarantined = atomic_load(&s->quarantined);
+	o->active_leases = atomic_load(&s->active_leases);
+	o->reconcile_removed_files = s->reconcile_files;
+	o->reconcile_removed_blobs = s->reconcile_blobs;
+	o->n_tiers = s->n_tiers;
+	for (unsigned t = 0; t < s->n_tiers; t++) {
+		struct tier_stats st;
+		struct store_tier_stats *ts = &o->tiers[t];
+		tier_get_stats(s->tiers[t], &st);
+		ts->index = t;
+		ts->kind = tier_kind(s->tiers[t]);
+		ts->path = tier_path(s->tiers[t]);
+		ts->capacity = st.capacity;
+		ts->used = st.used;
+		ts->reserved = st.reserved;
+		ts->read_bytes = st.read_bytes;
+		ts->write_bytes = st.write_bytes;
+		ts->read_seconds = st.read_seconds;
+		ts->write_seconds = st.write_seconds;
+		ts->blobs = atomic_load(&s->tier_blobs[t]);
+		if (st.read_bytes >= (1u << 20) && st.read_seconds > 0)
+			ts->read_bytes_per_s = (double)st.read_bytes / st.read_seconds;
+		o->blobs += ts->blobs;
+		o->bytes += st.used;
+	}
+}
+
+struct ns_tally {
+	char name[INDEX_NS_MAX + 1];
+	uint32_t id;
+	struct store_ns_stats st;
+};
+
+struct ns_walk {
+	struct store *s;
+	struct ns_tally *t;
+	size_t n, cap;
+	int (*cb)(void *, const struct store_ns_stats *);
+	void *ctx;
+};
+
+static int ns_walk_ns(void *ctx, const char *name, const struct ns_rec *r)
+{
+	struct ns_walk *w = ctx;
+
+	if (w->n == w->cap) {
+		size_t cap = w->cap ? w->cap * 2 : 16;
+		void *v = realloc(w->t, cap * sizeof(*w->t));
+		if (!v)
+			return -ENOMEM;
+		w->t = v;
+		w->cap = cap;
+	}
+	struct ns_tally *t = &w->t[w->n++];
+	memset(t, 0, sizeof(*t));
+	snprintf(t->name, sizeof(t->name), "%s", name);
+	snprintf(t->st.ns, sizeof(t->st.ns), "%s", name);
+	t->id = r->id;
+	t->st.prefill_tps = r->prefill_tps;
+	return 0;
+}
+
+static int ns_walk_blob(void *ctx, const struct blob_meta *m, const char *ns)
+{
+	struct ns_walk *w = ctx;
+
+	for (size_t i = 0; i < w->n; i++)
+		if (w->t[i].id == m->ns_id) {
+			w->t[i].st.blobs++;
+			w->t[i].st.bytes += m->stored_size;
+			break;
+		}
+	return 0;
+}
+
+int store_ns_stats(struct store *s, int (*cb)(void *ctx, const struct store_ns_stats *n),
+		   void *ctx)
+{
+	struct ns_walk w = {.s = s, .cb = cb, .ctx = ctx};
+	int rc = index_ns_list(s->ix, ns_walk_ns, &w);
+
+	if (rc == 0)
+		rc = index_list(s->ix, NULL, NULL, 0, ns_walk_blob, &w, NULL);
+	if (rc == 0) {
+		pthread_mutex_lock(&s->ns_lock);
+		for (size_t i = 0; i < w.n; i++)
+			for (size_t j = 0; j < s->n_ns_counters; j++)
+				if (strcmp(s->ns_counters[j].ns, w.t[i].name) == 0) {
+					w.t[i].st.lookups = s->ns_counters[j].lookups;
+					w.t[i].st.hits = s->ns_counters[j].hits;
+					w.t[i].st.matched_tokens = s->ns_counters[j].matched;
+				}
+		pthread_mutex_unlock(&s->ns_lock);
+		for (size_t i = 0; i < w.n && rc == 0; i++)
+			rc = cb(ctx, &w.t[i].st);
+	}
+	free(w.t);
+	return rc;
+}

@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""The store end to end: real kvtierd, real CLI, real llama-server slot files."""
+import os
+import shutil
+import stat
+
+from harness import (Daemon, check, eq, expect_fail, fixture, run, sha256, slot_tokens)
+
+
+def start(root, daemons, **kw):
+    d = Daemon(root, **kw)
+    daemons.append(d)
+    return d.start()
+
+
+def fsck_clean(d):
+    r = d.fsck()
+    check(r.rc == 0, "fsck not clean: %r" % r)
+
+
+def test_lookup_prefix(root, daemons):
+    d = start(root, daemons)
+    blob = d.put(fixture("v2/chat-a-turn1.bin"))
+    eq(len(blob), 64, "blob id length")
+    m = d.lookup(fixture("v2/chat-a-turn1.bin"))
+    eq(m["blob"], blob, "self lookup blob")
+    eq(m["matched_tokens"], 274, "self lookup matched")
+    eq(m["n_tokens"], 274, "n_tokens")
+    eq(m["tier"], "tmpfs", "tier")
+    m = d.lookup(fixture("v2/chat-b-turn1.bin"))
+    eq(m["blob"], blob, "chat-b finds chat-a")
+    check(192 <= m["matched_tokens"] <= 225, "chat-b matched %d" % m["matched_tokens"])
+    # The daemon compares the token arrays: it finds exactly the 225 shared tokens.
+    a, b = slot_tokens(fixture("v2/chat-a-turn1.bin")), slot_tokens(fixture("v2/chat-b-turn1.bin"))
+    shared = next(i for i in range(min(len(a), len(b))) if a[i] != b[i])
+    eq(m["matched_tokens"], shared, "token-exact match")
+    # A miss prints "blob": null.
+    m = d.lookup(fixture("v2/chat-a-turn1.bin"), ns="other")
+    eq(m["blob"], None, "miss in another namespace")
+    eq(m["matched_tokens"], 0, "miss matched")
+    fsck_clean(d)
+
+
+def test_supersede_and_get(root, daemons):
+    d = start(root, daemons)
+    t1 = d.put(fixture("v2/chat-a-turn1.bin"))
+    t2 = d.put(fixture("v2/chat-a-turn2.bin"))
+    check(t1 != t2, "distinct ids")
+    ids = [b["blob"] for b in d.ls()]
+    eq(ids, [t2], "turn 1 superseded, only turn 2 left")
+    m = d.lookup(fixture("v2/chat-a-turn1.bin"))
+    eq(m["blob"], t2, "lookup with turn 1 tokens returns turn 2")
+    eq(m["matched_tokens"], 274, "turn 1 fully matched inside turn 2")
+    out = os.path.join(root, "got.bin")
+    d.cli("get", t2, "-o", out)
+    eq(sha256(out), sha256(fixture("v2/chat-a-turn2.bin")), "get returns turn 2's bytes")
+    # The superseded blob's file is gone from the tier too.
+    eq([f for f in d.tier_files() if f.startswith(t1)], [], "turn 1 files removed")
+    r = d.cli("get", t1, "-o", out + "2", check_rc=False)
+    expect_fail(r, "NOT_FOUND")
+    check(not os.path.exists(out + "2"), "failed get leaves no file")
+    fsck_clean(d)
+
+
+def test_no_supersede(root, daemons):
+    d = start(root, daemons, extra=["--no-supersede"])
+    t1 = d.put(fixture("v2/chat-a-turn1.bin"))
+    t2 = d.put(fixture("v2/chat-a-turn2.bin"))
+    eq(sorted(b["blob"] for b in d.ls()), sorted([t1, t2]), "both kept")
+    # Longest match wins: a lookup with turn 2's tokens returns turn 2.
+    eq(d.lookup(fixture("v2/chat-a-turn2.bin"))["blob"], t2, "turn 2 lookup")
+
+
+def test_dedup(root, daemons):
+    d = start(root, daemons)
+    a = d.put(fixture("v2/chat-a-turn1.bin"))
+    r = d.cli("put", "--namespace", "ns-test", fixture("v2/chat-a-turn1.bin"))
+    eq(r.out.strip(), a, "same id for identical content")
+    eq(len(d.ls()), 1, "one blob stored")
+    eq(len([f for f in d.tier_files()]), 1, "one file on the tier")
+    s = d.cli("stats", "--json").json()
+    eq(s["blobs"], 1, "stats blobs")
+    eq(s["dedups"], 1, "stats dedups")
+
+
+def test_refusals(root, daemons):
+    d = start(root, daemons)
+    r = d.cli("put", "--namespace", "ns-test", fixture("v2/empty.bin"), check_rc=False)
+    expect_fail(r, "INVALID_ARGUMENT", "empty")
+    src = open(fixture("v2/chat-a-turn1.bin"), "rb").read()
+    trunc = os.path.join(root, "trunc.bin")
+    open(trunc, "wb").write(src[:len(src) - 1000])
+    r = d.cli("put", "--namespace", "ns-test", trunc, check_rc=False)
+    expect_fail(r, "INVALID_ARGUMENT", "truncated")
+    bad = os.path.join(root, "badmagic.bin")
+    open(bad, "wb").write(b"GGUF" + src[4:])
+    r = d.cli("put", "--namespace", "ns-test", bad, check_rc=False)
+    expect_fail(r, "INVALID_ARGUMENT", "magic")
+    eq(d.ls(), [], "nothing indexed after refusals")
+    eq(d.tier_files(), [], "nothing left on the tier after refusals")
+    # A flash-attention (v_trans = 0) file into a namespace of v_trans = 1 files.
+    d.put(fixture("v2/chat-a-turn1.bin"), ns="model-x")
+    r = d.cli("put", "--namespace", "model-x", fixture("v2-flash-attn/chat-b-turn1.bin"),
+              check_rc=False)
+    expect_fail(r, "FAILED_PRECONDITION", "v_trans")
+    r = d.cli("put", "--namespace", "model-x", fixture("v2-q8/chat-b-turn1.bin"), check_rc=False)
+    expect_fail(r, "FAILED_PRECONDITION")
+    eq(len(d.ls()), 1, "only the first blob stored")
+    eq(len(d.tier_files()), 1, "only the first blob's file on the tier")
+    s = d.cli("stats", "--json").json()
+    eq(s["blobs"], 1, "stats blobs after refusals")
+    fsck_clean(d)
+
+
+def test_namespaces_isolated(root, daemons):
+    d = start(root, daemons)
+    a = d.put(fixture("v2/chat-a-turn1.bin"), ns="model-a")
+    b = d.put(fixture("v2/chat-a-turn1.bin"), ns="model-b")
+    check(a != b, "same tokens in two namespaces are two blobs")
+    eq(d.lookup(fixture("v2/chat-a-turn1.bin"), ns="model-a")["blob"], a, "ns a")
+    eq(d.lookup(fixture("v2/chat-a-turn1.bin"), ns="model-b")["blob"], b, "ns b")
+    d.cli("rm", a)
+    eq(d.lookup(fixture("v2/chat-a-turn1.bin"), ns="model-a")["blob"], None, "ns a emptied")
+    eq(d.lookup(fixture("v2/chat-a-turn1.bin"), ns="model-b")["blob"], b, "ns b untouched")
+    eq([x["blob"] for x in d.ls(ns="model-b")], [b], "ls --namespace")
+    fsck_clean(d)
+
+
+def test_v4_sidecar(root, daemons):
+    d = start(root, daemons)
+    blob = d.put(fixture("v4-ik/chat-a-turn1.bin"), ns="ik")
+    info = [b for b in d.ls() if b["blob"] == blob][0]
+    eq(info["sidecars"], [".tokens.json"], "sidecar recorded")
+    eq(info["version"], 4, "header version")
+    out = os.path.join(root, "out.bin")
+    d.cli("get", blob, "-o", out)
+    eq(sha256(out), sha256(fixture("v4-ik/chat-a-turn1.bin")), "slot file bytes")
+    eq(sha256(out + ".tokens.json"), sha256(fixture("v4-ik/chat-a-turn1.bin.tokens.json")),
+       "sidecar bytes")
+    st = d.cli("stage", blob, "--dir", d.slot_dir, "--json").json()
+    staged = os.path.join(d.slot_dir, st["filename"])
+    eq(sha256(staged), sha256(fixture("v4-ik/chat-a-turn1.bin")), "staged slot file")
+    eq(sha256(staged + ".tokens.json"),
+       sha256(fixture("v4-ik/chat-a-turn1.bin.tokens.json")), "staged sidecar")
+    d.cli("release", st["lease"])
+    check(not os.path.exists(staged), "release removes the staged file")
+    check(not os.path.exists(staged + ".tokens.json"), "release removes the staged sidecar")
+    fsck_clean(d)
+
+
+def test_stage_and_adopt(root, daemons):
+    d = start(root, daemons)
+    blob = d.put(fixture("v2/chat-a-turn1.bin"))
+    st = d.cli("stage", blob, "--dir", d.slot_dir, "--json").json()
+    staged = os.path.join(d.slot_dir, st["filename"])
+    eq(os.path.dirname(st["path"]), os.path.realpath(d.slot_dir), "staged in the slot dir")
+    check(st["filename"].startswith("kvtier-") and "/" not in st["filename"], "daemon name")
+    tier_file = os.path.join(d.tier_dir, blob)
+    eq(os.stat(staged).st_ino, os.stat(tier_file).st_ino, "hard link, no copy")
+    d.cli("rm", blob)
+    check(os.path.exists(staged), "staged file survives the blob's deletion")
+    eq(sha256(staged), sha256(fixture("v2/chat-a-turn1.bin")), "bytes intact after delete")
+    d.cli("release", st["lease"])
+    check(not os.path.exists(staged), "release removes it")
+    r = d.cli("release", st["lease"], check_rc=False)
+    expect_fail(r, "NOT_FOUND")
+    # Stage outside the allowed slot dirs is refused.
+    blob = d.put(fixture("v2/chat-a-turn1.bin"))
+    other = os.path.join(root, "elsewhere")
+    os.mkdir(other)
+    r = d.cli("stage", blob, "--dir", other, check_rc=False)
+    expect_fail(r, "PERMISSION_DENIED", "slot")
+    d.cli("rm", blob)
+    # Adopt: a file "llama-server saved" into the slot dir is indexed under its tokens.
+    saved = os.path.join(d.slot_dir, "slot0-save.bin")
+    shutil.copy(fixture("v2/chat-b-turn1.bin"), saved)
+    adopted = d.cli("adopt", "--namespace", "ns-test", saved).out.strip()
+    check(not os.path.exists(saved), "adopt takes the file (source name removed)")
+    m = d.lookup(fixture("v2/chat-b-turn1.bin"))
+    eq(m["blob"], adopted, "adopted blob found by its tokens")
+    eq(m["matched_tokens"], 268, "all tokens")
+    out = os.path.join(root, "adopted.bin")
+    d.cli("get", adopted, "-o", out)
+    eq(sha256(out), sha256(fixture("v2/chat-b-turn1.bin")), "adopted bytes")
+    # Adopt refuses symlinks and paths outside the slot dirs.
+    link = os.path.join(d.slot_dir, "link.bin")
+    os.symlink(fixture("v2/chat-a-turn1.bin"), link)
+    r = d.cli("adopt", "--namespace", "ns-test", link, check_rc=False)
+    expect_fail(r, "PERMISSION_DENIED")
+    outside = os.path.join(other, "x.bin")
+    shutil.copy(fixture("v2/chat-a-turn1.bin"), outside)
+    r = d.cli("adopt", "--namespace", "ns-test", outside, check_rc=False)
+    expect_fail(r, "PERMISSION_DENIED")
+    # A bad file adopted is refused and stays where it was.
+    bad = os.path.join(d.slot_dir, "empty.bin")
+    shutil.copy(fixture("v2/empty.bin"), bad)
+    r = d.cli("adopt", "--namespace", "ns-test", bad, check_rc=False)
+    expect_fail(r, "INVALID_ARGUMENT", "empty")
+    check(os.path.exists(bad), "refused source left in place")
+    fsck_clean(d)
+
+
+def test_lease_expiry(root, daemons):
+    d = start(root, daemons, extra=["--lease-seconds", "1"])
+    blob = d.put(fixture("v2/chat-a-turn1.bin"))
+    st = d.cli("stage", blob, "--dir", d.slot_dir, "--json").json()
+    staged = os.path.join(d.slot_dir, st["filename"])
+    check(os.path.exists(staged), "staged")
+    import time
+    deadline = time.time() + 10
+    while os.path.exists(staged) and time.time() < deadline:
+        time.sleep(0.2)
+    check(not os.path.exists(staged), "lease expiry removed the staged file")
+    r = d.cli("release", st["lease"], check_rc=False)
+    expect_fail(r, "NOT_FOUND")
+
+
+def test_restart_keeps_blobs(root, daemons):
+    d = start(root, daemons)
+    blob = d.put(fixture("v2/chat-a-turn2.bin"))
+    st = d.cli("stage", blob, "--dir", d.slot_dir, "--json").json()
+    eq(d.stop(), 0, "clean exit on SIGTERM")
+    check(not os.path.exists(d.sock), "socket removed on exit")
+    check(not os.path.exists(os.path.join(d.slot_dir, st["filename"])),
+          "staged file removed when the daemon stops")
+    d.start()
+    eq(d.lookup(fixture("v2/chat-a-turn2.bin"))["blob"], blob, "blob survives restart")
+    info = d.cli("info").out
+    check("tmpfs" in info, "info names the tier: %r" % info)
+    eq(stat.S_IMODE(os.stat(d.sock).st_mode), 0o660, "socket mode")
+    fsck_clean(d)
+
+
+if __name__ == "__main__":
+    run([test_lookup_prefix, test_supersede_and_get, test_no_supersede, test_dedup,
+         test_refusals, test_namespaces_isolated, test_v4_sidecar, test_stage_and_adopt,
+         test_lease_expiry, test_restart_keeps_blobs])
