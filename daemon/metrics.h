@@ -36,7 +36,8 @@ extern const char *const rpc_method_names[RPC_METHOD_COUNT];
 void metrics_rpc_observe(int method, int status, double seconds);
 
 /* Renders the whole exposition into a malloc'd NUL-terminated buffer
- * (caller frees). Returns NULL on allocation failure. */
+ * (caller frees). Returns NULL on allocation failure. s NULL renders only
+ * the families that need no store (RPC, process, build info). */
 char *metrics_render(struct store *s);
 
 struct metrics;

@@ -543,8 +543,12 @@ int store_open(const struct store_config *cfg, struct store **out, char *err, si
 			goto fail;
 		}
 		s->n_tiers++;
+		/* Recorded with its absolute path, so fsck works from any directory. */
+		char abs[PATH_MAX];
+		if (!realpath(tc->path, abs))
+			snprintf(abs, sizeof(abs), "%s", tc->path);
 		tl += (size_t)snprintf(tiers_text + tl, sizeof(tiers_text) - tl, "%u %s %s %llu\n", t,
-				       tc->kind, tc->path, (unsigned long long)tc->capacity);
+				       tc->kind, abs, (unsigned long long)tc->capacity);
 	}
 	for (unsigned d = 0; d < cfg->n_slot_dirs; d++) {
 		if (!realpath(cfg->slot_dirs[d], s->slot_real[d])) {
