@@ -24,7 +24,7 @@
 
 struct slot_info {
 	uint32_t version;          /* 2 or 4 */
-	uint32_t n_tokens;         /* > 0 */
+	uint32_t n_tokens;         /* > 0 on success */
 	uint64_t file_size;
 	uint64_t state_offset;     /* 12 + 4 * n_tokens */
 	/* version 2 only (has_layout != 0): */
@@ -46,7 +46,12 @@ typedef int (*slot_read_fn)(void *ctx, void *buf, size_t len, uint64_t off);
  * Returns 0, or KVTIER_E_INVALID with a one-line reason in err (what is
  * wrong: "empty slot file (0 tokens): ...", "truncated: ...", "bad magic
  * ...", "oversized: ...", "unsupported version ...", "malformed state: ..."),
- * or a negative errno from rd (err says so too). */
+ * or a negative errno from rd (err says so too).
+ * A file that is well formed but holds 0 tokens is refused with
+ * KVTIER_E_INVALID ("empty slot file (0 tokens): ..."); *info is then filled
+ * all the same (n_tokens == 0, and the layout for version 2), so a caller can
+ * report what it refused. After any other failure *info is unspecified.
+ * *tokens_out is set to NULL on every failure. */
 int slot_parse(slot_read_fn rd, void *ctx, uint64_t file_size, struct slot_info *info,
 	       int32_t **tokens_out, char *err, size_t errlen);
 
@@ -55,7 +60,8 @@ int slot_parse_fd(int fd, struct slot_info *info, int32_t **tokens_out, char *er
 		  size_t errlen);
 
 /* Writes a human-readable form of a layout signature ("n_layer=2 v_trans=1
- * k=f16/64B v=f16/2Bx32 ...") into buf. Returns buf. */
+ * k=f16 64B/row v=f16 2B x 32", plus " mixed=k|v|kv digest=<hex>" when the
+ * layers differ) into buf, truncated to buflen. Returns buf. */
 char *slot_layout_describe(const uint8_t *layout, size_t len, char *buf, size_t buflen);
 
 #endif /* KVTIER_SLOTFILE_H */
