@@ -1015,7 +1015,7 @@ int store_adopt(struct store *s, const char *ns, const char *path, int keep_sour
 			rc = KVTIER_E_INVALID;
 			goto fail;
 		}
-		rc = tier_writer_from_file(s->tiers[0], src, &size, &p->w[i]);
+		rc = tier_writer_from_file(s->tiers[0], src, keep_source, &size, &p->w[i]);
 		if (rc == KVTIER_E_FULL) {
 			rc = tier_full_msg(s, 0, (uint64_t)st.st_size, err, errlen);
 			goto fail;

@@ -40,7 +40,10 @@ struct tier_stats {
 	double read_seconds, write_seconds;
 };
 
-/* Opens (creating if needed, mode 0700) the tier directory `path` of kind
+/* Tier files are created mode 0640: a llama-server in the daemon's group can
+ * read a staged hard link (which shares the tier file's inode and mode).
+ *
+ * Opens (creating if needed, mode 0700) the tier directory `path` of kind
  * `kind` ("tmpfs") with `capacity` bytes. Usage starts at 0: the caller
  * accounts existing files with tier_account() while reconciling.
  * Returns 0, -errno, or KVTIER_E_INVALID for an unknown kind. */
@@ -70,10 +73,12 @@ int tier_writer_open(struct tier *t, uint64_t size, struct tier_writer **out);
 
 /* Starts a new file whose bytes are those of the existing file `src_path`
  * (a regular file, never followed through a symlink): a hard link when on the
- * same file system and the tier allows it, else a streamed copy. The reserved
+ * same file system, the tier allows it and force_copy is 0, else a streamed
+ * copy (force_copy when the source name stays in use: a later write into it
+ * must not change the stored inode). The reserved
  * size is the source's size, returned in *size. Returns 0, KVTIER_E_FULL,
  * KVTIER_E_INVALID (not a regular file), or -errno. */
-int tier_writer_from_file(struct tier *t, const char *src_path, uint64_t *size,
+int tier_writer_from_file(struct tier *t, const char *src_path, int force_copy, uint64_t *size,
 			  struct tier_writer **out);
 
 /* Appends len bytes. Returns 0, -EFBIG past the reserved size, -errno. */
