@@ -1,0 +1,642 @@
+/* test_index.c: unit test of daemon/index.c on a fresh temporary directory.
+ *
+ * Synthetic token arrays stand in for slot files (the counts mirror the
+ * fixtures: a 274-token turn, a 334-token next turn, a 268-token chat that
+ * shares 225 tokens). Every step asserts on ids, counts, matched tokens and
+ * error codes, and index_check must find nothing wrong after each change.
+ * A damaged index is made with raw LMDB calls while the index is closed
+ * (LMDB forbids opening one environment twice in a process).
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <ftw.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <lmdb.h>
+
+#include "check.h"
+#include "index.h"
+#include "keys.h"
+#include "kvtier.h"
+#include "slotfile.h"
+
+#define B INDEX_DEFAULT_BLOCK
+#define MAXT 1024
+
+struct blob {
+	const char *ns;
+	int32_t tok[MAXT];
+	size_t n;
+	struct key chain[MAXT / B];
+	struct key id;
+};
+
+static int64_t clock_ms = 1000; /* created_ms of the next put: strictly increasing */
+static char last_problem[512];
+
+static void blob_make(struct blob *b, const char *ns, const int32_t *tok, size_t n)
+{
+	struct key h0;
+
+	CHECK(n <= MAXT);
+	b->ns = ns;
+	memcpy(b->tok, tok, n * sizeof(int32_t));
+	b->n = n;
+	keys_root(ns, strlen(ns), &h0);
+	CHECK_EQ_INT(keys_chain(&h0, tok, n, B, b->chain), n / B);
+	keys_blob_id(&h0, b->chain, tok, n, B, &b->id);
+}
+
+static int blob_put(struct index *ix, const struct blob *b, const uint8_t *layout,
+		    size_t layout_len, unsigned tier, int supersede, struct index_put_result *res,
+		    char *err, size_t errlen)
+{
+	struct blob_meta m;
+
+	memset(&m, 0, sizeof(m));
+	m.rec_version = 1;
+	m.id = b->id;
+	m.n_tokens = (uint32_t)b->n;
+	m.version = 2;
+	m.tier = tier;
+	m.parts = 1;
+	m.part_size[PART_MAIN] = 12 + 4 * b->n + 1000;
+	m.stored_size = m.part_size[PART_MAIN];
+	m.created_ms = m.last_access_ms = clock_ms++;
+	err[0] = '\0';
+	return index_put(ix, b->ns, layout, layout_len, &m, b->tok, b->chain, supersede, res, err,
+			 errlen);
+}
+
+static void lookup(struct index *ix, const char *ns, const int32_t *tok, size_t n,
+		   struct index_match *m)
+{
+	struct key h0, chain[MAXT / B];
+
+	CHECK(n <= MAXT);
+	keys_root(ns, strlen(ns), &h0);
+	CHECK_EQ_INT(keys_chain(&h0, tok, n, B, chain), n / B);
+	CHECK_EQ_INT(index_lookup(ix, ns, tok, n, chain, n / B, m), 0);
+}
+
+static int same_id(const struct key *a, const struct key *b)
+{
+	return memcmp(a->b, b->b, KEY_LEN) == 0;
+}
+
+static void report_print(void *ctx, const char *problem)
+{
+	fprintf(stderr, "index_check: %s\n", problem);
+	snprintf(last_problem, sizeof(last_problem), "%s", problem);
+}
+
+static void check_clean(struct index *ix)
+{
+	CHECK_EQ_INT(index_check(ix, report_print, NULL), 0);
+}
+
+static int count_cb(void *ctx, const struct blob_meta *m, const char *ns)
+{
+	(*(size_t *)ctx)++;
+	return 0;
+}
+
+static size_t count_blobs(struct index *ix, const char *ns)
+{
+	size_t n = 0;
+
+	CHECK_EQ_INT(index_list(ix, ns, NULL, 0, count_cb, &n, NULL), 0);
+	return n;
+}
+
+struct page {
+	struct key ids[16];
+	char ns[16][INDEX_NS_MAX + 1];
+	size_t n;
+};
+
+static int page_cb(void *ctx, const struct blob_meta *m, const char *ns)
+{
+	struct page *p = ctx;
+
+	CHECK(p->n < 16);
+	p->ids[p->n] = m->id;
+	snprintf(p->ns[p->n], sizeof(p->ns[p->n]), "%s", ns);
+	p->n++;
+	return 0;
+}
+
+struct ns_find {
+	const char *name;
+	struct ns_rec rec;
+	int found;
+};
+
+static int ns_find_cb(void *ctx, const char *name, const struct ns_rec *r)
+{
+	struct ns_find *f = ctx;
+
+	if (strcmp(name, f->name) == 0) {
+		f->rec = *r;
+		f->found = 1;
+	}
+	return 0;
+}
+
+/* A layout signature in the format of slotfile.c: 2 layers of f16, K rows
+ * of 64 bytes, V transposed (2 bytes x 32) or not (64 bytes per row). */
+static size_t make_layout(uint8_t *l, uint32_t v_trans)
+{
+	uint64_t k_row = 64, v_row = 64;
+	uint32_t f16 = 1, n_layer = 2, el = 2, n_embd = 32;
+
+	memset(l, 0, SLOT_LAYOUT_MAX);
+	l[0] = 1;
+	memcpy(l + 2, &n_layer, 4);
+	memcpy(l + 6, &v_trans, 4);
+	memcpy(l + 10, &f16, 4);
+	memcpy(l + 14, &k_row, 8);
+	memcpy(l + 22, &f16, 4);
+	if (v_trans) {
+		memcpy(l + 26, &el, 4);
+		memcpy(l + 30, &n_embd, 4);
+	} else {
+		memcpy(l + 26, &v_row, 8);
+	}
+	return 34;
+}
+
+static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+	return remove(path);
+}
+
+/* Opens the index environment with LMDB directly (the index must be
+ * closed) and deletes key `id` from database `db`, or writes a u32 meta. */
+static void raw_edit(const char *dir, const char *db, const struct key *id, const char *mkey,
+		     uint32_t mval)
+{
+	char path[4096];
+	MDB_env *env;
+	MDB_txn *txn;
+	MDB_dbi dbi;
+	MDB_val k, v;
+
+	snprintf(path, sizeof(path), "%s/index", dir);
+	CHECK_EQ_INT(mdb_env_create(&env), 0);
+	CHECK_EQ_INT(mdb_env_set_maxdbs(env, 8), 0);
+	CHECK_EQ_INT(mdb_env_open(env, path, MDB_NOTLS, 0600), 0);
+	CHECK_EQ_INT(mdb_txn_begin(env, NULL, 0, &txn), 0);
+	CHECK_EQ_INT(mdb_dbi_open(txn, db, 0, &dbi), 0);
+	if (id) {
+		k.mv_size = KEY_LEN;
+		k.mv_data = (void *)id->b;
+		CHECK_EQ_INT(mdb_del(txn, dbi, &k, NULL), 0);
+	} else {
+		k.mv_size = strlen(mkey);
+		k.mv_data = (void *)mkey;
+		v.mv_size = sizeof(mval);
+		v.mv_data = &mval;
+		CHECK_EQ_INT(mdb_put(txn, dbi, &k, &v, 0), 0);
+	}
+	CHECK_EQ_INT(mdb_txn_commit(txn), 0);
+	mdb_env_close(env);
+}
+
+int main(void)
+{
+	static struct blob a, b, c, d, e, a2, c2, e2, p[5], s1, s2, s3, small;
+	static struct index_put_result res;
+	static int32_t A[MAXT], tmp[MAXT];
+	char dir[] = "/tmp/test_index.XXXXXX", empty[] = "/tmp/test_index_empty.XXXXXX";
+	char err[512], d0[160], d1[160];
+	uint8_t l0[SLOT_LAYOUT_MAX], l1[SLOT_LAYOUT_MAX];
+	size_t l0_len, l1_len;
+	struct index *ix = NULL;
+	struct index_match m;
+	struct blob_meta bm;
+	char nsname[INDEX_NS_MAX + 1];
+	int32_t *gt = NULL;
+	uint32_t gn = 0, seed = 12345;
+
+	CHECK(mkdtemp(dir) != NULL);
+	CHECK(mkdtemp(empty) != NULL);
+	for (size_t i = 0; i < MAXT; i++) {
+		seed = seed * 1103515245u + 12345u;
+		A[i] = (int32_t)((seed >> 8) % 32000);
+	}
+	l0_len = make_layout(l0, 0);
+	l1_len = make_layout(l1, 1);
+
+	/* A readonly open of a directory without an index is NOTFOUND. */
+	CHECK_EQ_INT(index_open(empty, 0, 1, 0, &ix, err, sizeof(err)), KVTIER_E_NOTFOUND);
+	CHECK(ix == NULL);
+	CHECK(strstr(err, "no index") != NULL);
+
+	CHECK_EQ_INT(index_open(dir, 0, 0, 1ull << 30, &ix, err, sizeof(err)), 0);
+	CHECK_EQ_INT(index_block_size(ix), B);
+	check_clean(ix);
+
+	/* Suffixes. */
+	CHECK_EQ_INT(blob_part_from_suffix(""), PART_MAIN);
+	CHECK_EQ_INT(blob_part_from_suffix(".tokens.json"), PART_TOKENS_JSON);
+	CHECK_EQ_INT(blob_part_from_suffix(".checkpoints"), PART_CHECKPOINTS);
+	CHECK_EQ_INT(blob_part_from_suffix(".tmp"), -1);
+	CHECK_EQ_INT(strcmp(blob_part_suffix[PART_TOKENS_JSON], ".tokens.json"), 0);
+
+	/* a: 274 tokens; lookup of itself is a full match. */
+	blob_make(&a, "nsA", A, 274);
+	CHECK_EQ_INT(blob_put(ix, &a, NULL, 0, 0, 1, &res, err, sizeof(err)), 0);
+	CHECK_EQ_INT(res.deduplicated, 0);
+	CHECK_EQ_INT(res.n_superseded, 0);
+	CHECK(same_id(&res.stored.id, &a.id));
+	CHECK(res.stored.ns_id >= 1);
+	check_clean(ix);
+	lookup(ix, "nsA", a.tok, a.n, &m);
+	CHECK_EQ_INT(m.found, 1);
+	CHECK(same_id(&m.meta.id, &a.id));
+	CHECK_EQ_INT(m.matched, 274);
+	CHECK_EQ_INT(m.meta.n_tokens, 274);
+
+	/* A query sharing 225 tokens matches exactly 225, one sharing 200: 200. */
+	memcpy(tmp, A, sizeof(tmp));
+	for (size_t i = 225; i < MAXT; i++)
+		tmp[i] = A[i] + 100000;
+	lookup(ix, "nsA", tmp, 300, &m);
+	CHECK_EQ_INT(m.found, 1);
+	CHECK(same_id(&m.meta.id, &a.id));
+	CHECK_EQ_INT(m.matched, 225);
+	for (size_t i = 200; i < MAXT; i++)
+		tmp[i] = A[i] + 100000;
+	lookup(ix, "nsA", tmp, 260, &m);
+	CHECK_EQ_INT(m.found, 1);
+	CHECK_EQ_INT(m.matched, 200);
+	/* A query longer than the blob matches the whole blob; a shorter one
+	 * (partial last block) matches the query. */
+	lookup(ix, "nsA", A, 500, &m);
+	CHECK_EQ_INT(m.matched, 274);
+	lookup(ix, "nsA", A, 150, &m);
+	CHECK_EQ_INT(m.matched, 150);
+	/* Less than a block, or a first block that differs: a miss. */
+	lookup(ix, "nsA", A, 63, &m);
+	CHECK_EQ_INT(m.found, 0);
+	tmp[0] = A[0] + 1;
+	lookup(ix, "nsA", tmp, 200, &m);
+	CHECK_EQ_INT(m.found, 0);
+
+	/* Another namespace with the same tokens: a miss (unknown, then known). */
+	lookup(ix, "nsB", A, 274, &m);
+	CHECK_EQ_INT(m.found, 0);
+	for (size_t i = 0; i < 300; i++)
+		tmp[i] = A[i] + 50000;
+	blob_make(&d, "nsB", tmp, 300);
+	CHECK_EQ_INT(blob_put(ix, &d, NULL, 0, 0, 1, &res, err, sizeof(err)), 0);
+	lookup(ix, "nsB", A, 274, &m);
+	CHECK_EQ_INT(m.found, 0);
+	lookup(ix, "nsB", d.tok, d.n, &m);
+	CHECK_EQ_INT(m.found, 1);
+	CHECK_EQ_INT(m.matched, 300);
+	CHECK(res.stored.ns_id != 0);
+	check_clean(ix);
+
+	/* Dedup: the same id again writes nothing. */
+	CHECK_EQ_INT(count_blobs(ix, NULL), 2);
+	CHECK_EQ_INT(blob_put(ix, &a, NULL, 0, 1, 1, &res, err, sizeof(err)), 0);
+	CHECK_EQ_INT(res.deduplicated, 1);
+	CHECK(same_id(&res.stored.id, &a.id));
+	CHECK_EQ_INT(res.stored.tier, 0); /* the stored record, not the new one */
+	CHECK_EQ_INT(count_blobs(ix, NULL), 2);
+	check_clean(ix);
+
+	/* b: 268 tokens sharing 225 with a is not a prefix: nothing superseded. */
+	memcpy(tmp, A, sizeof(tmp));
+	for (size_t i = 225; i < MAXT; i++)
+		tmp[i] = A[i] + 200000;
+	blob_make(&b, "nsA", tmp, 268);
+	CHECK_EQ_INT(blob_put(ix, &b, NULL, 0, 0, 1, &res, err, sizeof(err)), 0);
+	CHECK_EQ_INT(res.n_superseded, 0);
+	CHECK_EQ_INT(index_get(ix, &a.id, &bm, NULL, 0), 0);
+	CHECK_EQ_INT(count_blobs(ix, "nsA"), 2);
+	lookup(ix, "nsA", b.tok, b.n, &m);
+	CHECK(same_id(&m.meta.id, &b.id));
+	CHECK_EQ_INT(m.matched, 268);
+	check_clean(ix);
+
+	/* c: 334 tokens extending a supersedes a (and not b). */
+	blob_make(&c, "nsA", A, 334);
+	CHECK_EQ_INT(blob_put(ix, &c, NULL, 0, 0, 1, &res, err, sizeof(err)), 0);
+	CHECK_EQ_INT(res.deduplicated, 0);
+	CHECK_EQ_INT(res.n_superseded, 1);
+	CHECK(same_id(&res.superseded[0].id, &a.id));
+	CHECK_EQ_INT(res.superseded[0].n_tokens, 274);
+	CHECK_EQ_INT(index_get(ix, &a.id, &bm, NULL, 0), KVTIER_E_NOTFOUND);
+	CHECK_EQ_INT(index_get_tokens(ix, &a.id, &gt, &gn), KVTIER_E_NOTFOUND);
+	CHECK(gt == NULL);
+	CHECK_EQ_INT(index_get(ix, &b.id, &bm, nsname, sizeof(nsname)), 0);
+	CHECK_EQ_INT(strcmp(nsname, "nsA"), 0);
+	lookup(ix, "nsA", A, 274, &m);
+	CHECK_EQ_INT(m.found, 1);
+	CHECK(same_id(&m.meta.id, &c.id));
+	CHECK_EQ_INT(m.matched, 274);
+	CHECK_EQ_INT(index_get_tokens(ix, &c.id, &gt, &gn), 0);
+	CHECK_EQ_INT(gn, 334);
+	CHECK_EQ_INT(memcmp(gt, A, 334 * sizeof(int32_t)), 0);
+	free(gt);
+	gt = NULL;
+	check_clean(ix);
+
+	/* Supersession at block boundaries: 128 and 130 tokens, then 192. */
+	blob_make(&s1, "nsS", A, 128);
+	blob_make(&s2, "nsS", A, 130);
+	blob_make(&s3, "nsS", A, 192);
+	CHECK_EQ_INT(blob_put(ix, &s1, NULL, 0, 0, 1, &res, err, sizeof(err)), 0);
+	CHECK_EQ_INT(blob_put(ix, &s2, NULL, 0, 0, 1, &res, err, sizeof(err)), 0);
+	CHECK_EQ_INT(res.n_superseded, 1);
+	CHECK(same_id(&res.superseded[0].id, &s1.id));
+	CHECK_EQ_INT(blob_put(ix, &s1, NULL, 0, 0, 0, &res, err, sizeof(err)), 0);
+	CHECK_EQ_INT(res.deduplicated, 0);
+	CHECK_EQ_INT(blob_put(ix, &s3, NULL, 0, 0, 1, &res, err, sizeof(err)), 0);
+	CHECK_EQ_INT(res.n_superseded, 2);
+	CHECK_EQ_INT(count_blobs(ix, "nsS"), 1);
+	check_clean(ix);
+
+	/* supersede = 0 keeps both; ties go to the lower tier, then the newer. */
+	blob_make(&a2, "nsK", A, 274);
+	blob_make(&c2, "nsK", A, 334);
+	CHECK_EQ_INT(blob_put(ix, &a2, NULL, 0, 0, 0, &res, err, sizeof(err)), 0);
+	CHECK_EQ_INT(blob_put(ix, &c2, NULL, 0, 0, 0, &res, err, sizeof(err)), 0);
+	CHECK_EQ_INT(res.n_superseded, 0);
+	CHECK_EQ_INT(count_blobs(ix, "nsK"), 2);
+	lookup(ix, "nsK", A, 274, &m);
+	CHECK_EQ_INT(m.matched, 274);
+	CHECK(same_id(&m.meta.id, &c2.id)); /* same tier: the newer */
+	CHECK_EQ_INT(index_get(ix, &c2.id, &bm, NULL, 0), 0);
+	bm.tier = 1;
+	CHECK_EQ_INT(index_update(ix, &bm), 0);
+	lookup(ix, "nsK", A, 274, &m);
+	CHECK(same_id(&m.meta.id, &a2.id)); /* the lower tier */
+	lookup(ix, "nsK", A, 334, &m);
+	CHECK(same_id(&m.meta.id, &c2.id)); /* the longer match first */
+	CHECK_EQ_INT(m.matched, 334);
+	CHECK_EQ_INT(m.meta.tier, 1);
+	bm.n_tokens++;
+	CHECK_EQ_INT(index_update(ix, &bm), KVTIER_E_INVALID);
+	check_clean(ix);
+
+	/* Quarantined blobs are skipped, down to shallower blocks if needed. */
+	memcpy(tmp, A, sizeof(tmp));
+	for (size_t i = 128; i < MAXT; i++)
+		tmp[i] = A[i] + 300000;
+	blob_make(&e2, "nsK", tmp, 200);
+	CHECK_EQ_INT(blob_put(ix, &e2, NULL, 0, 0, 0, &res, err, sizeof(err)), 0);
+	CHECK_EQ_INT(index_get(ix, &a2.id, &bm, NULL, 0), 0);
+	bm.flags |= BLOB_F_QUARANTINED;
+	CHECK_EQ_INT(index_update(ix, &bm), 0);
+	lookup(ix, "nsK", A, 274, &m);
+	CHECK(same_id(&m.meta.id, &c2.id));
+	CHECK_EQ_INT(index_get(ix, &c2.id, &bm, NULL, 0), 0);
+	bm.flags |= BLOB_F_QUARANTINED;
+	CHECK_EQ_INT(index_update(ix, &bm), 0);
+	lookup(ix, "nsK", A, 274, &m);
+	CHECK_EQ_INT(m.found, 1);
+	CHECK(same_id(&m.meta.id, &e2.id));
+	CHECK_EQ_INT(m.matched, 128);
+	check_clean(ix);
+
+	/* Layout: a namespace with one refuses another, naming both. */
+	blob_make(&e, "nsL", A, 100);
+	CHECK_EQ_INT(blob_put(ix, &e, l1, l1_len, 0, 1, &res, err, sizeof(err)), 0);
+	blob_make(&e, "nsL", A, 150);
+	CHECK_EQ_INT(blob_put(ix, &e, l0, l0_len, 0, 1, &res, err, sizeof(err)),
+		     KVTIER_E_LAYOUT);
+	slot_layout_describe(l0, l0_len, d0, sizeof(d0));
+	slot_layout_describe(l1, l1_len, d1, sizeof(d1));
+	CHECK(strcmp(d0, d1) != 0);
+	CHECK(strstr(err, d0) != NULL);
+	CHECK(strstr(err, d1) != NULL);
+	CHECK(strstr(err, "nsL") != NULL);
+	CHECK_EQ_INT(index_get(ix, &e.id, &bm, NULL, 0), KVTIER_E_NOTFOUND);
+	CHECK_EQ_INT(count_blobs(ix, "nsL"), 1); /* the 100-token one, not superseded */
+	/* nsA has no layout: the first one given is recorded, then enforced. */
+	blob_make(&e, "nsA", A, 150);
+	CHECK_EQ_INT(blob_put(ix, &e, l0, l0_len, 0, 0, &res, err, sizeof(err)), 0);
+	{
+		struct ns_find f = {.name = "nsA"};
+
+		CHECK_EQ_INT(index_ns_list(ix, ns_find_cb, &f), 0);
+		CHECK_EQ_INT(f.found, 1);
+		CHECK_EQ_INT(f.rec.layout_len, l0_len);
+		CHECK_EQ_INT(memcmp(f.rec.layout, l0, l0_len), 0);
+	}
+	blob_make(&e, "nsA", A, 160);
+	CHECK_EQ_INT(blob_put(ix, &e, l1, l1_len, 0, 0, &res, err, sizeof(err)),
+		     KVTIER_E_LAYOUT);
+	CHECK_EQ_INT(blob_put(ix, &e, NULL, 0, 0, 0, &res, err, sizeof(err)), 0);
+	check_clean(ix);
+
+	/* Bad puts. */
+	blob_make(&small, "nsA", A, 63);
+	CHECK_EQ_INT(blob_put(ix, &small, NULL, 0, 0, 1, &res, err, sizeof(err)),
+		     KVTIER_E_INVALID);
+	CHECK(strstr(err, "fewer than one block") != NULL);
+	{
+		char longname[INDEX_NS_MAX + 2];
+
+		memset(longname, 'x', sizeof(longname) - 1);
+		longname[sizeof(longname) - 1] = '\0';
+		blob_make(&small, "nsA", A, 100);
+		small.ns = longname;
+		CHECK_EQ_INT(blob_put(ix, &small, NULL, 0, 0, 1, &res, err, sizeof(err)),
+			     KVTIER_E_INVALID);
+		small.ns = "";
+		CHECK_EQ_INT(blob_put(ix, &small, NULL, 0, 0, 1, &res, err, sizeof(err)),
+			     KVTIER_E_INVALID);
+	}
+
+	/* Delete removes every entry. */
+	CHECK_EQ_INT(index_delete(ix, &b.id, &bm), 0);
+	CHECK(same_id(&bm.id, &b.id));
+	CHECK_EQ_INT(bm.n_tokens, 268);
+	CHECK_EQ_INT(index_get(ix, &b.id, &bm, NULL, 0), KVTIER_E_NOTFOUND);
+	CHECK_EQ_INT(index_delete(ix, &b.id, NULL), KVTIER_E_NOTFOUND);
+	lookup(ix, "nsA", b.tok, b.n, &m);
+	CHECK_EQ_INT(m.found, 1);
+	CHECK(!same_id(&m.meta.id, &b.id));
+	CHECK_EQ_INT(m.matched, 225);
+	check_clean(ix);
+	CHECK_EQ_INT(index_delete(ix, &d.id, NULL), 0);
+	lookup(ix, "nsB", d.tok, d.n, &m);
+	CHECK_EQ_INT(m.found, 0);
+	check_clean(ix);
+
+	/* Touch accumulates hits and keeps the newest access time. */
+	{
+		struct index_touch t[3];
+
+		memset(t, 0, sizeof(t));
+		t[0].id = c.id;
+		t[0].hits = 3;
+		t[0].last_access_ms = 999999;
+		t[1].id = b.id; /* deleted: skipped */
+		t[1].hits = 7;
+		t[2].id = c.id;
+		t[2].hits = 2;
+		t[2].last_access_ms = 5;
+		CHECK_EQ_INT(index_touch(ix, t, 3), 0);
+		CHECK_EQ_INT(index_touch(ix, t, 1), 0);
+		CHECK_EQ_INT(index_get(ix, &c.id, &bm, NULL, 0), 0);
+		CHECK_EQ_INT(bm.hits, 8);
+		CHECK_EQ_INT(bm.last_access_ms, 999999);
+		CHECK_EQ_INT(index_touch(ix, t, 0), 0);
+	}
+
+	/* Paging: limit 2 over 5 blobs visits each once, in id order. */
+	for (int i = 0; i < 5; i++) {
+		for (size_t j = 0; j < 70; j++)
+			tmp[j] = A[j] + 1000 * (i + 1);
+		blob_make(&p[i], "nsP", tmp, 70);
+		CHECK_EQ_INT(blob_put(ix, &p[i], NULL, 0, 0, 1, &res, err, sizeof(err)), 0);
+	}
+	{
+		struct page all = {.n = 0}, pg;
+		const struct key *after = NULL;
+		struct key last;
+		int more = 0, pages = 0;
+
+		do {
+			memset(&pg, 0, sizeof(pg));
+			CHECK_EQ_INT(index_list(ix, "nsP", after, 2, page_cb, &pg, &more), 0);
+			CHECK(pg.n <= 2);
+			for (size_t i = 0; i < pg.n; i++) {
+				CHECK_EQ_INT(strcmp(pg.ns[i], "nsP"), 0);
+				all.ids[all.n++] = pg.ids[i];
+			}
+			if (pg.n) {
+				last = pg.ids[pg.n - 1];
+				after = &last;
+			}
+			pages++;
+			CHECK(pages <= 4);
+		} while (more);
+		CHECK_EQ_INT(pages, 3);
+		CHECK_EQ_INT(all.n, 5);
+		for (size_t i = 1; i < all.n; i++)
+			CHECK(memcmp(all.ids[i - 1].b, all.ids[i].b, KEY_LEN) < 0);
+		for (int i = 0; i < 5; i++) {
+			int seen = 0;
+
+			for (size_t j = 0; j < all.n; j++)
+				seen += same_id(&all.ids[j], &p[i].id);
+			CHECK_EQ_INT(seen, 1);
+		}
+		/* Unfiltered paging sees every blob, also exactly once. */
+		memset(&all, 0, sizeof(all));
+		after = NULL;
+		do {
+			memset(&pg, 0, sizeof(pg));
+			CHECK_EQ_INT(index_list(ix, NULL, after, 2, page_cb, &pg, &more), 0);
+			for (size_t i = 0; i < pg.n; i++)
+				all.ids[all.n++] = pg.ids[i];
+			if (pg.n) {
+				last = pg.ids[pg.n - 1];
+				after = &last;
+			}
+		} while (more);
+		CHECK_EQ_INT(all.n, count_blobs(ix, NULL));
+		for (size_t i = 1; i < all.n; i++)
+			CHECK(memcmp(all.ids[i - 1].b, all.ids[i].b, KEY_LEN) < 0);
+	}
+	CHECK_EQ_INT(count_blobs(ix, "nsP"), 5);
+	CHECK_EQ_INT(count_blobs(ix, "nsK"), 3);
+	CHECK_EQ_INT(count_blobs(ix, "nsNone"), 0);
+	CHECK_EQ_INT(count_blobs(ix, ""), count_blobs(ix, NULL));
+	CHECK_EQ_INT(count_blobs(ix, NULL), 13);
+	check_clean(ix);
+
+	/* Prefill speed: exponential moving average. */
+	CHECK_EQ_INT(index_ns_report_prefill(ix, "nsA", 100.0, 0.5), 0);
+	CHECK_EQ_INT(index_ns_report_prefill(ix, "nsA", 200.0, 0.5), 0);
+	CHECK_EQ_INT(index_ns_report_prefill(ix, "nsNone", 200.0, 0.5), KVTIER_E_NOTFOUND);
+	CHECK_EQ_INT(index_ns_report_prefill(ix, "nsA", -1.0, 0.5), KVTIER_E_INVALID);
+	{
+		struct ns_find f = {.name = "nsA"};
+
+		CHECK_EQ_INT(index_ns_list(ix, ns_find_cb, &f), 0);
+		CHECK_EQ_INT(f.found, 1);
+		CHECK(f.rec.prefill_tps > 149.999 && f.rec.prefill_tps < 150.001);
+		CHECK_EQ_INT(f.rec.prefill_samples, 2);
+	}
+
+	/* Meta values. */
+	{
+		char buf[64];
+		size_t len = 0;
+
+		CHECK_EQ_INT(index_meta_put(ix, "tiers", "tmpfs,disk", 10), 0);
+		CHECK_EQ_INT(index_meta_get(ix, "tiers", buf, sizeof(buf), &len), 0);
+		CHECK_EQ_INT(len, 10);
+		CHECK_EQ_INT(memcmp(buf, "tmpfs,disk", 10), 0);
+		CHECK_EQ_INT(index_meta_get(ix, "tiers", buf, 4, &len), 0);
+		CHECK_EQ_INT(len, 10);
+		CHECK_EQ_INT(index_meta_get(ix, "nothing", buf, sizeof(buf), &len),
+			     KVTIER_E_NOTFOUND);
+	}
+	index_close(ix);
+	ix = NULL;
+
+	/* Reopen: the block size is fixed; the data survived. */
+	CHECK_EQ_INT(index_open(dir, 32, 0, 0, &ix, err, sizeof(err)), KVTIER_E_INVALID);
+	CHECK(ix == NULL);
+	CHECK(strstr(err, "block size") != NULL);
+	CHECK_EQ_INT(index_open(dir, B, 0, 0, &ix, err, sizeof(err)), 0);
+	CHECK_EQ_INT(count_blobs(ix, NULL), 13);
+	index_close(ix);
+
+	/* Read-only: lookups and walks work, writes are refused. */
+	CHECK_EQ_INT(index_open(dir, 0, 1, 0, &ix, err, sizeof(err)), 0);
+	CHECK_EQ_INT(index_block_size(ix), B);
+	lookup(ix, "nsA", A, 334, &m);
+	CHECK(same_id(&m.meta.id, &c.id));
+	CHECK_EQ_INT(m.matched, 334);
+	CHECK_EQ_INT(blob_put(ix, &b, NULL, 0, 0, 1, &res, err, sizeof(err)), -EROFS);
+	CHECK_EQ_INT(index_delete(ix, &c.id, NULL), -EROFS);
+	check_clean(ix);
+	index_close(ix);
+	ix = NULL;
+
+	/* Damage: drop c's tokens behind the index's back; check reports it. */
+	raw_edit(dir, "tokens", &c.id, NULL, 0);
+	CHECK_EQ_INT(index_open(dir, 0, 0, 0, &ix, err, sizeof(err)), 0);
+	last_problem[0] = '\0';
+	CHECK(index_check(ix, report_print, NULL) >= 1);
+	{
+		char hex[KEY_HEX_LEN + 1];
+
+		key_hex(&c.id, hex);
+		CHECK(strstr(last_problem, hex) != NULL);
+	}
+	/* Lookups survive the damage (c is skipped; the prefix still matches e). */
+	lookup(ix, "nsA", A, 334, &m);
+	CHECK_EQ_INT(m.found, 1);
+	CHECK(!same_id(&m.meta.id, &c.id));
+	CHECK_EQ_INT(m.matched, 160);
+	index_close(ix);
+	ix = NULL;
+
+	/* A newer schema is refused with a message. */
+	raw_edit(dir, "meta", NULL, "schema", INDEX_SCHEMA + 1);
+	CHECK_EQ_INT(index_open(dir, 0, 0, 0, &ix, err, sizeof(err)), KVTIER_E_INVALID);
+	CHECK(strstr(err, "newer") != NULL);
+	CHECK(ix == NULL);
+
+	CHECK_EQ_INT(nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS), 0);
+	CHECK_EQ_INT(nftw(empty, rm_entry, 16, FTW_DEPTH | FTW_PHYS), 0);
+	printf("test_index: ok\n");
+	return 0;
+}
