@@ -53,6 +53,10 @@ enum kvtier_error {
  * the string is static. */
 KVTIER_API const char *kvtier_strerror(int rc);
 
+/* The gRPC status name a code corresponds to ("INVALID_ARGUMENT", "NOT_FOUND",
+ * ...; "OK" for 0, "INTERNAL" for negative errno values). Static string. */
+KVTIER_API const char *kvtier_status_name(int rc);
+
 #define KVTIER_BLOB_ID_LEN 64 /* hex characters of a blob id, without the NUL */
 
 typedef struct kvtier_client kvtier_client;
