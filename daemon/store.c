@@ -148,13 +148,29 @@ static void part_name(const struct key *id, int part, char *out, size_t cap)
 	snprintf(out, cap, "%s%s", key_hex(id, hex), blob_part_suffix[part]);
 }
 
+/* A namespace is 1..INDEX_NS_MAX bytes of UTF-8 without control characters:
+ * it travels in proto3 strings (which must be UTF-8), log lines and labels. */
 static int ns_valid(const char *ns, char *err, size_t errlen)
 {
 	size_t n = ns ? strlen(ns) : 0;
+	const unsigned char *p = (const unsigned char *)ns;
 
 	if (n == 0 || n > INDEX_NS_MAX) {
 		set_err(err, errlen, "namespace must be 1 to %d bytes (got %zu)", INDEX_NS_MAX, n);
 		return KVTIER_E_INVALID;
+	}
+	for (size_t i = 0; i < n;) {
+		unsigned c = p[i], len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3
+					     : (c >> 3) == 30 ? 4 : 0;
+		int ok = len && i + len <= n && c >= 0x20 && c != 0x7f && c != 0xc0 && c != 0xc1;
+		for (unsigned k = 1; ok && k < len; k++)
+			ok = (p[i + k] & 0xc0) == 0x80;
+		if (!ok) {
+			set_err(err, errlen, "namespace must be UTF-8 without control characters "
+				"(bad byte 0x%02x at offset %zu)", c, i);
+			return KVTIER_E_INVALID;
+		}
+		i += len;
 	}
 	return 0;
 }
@@ -709,6 +725,50 @@ int store_put_part(struct store_put *p, int part, uint64_t size, char *err, size
 	return 0;
 }
 
+/* The leading fields of a slot file: magic, version, token count. The full
+ * parse (slot_parse) runs at finish; this only fails early what it would. */
+static int put_check_head(struct store_put *p, char *err, size_t errlen)
+{
+	uint8_t h[12];
+	uint32_t magic, version, n;
+	int rc = tier_writer_pread(p->w[PART_MAIN], h, sizeof(h), 0);
+
+	if (rc) {
+		set_err(err, errlen, "reading back the slot header failed: %s", kvtier_strerror(rc));
+		return rc;
+	}
+	magic = (uint32_t)h[0] | (uint32_t)h[1] << 8 | (uint32_t)h[2] << 16 | (uint32_t)h[3] << 24;
+	version = (uint32_t)h[4] | (uint32_t)h[5] << 8 | (uint32_t)h[6] << 16 | (uint32_t)h[7] << 24;
+	n = (uint32_t)h[8] | (uint32_t)h[9] << 8 | (uint32_t)h[10] << 16 | (uint32_t)h[11] << 24;
+	if (magic != SLOT_MAGIC) {
+		set_err(err, errlen, "bad magic 0x%08x (expected 0x%08x, \"qsgg\"): not a llama.cpp "
+			"slot file", magic, SLOT_MAGIC);
+		return KVTIER_E_INVALID;
+	}
+	if (version != 2 && version != 4) {
+		set_err(err, errlen, "unsupported version %u (supported: 2, llama.cpp; 4, "
+			"ik_llama.cpp)", version);
+		return KVTIER_E_INVALID;
+	}
+	if (n == 0) {
+		set_err(err, errlen, "empty slot file (0 tokens): llama-server crashes restoring "
+			"such a file, so it is refused");
+		return KVTIER_E_INVALID;
+	}
+	if (n > SLOT_MAX_TOKENS) {
+		set_err(err, errlen, "oversized: %u tokens exceeds the limit of %u", n,
+			SLOT_MAX_TOKENS);
+		return KVTIER_E_INVALID;
+	}
+	if (12 + 4 * (uint64_t)n > p->size[PART_MAIN]) {
+		set_err(err, errlen, "truncated: header says %u tokens (%llu bytes) but the upload "
+			"announces %llu bytes", n, (unsigned long long)(12 + 4 * (uint64_t)n),
+			(unsigned long long)p->size[PART_MAIN]);
+		return KVTIER_E_INVALID;
+	}
+	return 0;
+}
+
 int store_put_write(struct store_put *p, const void *buf, size_t len, char *err, size_t errlen)
 {
 	int part = p->cur, rc;
@@ -729,7 +789,12 @@ int store_put_write(struct store_put *p, const void *buf, size_t len, char *err,
 			blob_part_suffix[part], kvtier_strerror(rc));
 		return rc;
 	}
+	uint64_t before = p->written[part];
 	p->written[part] += len;
+	/* Refuse a bad slot file as soon as its first 12 bytes are in, instead of
+	 * after the client has streamed gigabytes. */
+	if (part == PART_MAIN && before < 12 && p->written[part] >= 12)
+		return put_check_head(p, err, errlen);
 	return 0;
 }
 

@@ -33,6 +33,14 @@ def test_metrics(root, daemons):
     d.lookup(fixture("v2/chat-a-turn1.bin"))
     d.lookup(fixture("v2/chat-a-turn1.bin"), ns="nothing-here")
     d.cli("put", "--namespace", "ns-test", fixture("v2/empty.bin"), check_rc=False)
+    # A bad file is refused from its first bytes: the daemon does not take in
+    # the rest of a 32 MiB upload before saying so.
+    big = os.path.join(root, "badmagic-big.bin")
+    with open(big, "wb") as f:
+        f.write(b"XXXX" + bytes(8))
+        f.truncate(32 << 20)
+    r = d.cli("put", "--namespace", "ns-test", big, check_rc=False)
+    check(r.rc != 0 and "magic" in r.err, "bad magic refused: %r" % r)
     text = scrape(addr)
     path = os.path.join(root, "m.txt")
     open(path, "w").write(text)
@@ -43,9 +51,13 @@ def test_metrics(root, daemons):
     eq(value(text, "kvtier_lookup_hits_total"), 1, "hits")
     eq(value(text, "kvtier_matched_tokens_total"), 274, "matched tokens")
     eq(value(text, "kvtier_puts_total"), 1, "puts")
+    written = [float(l.split()[-1]) for l in text.splitlines()
+               if l.startswith("kvtier_tier_written_bytes_total{")]
+    check(written and written[0] < 8 << 20,
+          "refused 32 MiB upload was read to the end: %r bytes written" % written)
     eq(value(text, "kvtier_blobs"), 1, "blobs")
     check('kvtier_rpc_calls_total{method="Lookup",code="OK"} 2' in text, "rpc calls by method")
-    check('kvtier_rpc_calls_total{method="Put",code="INVALID_ARGUMENT"} 1' in text,
+    check('kvtier_rpc_calls_total{method="Put",code="INVALID_ARGUMENT"} 2' in text,
           "refused put counted by status")
     check('kvtier_tier_capacity_bytes{tier="0",kind="tmpfs"} 67108864' in text,
           "tier capacity")

@@ -96,6 +96,10 @@ def test_refusals(root, daemons):
     open(bad, "wb").write(b"GGUF" + src[4:])
     r = d.cli("put", "--namespace", "ns-test", bad, check_rc=False)
     expect_fail(r, "INVALID_ARGUMENT", "magic")
+    r = d.cli("put", "--namespace", "bad\x01name", fixture("v2/chat-a-turn1.bin"), check_rc=False)
+    expect_fail(r, "INVALID_ARGUMENT", "namespace")
+    r = d.cli("put", "--namespace", "n" * 256, fixture("v2/chat-a-turn1.bin"), check_rc=False)
+    expect_fail(r, "INVALID_ARGUMENT", "namespace")
     eq(d.ls(), [], "nothing indexed after refusals")
     eq(d.tier_files(), [], "nothing left on the tier after refusals")
     # A flash-attention (v_trans = 0) file into a namespace of v_trans = 1 files.
