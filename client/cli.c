@@ -1382,7 +1382,8 @@ static void main_help(void)
 	       "  --version          print the version\n\n"
 	       "Exit status: 0 success (a lookup miss too), 1 failure, 2 usage error;\n"
 	       "fsck: 1 when it found problems, 2 when it could not run.\n"
-	       "Errors print \"kvtier: COMMAND: MESSAGE (ERROR)\" on stderr.\n");
+	       "Errors print \"kvtier: COMMAND: MESSAGE (ERROR) [STATUS]\" on stderr,\n"
+	       "STATUS being the gRPC status name (INVALID_ARGUMENT, NOT_FOUND, ...).\n");
 }
 
 /* Opens the client handle for a command that talks to the daemon: the
