@@ -1017,8 +1017,8 @@ out:
 
 /* Sends one part: its header message, then its bytes in WIRE_CHUNK pieces,
  * reading the next piece while the previous one is on its way. */
-static int put_part_send(struct kcall *k, grpc_byte_buffer **inflight, const char *ns, int part,
-                         struct put_part *p)
+static int put_part_send(struct kcall *k, grpc_byte_buffer **inflight, const char *ns,
+                         unsigned n_parts, int part, struct put_part *p)
 {
 	Kvtier__V1__PutRequest q = KVTIER__V1__PUT_REQUEST__INIT;
 	Kvtier__V1__PartHeader ph = KVTIER__V1__PART_HEADER__INIT;
@@ -1030,8 +1030,10 @@ static int put_part_send(struct kcall *k, grpc_byte_buffer **inflight, const cha
 	ph.suffix = (char *)part_suffix[part];
 	ph.size = p->size;
 	q.part = &ph;
-	if (ns)
+	if (ns) { /* the first message: namespace and the number of parts */
 		q.namespace_ = (char *)ns;
+		q.n_parts = n_parts;
+	}
 	bb = wire_pack(&q.base);
 	if (!bb) {
 		rc = -ENOMEM;
@@ -1114,9 +1116,12 @@ KVTIER_API int kvtier_put_file(kvtier_client *c, const char *ns, const char *pat
 	begun = 1;
 	if (rc)
 		goto out;
+	unsigned n_parts = 0;
+	for (int i = 0; i < PART_COUNT; i++)
+		n_parts += parts[i].fd >= 0;
 	for (int i = 0; i < PART_COUNT && rc == 0; i++)
 		if (parts[i].fd >= 0)
-			rc = put_part_send(&k, &inflight, i == 0 ? ns : NULL, i, &parts[i]);
+			rc = put_part_send(&k, &inflight, i == 0 ? ns : NULL, n_parts, i, &parts[i]);
 	if (rc == 0)
 		rc = put_wait(&k, &inflight);
 	if (rc == 0) {

@@ -326,6 +326,8 @@ static const struct metrics_field metrics_store_fields[] = {
 		    "Blobs deleted since start."),
 	METRICS_U64(struct store_stats, quarantined, "kvtier_quarantined_total", "counter",
 		    "Blobs quarantined since start."),
+	METRICS_U64(struct store_stats, checksum_failures, "kvtier_checksum_failures_total",
+		    "counter", "Blob parts that failed their checksum on read (dropped) since start."),
 	METRICS_U64(struct store_stats, reconcile_removed_files,
 		    "kvtier_reconcile_removed_files_total", "counter",
 		    "Files removed by the start-up reconcile (temporaries, orphans, stale stages)."),

@@ -380,7 +380,7 @@ static void handle_fetch(struct rpc_call *c)
 	struct blob_meta meta;
 	struct key id;
 	char err[RPC_ERR_MAX] = "";
-	grpc_byte_buffer *inflight = NULL;
+	grpc_byte_buffer *inflight = NULL, *next = NULL;
 	struct wire_buf buf = {0};
 	int rc = 0;
 
@@ -403,7 +403,7 @@ static void handle_fetch(struct rpc_call *c)
 		ph.suffix = (char *)blob_part_suffix[p];
 		ph.size = meta.part_size[p];
 		ch.part = &ph;
-		grpc_byte_buffer *next = wire_pack(&ch.base);
+		next = wire_pack(&ch.base);
 		/* Pipeline: the previous message is in flight while we read the next. */
 		for (;;) {
 			if (!next) {
@@ -418,10 +418,8 @@ static void handle_fetch(struct rpc_call *c)
 					break;
 			}
 			rc = send_start(c, next);
-			if (rc) {
-				grpc_byte_buffer_destroy(next);
+			if (rc)
 				break;
-			}
 			inflight = next;
 			next = NULL;
 			if (off >= meta.part_size[p])
@@ -443,9 +441,16 @@ static void handle_fetch(struct rpc_call *c)
 				got += (size_t)r;
 			}
 			if (rc) {
-				snprintf(err, sizeof(err), "reading blob %s part \"%s\" at %llu failed: %s",
-					 q->blob, blob_part_suffix[p], (unsigned long long)off,
-					 kvtier_strerror(rc));
+				if (rc == KVTIER_E_CORRUPT)
+					snprintf(err, sizeof(err),
+						 "blob %s part \"%s\" failed its checksum: it was "
+						 "dropped, nothing of it is served; treat this as a miss",
+						 q->blob, blob_part_suffix[p]);
+				else
+					snprintf(err, sizeof(err),
+						 "reading blob %s part \"%s\" at %llu failed: %s",
+						 q->blob, blob_part_suffix[p], (unsigned long long)off,
+						 kvtier_strerror(rc));
 				wire_buf_free(&buf);
 				break;
 			}
@@ -455,6 +460,8 @@ static void handle_fetch(struct rpc_call *c)
 				wire_buf_free(&buf);
 		}
 	}
+	if (next) /* read ahead but never sent: the loop broke */
+		grpc_byte_buffer_destroy(next);
 	if (inflight) {
 		int w = call_wait(c, &c->tag_op);
 		grpc_byte_buffer_destroy(inflight);
@@ -529,8 +536,8 @@ static void handle_put(struct rpc_call *c)
 				snprintf(err, sizeof(err), "malformed PutRequest message");
 			} else {
 				if (first) {
-					rc = store_put_begin(c->srv->store, q->namespace_, &p, err,
-							     sizeof(err));
+					rc = store_put_begin(c->srv->store, q->namespace_, q->n_parts,
+							     &p, err, sizeof(err));
 					if (!rc && !q->part) {
 						rc = KVTIER_E_INVALID;
 						snprintf(err, sizeof(err),

@@ -82,6 +82,7 @@ struct store {
 		deletes, quarantined, active_leases;
 	uint64_t reconcile_files, reconcile_blobs;
 	_Atomic uint64_t tier_blobs[STORE_MAX_TIERS]; /* slot files (part 0) per tier */
+	_Atomic uint64_t checksum_failures;
 };
 
 struct store_put {
@@ -94,12 +95,15 @@ struct store_put {
 	uint32_t parts;                /* bit per started part */
 	int cur;                       /* part being written, -1 none */
 	int crc_known;                 /* crc[] filled while streaming */
+	unsigned n_parts;              /* parts announced */
 };
 
 struct store_fetch {
 	struct store *s;
-	unsigned tier;
+	struct blob_meta meta;
 	struct tier_reader *r[PART_COUNT];
+	uint64_t crc_off[PART_COUNT];  /* bytes covered by crc[] (sequential reads) */
+	uint32_t crc[PART_COUNT];
 };
 
 static void set_err(char *err, size_t errlen, const char *fmt, ...)
@@ -649,8 +653,8 @@ const struct store_config *store_config(const struct store *s)
 
 /* ---- put ---- */
 
-int store_put_begin(struct store *s, const char *ns, struct store_put **out, char *err,
-		    size_t errlen)
+int store_put_begin(struct store *s, const char *ns, unsigned n_parts, struct store_put **out,
+		    char *err, size_t errlen)
 {
 	struct store_put *p;
 	int rc = ns_valid(ns, err, errlen);
@@ -658,12 +662,18 @@ int store_put_begin(struct store *s, const char *ns, struct store_put **out, cha
 	*out = NULL;
 	if (rc)
 		return rc;
+	if (n_parts < 1 || n_parts > PART_COUNT) {
+		set_err(err, errlen, "a put has 1 to %d parts (the slot file and its sidecars); "
+			"the first message announced %u", PART_COUNT, n_parts);
+		return KVTIER_E_INVALID;
+	}
 	p = calloc(1, sizeof(*p));
 	if (!p)
 		return -ENOMEM;
 	p->s = s;
 	p->cur = -1;
 	p->crc_known = 1;
+	p->n_parts = n_parts;
 	snprintf(p->ns, sizeof(p->ns), "%s", ns);
 	*out = p;
 	return 0;
@@ -872,6 +882,12 @@ int store_put_finish(struct store_put *p, struct store_put_result *res, char *er
 		rc = KVTIER_E_INVALID;
 		goto out;
 	}
+	if ((unsigned)__builtin_popcount(p->parts) != p->n_parts) {
+		set_err(err, errlen, "truncated upload: %d of the %u announced parts arrived",
+			__builtin_popcount(p->parts), p->n_parts);
+		rc = KVTIER_E_INVALID;
+		goto out;
+	}
 	for (int i = 0; i < PART_COUNT; i++) {
 		if (!(p->parts & (1u << i)))
 			continue;
@@ -1053,7 +1069,7 @@ int store_adopt(struct store *s, const char *ns, const char *path, int keep_sour
 			path ? path : "(null)");
 		return KVTIER_E_DENIED;
 	}
-	rc = store_put_begin(s, ns, &p, err, errlen);
+	rc = store_put_begin(s, ns, PART_COUNT, &p, err, errlen);
 	if (rc)
 		return rc;
 	p->crc_known = 0;
@@ -1093,6 +1109,7 @@ int store_adopt(struct store *s, const char *ns, const char *path, int keep_sour
 		p->size[i] = p->written[i] = size;
 		present |= 1u << i;
 	}
+	p->n_parts = (unsigned)__builtin_popcount(present); /* what the slot dir holds */
 	rc = store_put_finish(p, res, err, errlen);
 	p = NULL;
 	if (rc)
@@ -1195,7 +1212,7 @@ int store_fetch_open(struct store *s, const struct key *id, struct store_fetch *
 	if (!f)
 		return -ENOMEM;
 	f->s = s;
-	f->tier = meta->tier;
+	f->meta = *meta;
 	for (int p = 0; p < PART_COUNT; p++) {
 		uint64_t size;
 		if (!(meta->parts & (1u << p)))
@@ -1219,6 +1236,23 @@ int store_fetch_open(struct store *s, const struct key *id, struct store_fetch *
 	return 0;
 }
 
+/* A stored part whose bytes do not match their checksum is never served:
+ * the blob is dropped (metadata, then files) and counted. */
+static void fetch_corrupt(struct store_fetch *f, int part)
+{
+	struct store *s = f->s;
+	char hex[KEY_HEX_LEN + 1];
+	struct blob_meta m;
+
+	atomic_fetch_add(&s->checksum_failures, 1);
+	klog(LOG_ERROR, "event=checksum_mismatch blob=%s part=\"%s\" tier=%u action=dropped",
+	     key_hex(&f->meta.id, hex), blob_part_suffix[part], f->meta.tier);
+	pthread_mutex_lock(&s->commit_lock);
+	if (index_delete(s->ix, &f->meta.id, &m) == 0)
+		remove_parts(s, m.tier, &m.id, m.parts);
+	pthread_mutex_unlock(&s->commit_lock);
+}
+
 ssize_t store_fetch_read(struct store_fetch *f, int part, void *buf, size_t len, uint64_t off)
 {
 	ssize_t n;
@@ -1226,8 +1260,20 @@ ssize_t store_fetch_read(struct store_fetch *f, int part, void *buf, size_t len,
 	if (part < 0 || part >= PART_COUNT || !f->r[part])
 		return KVTIER_E_INVALID;
 	n = tier_reader_read(f->r[part], buf, len, off);
-	if (n > 0)
-		atomic_fetch_add(&f->s->fetch_bytes, (uint64_t)n);
+	if (n <= 0)
+		return n;
+	atomic_fetch_add(&f->s->fetch_bytes, (uint64_t)n);
+	/* Sequential reads (the way Fetch streams) are checksummed as they go;
+	 * the last bytes of a part are only returned once they check out. */
+	if (off == f->crc_off[part]) {
+		f->crc[part] = crc32c(f->crc[part], buf, (size_t)n);
+		f->crc_off[part] += (uint64_t)n;
+		if (f->crc_off[part] == f->meta.part_size[part] &&
+		    f->crc[part] != f->meta.part_crc[part]) {
+			fetch_corrupt(f, part);
+			return KVTIER_E_CORRUPT;
+		}
+	}
 	return n;
 }
 
@@ -1478,6 +1524,7 @@ void store_get_stats(struct store *s, struct store_stats *o)
 	o->lease_expiries = atomic_load(&s->lease_expiries);
 	o->deletes = atomic_load(&s->deletes);
 	o->quarantined = atomic_load(&s->quarantined);
+	o->checksum_failures = atomic_load(&s->checksum_failures);
 	o->active_leases = atomic_load(&s->active_leases);
 	o->reconcile_removed_files = s->reconcile_files;
 	o->reconcile_removed_blobs = s->reconcile_blobs;

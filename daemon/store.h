@@ -69,9 +69,11 @@ struct store_put_result {
 /* A put in progress: parts are streamed in, then checked and committed. */
 struct store_put;
 
-/* Starts a put into namespace ns (1..INDEX_NS_MAX bytes). */
-int store_put_begin(struct store *s, const char *ns, struct store_put **out, char *err,
-		    size_t errlen);
+/* Starts a put into namespace ns (1..INDEX_NS_MAX bytes of UTF-8) of
+ * n_parts parts (1..PART_COUNT): finish refuses a put that got fewer
+ * complete parts, so a stream cut between parts stores nothing. */
+int store_put_begin(struct store *s, const char *ns, unsigned n_parts, struct store_put **out,
+		    char *err, size_t errlen);
 
 /* Starts part `part` (PART_MAIN first, then sidecars, each at most once)
  * of exactly `size` bytes; reserves room on the fastest tier. */
@@ -121,7 +123,10 @@ int store_fetch_open(struct store *s, const struct key *id, struct store_fetch *
 		     struct blob_meta *meta, char *err, size_t errlen);
 
 /* Reads up to len bytes of part `part` at offset off. Returns the count (0 at
- * the end of the part) or an error. */
+ * the end of the part) or an error. Reads in sequence from offset 0 are
+ * checked against the part's CRC-32C: the read that completes a part whose
+ * bytes do not match returns KVTIER_E_CORRUPT (and the blob is dropped), so a
+ * caller that streams what it reads never sends a whole corrupt part. */
 ssize_t store_fetch_read(struct store_fetch *f, int part, void *buf, size_t len, uint64_t off);
 
 void store_fetch_close(struct store_fetch *f);
@@ -184,6 +189,7 @@ struct store_stats {
 	uint64_t puts, put_bytes, adopts, dedups, supersessions, refused;
 	uint64_t fetches, fetch_bytes, stages, stage_copies, releases, lease_expiries, deletes;
 	uint64_t quarantined, active_leases;
+	uint64_t checksum_failures;   /* parts that failed their CRC on read: dropped */
 	uint64_t reconcile_removed_files, reconcile_removed_blobs;
 	unsigned n_tiers;
 	struct store_tier_stats tiers[STORE_MAX_TIERS];

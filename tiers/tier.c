@@ -848,6 +848,13 @@ int tier_writer_commit(struct tier_writer *w, const char *name)
 	rc = tier_name_valid(name);
 	if (rc)
 		goto out;
+	/* Committed files are immutable: read-only, so that an open for writing
+	 * through a staged hard link (llama-server saving into that name with
+	 * "wb") fails instead of rewriting the stored bytes. */
+	if (fchmod(w->fd, 0440)) {
+		rc = -errno;
+		goto out;
+	}
 	rc = t->ops->sync_file(w);
 	if (rc)
 		goto out;

@@ -40,8 +40,9 @@ struct tier_stats {
 	double read_seconds, write_seconds;
 };
 
-/* Tier files are created mode 0640: a llama-server in the daemon's group can
- * read a staged hard link (which shares the tier file's inode and mode).
+/* Tier files are written mode 0640 and committed read-only (0440): a
+ * llama-server in the daemon's group can read a staged hard link (which
+ * shares the tier file's inode and mode) but not write through it.
  *
  * Opens (creating if needed, mode 0700) the tier directory `path` of kind
  * `kind` ("tmpfs") with `capacity` bytes. Usage starts at 0: the caller

@@ -204,6 +204,27 @@ def test_stage_and_adopt(root, daemons):
     fsck_clean(d)
 
 
+def test_corrupt_blob_never_served(root, daemons):
+    d = start(root, daemons)
+    blob = d.put(fixture("v2/chat-a-turn2.bin"))
+    path = os.path.join(d.tier_dir, blob)
+    eq(stat.S_IMODE(os.stat(path).st_mode), 0o440, "stored files are read-only")
+    os.chmod(path, 0o640)
+    with open(path, "r+b") as f:     # flip one byte of KV data, same size
+        f.seek(50000)
+        b = f.read(1)
+        f.seek(50000)
+        f.write(bytes([b[0] ^ 0x40]))
+    out = os.path.join(root, "bad.bin")
+    r = d.cli("get", blob, "-o", out, check_rc=False)
+    expect_fail(r, "DATA_LOSS", "checksum")
+    check(not os.path.exists(out), "no file written from a corrupt blob")
+    eq(d.ls(), [], "the corrupt blob is dropped")
+    eq(d.lookup(fixture("v2/chat-a-turn2.bin"))["blob"], None, "and no longer found")
+    eq(d.tier_files(), [], "its file is removed")
+    fsck_clean(d)
+
+
 def test_lease_expiry(root, daemons):
     d = start(root, daemons, extra=["--lease-seconds", "1"])
     blob = d.put(fixture("v2/chat-a-turn1.bin"))
@@ -238,4 +259,4 @@ def test_restart_keeps_blobs(root, daemons):
 if __name__ == "__main__":
     run([test_lookup_prefix, test_supersede_and_get, test_no_supersede, test_dedup,
          test_refusals, test_namespaces_isolated, test_v4_sidecar, test_stage_and_adopt,
-         test_lease_expiry, test_restart_keeps_blobs])
+         test_corrupt_blob_never_served, test_lease_expiry, test_restart_keeps_blobs])
