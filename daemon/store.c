@@ -392,7 +392,14 @@ static int reconcile_scan_entry(void *ctx, const char *name, uint64_t size, int 
 
 	if (strncmp(name, TIER_TMP_PREFIX, strlen(TIER_TMP_PREFIX)) != 0) {
 		part = parse_part_name(name, &id);
-		keep = is_regular && part >= 0 && index_get(c->s->ix, &id, &m, NULL, 0) == 0 &&
+		if (part < 0) {
+			/* Not a name this daemon creates: never delete what is not ours. */
+			klog(LOG_WARN, "event=reconcile_foreign_file tier=%u name=\"%s\" "
+			     "action=kept hint=\"a tier directory should hold only kvtier's files\"",
+			     c->tier, name);
+			return 0;
+		}
+		keep = is_regular && index_get(c->s->ix, &id, &m, NULL, 0) == 0 &&
 		       m.tier == c->tier && (m.parts & (1u << part)) && m.part_size[part] == size;
 	}
 	if (keep)
@@ -493,6 +500,81 @@ out:
 
 /* ---- open / close ---- */
 
+/* The tiers recorded by the previous start must still be there, at the same
+ * index and path: blobs are recorded by tier index, so a reordered or moved
+ * tier would make the reconcile drop them as missing. Tiers may be added at
+ * the end, and capacities may change. */
+static int check_tier_list(struct store *s, const char *now, char *err, size_t errlen)
+{
+	char old[STORE_MAX_TIERS * 4200];
+	size_t len = 0;
+	int rc = index_meta_get(s->ix, "tiers", old, sizeof(old) - 1, &len);
+
+	if (rc == KVTIER_E_NOTFOUND)
+		return 0; /* a new data directory */
+	if (rc)
+		return rc;
+	old[len < sizeof(old) ? len : sizeof(old) - 1] = '\0';
+	for (const char *o = old, *n = now; *o; ) {
+		const char *oe = strchr(o, '\n'), *ne = strchr(n, '\n');
+		unsigned oi, ni;
+		char ok[16], nk[16], op[4096], np[4096];
+		if (!oe)
+			break;
+		if (sscanf(o, "%u %15s %4095s", &oi, ok, op) != 3)
+			break;
+		if (!ne || sscanf(n, "%u %15s %4095s", &ni, nk, np) != 3) {
+			set_err(err, errlen, "this data directory has tier %u (%s:%s), which is not in "
+				"the configuration; give the same --tier options in the same order, "
+				"adding new tiers only at the end", oi, ok, op);
+			return KVTIER_E_INVALID;
+		}
+		if (strcmp(ok, nk) != 0 || strcmp(op, np) != 0) {
+			set_err(err, errlen, "tier %u of this data directory is %s:%s, but the "
+				"configuration gives %s:%s; blobs are recorded by tier, so give the same "
+				"--tier options in the same order (or use a new --data directory)",
+				oi, ok, op, nk, np);
+			return KVTIER_E_INVALID;
+		}
+		o = oe + 1;
+		n = ne + 1;
+	}
+	return 0;
+}
+
+/* Data, tier and slot directories must be distinct and not inside one
+ * another: the reconcile removes files from tiers and slot directories. */
+static int check_dirs_disjoint(struct store *s, char *err, size_t errlen)
+{
+	char paths[1 + STORE_MAX_TIERS + STORE_MAX_SLOT_DIRS][PATH_MAX];
+	const char *what[1 + STORE_MAX_TIERS + STORE_MAX_SLOT_DIRS];
+	unsigned n = 0;
+
+	if (!realpath(s->cfg.data_dir, paths[n]))
+		return 0; /* reported by the opener */
+	what[n++] = "--data";
+	for (unsigned t = 0; t < s->n_tiers; t++)
+		if (realpath(tier_path(s->tiers[t]), paths[n]))
+			what[n++] = "--tier";
+	for (unsigned d = 0; d < s->cfg.n_slot_dirs; d++) {
+		snprintf(paths[n], sizeof(paths[n]), "%s", s->slot_real[d]);
+		what[n++] = "--slot-dir";
+	}
+	for (unsigned i = 0; i < n; i++)
+		for (unsigned j = i + 1; j < n; j++) {
+			size_t li = strlen(paths[i]), lj = strlen(paths[j]);
+			size_t l = li < lj ? li : lj;
+			if (strncmp(paths[i], paths[j], l) == 0 &&
+			    (li == lj || paths[li < lj ? j : i][l] == '/')) {
+				set_err(err, errlen, "%s %s and %s %s overlap: the data, tier and slot "
+					"directories must be distinct and not inside one another",
+					what[i], paths[i], what[j], paths[j]);
+				return KVTIER_E_INVALID;
+			}
+		}
+	return 0;
+}
+
 static int mkdir_p(const char *path, mode_t mode)
 {
 	char buf[PATH_MAX];
@@ -585,6 +667,12 @@ int store_open(const struct store_config *cfg, struct store **out, char *err, si
 			goto fail;
 		}
 	}
+	rc = check_dirs_disjoint(s, err, errlen);
+	if (rc)
+		goto fail;
+	rc = check_tier_list(s, tiers_text, err, errlen);
+	if (rc)
+		goto fail;
 	rc = index_meta_put(s->ix, "tiers", tiers_text, tl);
 	if (rc) {
 		set_err(err, errlen, "cannot record the tier list: %s", kvtier_strerror(rc));

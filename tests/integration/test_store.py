@@ -225,6 +225,35 @@ def test_corrupt_blob_never_served(root, daemons):
     fsck_clean(d)
 
 
+def test_start_guards(root, daemons):
+    import subprocess
+    from harness import KVTIERD
+    d = start(root, daemons)
+    blob = d.put(fixture("v2/chat-a-turn1.bin"))
+    foreign = os.path.join(d.tier_dir, "notes.txt")
+    open(foreign, "w").write("not kvtier's")
+    d.stop()
+    d.start()
+    check(os.path.exists(foreign), "a file kvtier did not create is never deleted")
+    eq([b["blob"] for b in d.ls()], [blob], "blob kept")
+    d.stop()
+
+    def refused(args, *phrases):
+        p = subprocess.run([KVTIERD] + args, capture_output=True, timeout=30)
+        check(p.returncode != 0, "kvtierd should refuse %r" % args)
+        for ph in phrases:
+            check(ph in p.stderr.decode(), "message %r lacks %r" % (p.stderr, ph))
+    moved = os.path.join(root, "tier2")
+    refused(["--data", d.data, "--socket", d.sock, "--tier", "tmpfs:%s:64M" % moved,
+             "--slot-dir", d.slot_dir], "same --tier options")
+    refused(["--data", d.data, "--socket", d.sock, "--tier", "tmpfs:%s:64M" % d.slot_dir,
+             "--slot-dir", d.slot_dir], "overlap")
+    refused(["--data", os.path.join(root, "new"), "--socket", d.sock,
+             "--tier", "tmpfs:%s:64M" % os.path.join(root, "new", "tier")], "overlap")
+    d.start()  # the original configuration still works, with its blob
+    eq([b["blob"] for b in d.ls()], [blob], "blob still there after refused starts")
+
+
 def test_lease_expiry(root, daemons):
     d = start(root, daemons, extra=["--lease-seconds", "1"])
     blob = d.put(fixture("v2/chat-a-turn1.bin"))
@@ -259,4 +288,4 @@ def test_restart_keeps_blobs(root, daemons):
 if __name__ == "__main__":
     run([test_lookup_prefix, test_supersede_and_get, test_no_supersede, test_dedup,
          test_refusals, test_namespaces_isolated, test_v4_sidecar, test_stage_and_adopt,
-         test_corrupt_blob_never_served, test_lease_expiry, test_restart_keeps_blobs])
+         test_corrupt_blob_never_served, test_start_guards, test_lease_expiry, test_restart_keeps_blobs])
