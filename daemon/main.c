@@ -92,7 +92,9 @@ static const struct option_def options[] = {
 	{"lease-max-seconds", OPT_LEASE_MAX_SECONDS, "N", "3600",
 	 "Longest lease a client may ask for."},
 	{"workers", OPT_WORKERS, "N", "16",
-	 "Worker threads: calls served at once (1..256)."},
+	 "Threads serving Fetch and Put streams (1..96); short calls (Lookup, Stage, ...) get "
+	 "max(4, N/4) threads of their own. Calls beyond 16 per thread waiting are refused "
+	 "with RESOURCE_EXHAUSTED."},
 	{"io-timeout-ms", OPT_IO_TIMEOUT_MS, "MS", "60000",
 	 "A stream that makes no progress for this long is cancelled."},
 	{"map-size", OPT_MAP_SIZE, "SIZE", "64G",
@@ -310,8 +312,9 @@ int main(int argc, char **argv)
 				return die("--lease-max-seconds %s: expected 1..604800", optarg);
 			break;
 		case OPT_WORKERS:
-			if (parse_uint(optarg, 1, 256, &workers))
-				return die("--workers %s: expected 1..256", optarg);
+			/* Bounded by LMDB's 126 reader slots: every worker may hold one. */
+			if (parse_uint(optarg, 1, 96, &workers))
+				return die("--workers %s: expected 1..96", optarg);
 			break;
 		case OPT_IO_TIMEOUT_MS:
 			if (parse_uint(optarg, 100, 3600000, &io_timeout))

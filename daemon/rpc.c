@@ -48,6 +48,22 @@
 
 struct rpc_call;
 
+/* Calls run on two pools: streams (Fetch, Put) can hold a worker for as long
+ * as a client keeps them open, so they never take the workers that short
+ * calls (Lookup, Stage, ...) need. */
+enum rpc_pool_id { POOL_UNARY, POOL_STREAM, POOL_COUNT };
+
+#define RPC_QUEUE_PER_WORKER 16 /* calls waiting per worker before RESOURCE_EXHAUSTED */
+
+struct rpc_pool {
+	struct rpc_server *srv;
+	struct rpc_call *head, *tail;  /* queued calls */
+	unsigned len, max_len;
+	pthread_cond_t cond;           /* a call was queued, or the server shut down */
+	pthread_t *threads;
+	unsigned n_threads;
+};
+
 struct rpc_method {
 	const char *path;
 	enum rpc_method_id id;
@@ -84,12 +100,10 @@ struct rpc_server {
 	grpc_completion_queue *cq;       /* notifications (next) */
 	pthread_t notify_thread;
 	int notify_started;
-	pthread_t *workers;
-	unsigned n_workers;
+	struct rpc_pool pools[POOL_COUNT];
 
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
-	struct rpc_call *queue_head, *queue_tail;
+	pthread_mutex_t lock;          /* pools, stopping, shutdown_done */
+	pthread_cond_t cond;           /* shutdown_done changed (rpc_stop waits here) */
 	int stopping;                    /* no more re-posting, workers drain and exit */
 	int shutdown_done;
 	char shutdown_tag;
@@ -1010,12 +1024,7 @@ static void call_run(struct rpc_call *c)
 	op.data.recv_close_on_server.cancelled = &c->cancelled;
 	c->close_started = call_start(c, &op, 1, &c->tag_close) == 0;
 
-	if (!token_ok(c))
-		call_fail(c, KVTIER_E_UNAUTH,
-			  "missing or wrong bearer token: TCP clients must send "
-			  "\"authorization: Bearer <token>\" (kvtier --token-file)");
-	else
-		c->m->handler(c);
+	c->m->handler(c); /* the token was checked before the call was queued */
 
 	if (!c->status_sent && c->status == GRPC_STATUS_OK)
 		c->status = GRPC_STATUS_CANCELLED;
@@ -1033,26 +1042,37 @@ static void call_run(struct rpc_call *c)
 
 static void *worker_main(void *arg)
 {
-	struct rpc_server *srv = arg;
+	struct rpc_pool *pool = arg;
+	struct rpc_server *srv = pool->srv;
 
 	for (;;) {
 		struct rpc_call *c;
 		pthread_mutex_lock(&srv->lock);
 		/* Run until the server has shut down: calls matched before the
 		 * shutdown may still be queued after `stopping` is set. */
-		while (!srv->queue_head && !srv->shutdown_done)
-			pthread_cond_wait(&srv->cond, &srv->lock);
-		c = srv->queue_head;
+		while (!pool->head && !srv->shutdown_done)
+			pthread_cond_wait(&pool->cond, &srv->lock);
+		c = pool->head;
 		if (!c) { /* shut down and drained */
 			pthread_mutex_unlock(&srv->lock);
 			return NULL;
 		}
-		srv->queue_head = c->next;
-		if (!srv->queue_head)
-			srv->queue_tail = NULL;
+		pool->head = c->next;
+		if (!pool->head)
+			pool->tail = NULL;
+		pool->len--;
 		pthread_mutex_unlock(&srv->lock);
 		call_run(c);
 	}
+}
+
+/* Ends a call that will not be run, without blocking (no batch is started):
+ * the status goes out with the cancellation. */
+static void call_reject(struct rpc_call *c, grpc_status_code code, const char *msg)
+{
+	grpc_call_cancel_with_status(c->call, code, msg, NULL);
+	metrics_rpc_observe(c->m->id, (int)code, 0);
+	call_free(c);
 }
 
 static void *notify_main(void *arg)
@@ -1070,6 +1090,8 @@ static void *notify_main(void *arg)
 			pthread_mutex_lock(&srv->lock);
 			srv->shutdown_done = 1;
 			pthread_cond_broadcast(&srv->cond);
+			for (int p = 0; p < POOL_COUNT; p++)
+				pthread_cond_broadcast(&srv->pools[p].cond);
 			pthread_mutex_unlock(&srv->lock);
 			continue;
 		}
@@ -1083,14 +1105,32 @@ static void *notify_main(void *arg)
 		pthread_mutex_unlock(&srv->lock);
 		if (!stopping && post_request(srv, c->m))
 			klog(LOG_ERROR, "event=repost_failed method=%s", c->m->path);
+		/* Unauthenticated calls and calls beyond the queue's bound are
+		 * refused here, before they can take memory or a worker. */
+		if (!token_ok(c)) {
+			call_reject(c, GRPC_STATUS_UNAUTHENTICATED,
+				    "missing or wrong bearer token: TCP clients must send "
+				    "\"authorization: Bearer <token>\" (kvtier --token-file)");
+			continue;
+		}
+		struct rpc_pool *pool =
+			&srv->pools[c->m->id == RPC_FETCH || c->m->id == RPC_PUT ? POOL_STREAM
+										: POOL_UNARY];
 		pthread_mutex_lock(&srv->lock);
+		if (pool->len >= pool->max_len) {
+			pthread_mutex_unlock(&srv->lock);
+			call_reject(c, GRPC_STATUS_RESOURCE_EXHAUSTED,
+				    "kvtierd is busy: too many calls queued; retry shortly");
+			continue;
+		}
 		c->next = NULL;
-		if (srv->queue_tail)
-			srv->queue_tail->next = c;
+		if (pool->tail)
+			pool->tail->next = c;
 		else
-			srv->queue_head = c;
-		srv->queue_tail = c;
-		pthread_cond_signal(&srv->cond);
+			pool->head = c;
+		pool->tail = c;
+		pool->len++;
+		pthread_cond_signal(&pool->cond);
 		pthread_mutex_unlock(&srv->lock);
 	}
 	return NULL;
@@ -1126,6 +1166,11 @@ int rpc_start(struct store *s, const struct rpc_config *cfg, struct rpc_server *
 		srv->cfg.io_timeout_ms = 60000;
 	pthread_mutex_init(&srv->lock, NULL);
 	pthread_cond_init(&srv->cond, NULL);
+	for (int p = 0; p < POOL_COUNT; p++) {
+		srv->pools[p].srv = srv;
+		pthread_cond_init(&srv->pools[p].cond, NULL);
+	}
+
 
 	args[0].type = GRPC_ARG_INTEGER;
 	args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
@@ -1184,19 +1229,25 @@ int rpc_start(struct store *s, const struct rpc_config *cfg, struct rpc_server *
 				rc = KVTIER_E_INTERNAL;
 				goto fail_started;
 			}
-	srv->workers = calloc(srv->cfg.workers, sizeof(*srv->workers));
-	if (!srv->workers) {
-		rc = -ENOMEM;
-		goto fail_started;
-	}
-	for (unsigned i = 0; i < srv->cfg.workers; i++) {
-		rc = pthread_create(&srv->workers[i], NULL, worker_main, srv);
-		if (rc) {
-			rc = -rc;
-			snprintf(err, errlen, "cannot start worker threads: %s", strerror(-rc));
+	for (int p = 0; p < POOL_COUNT; p++) {
+		struct rpc_pool *pool = &srv->pools[p];
+		unsigned want = p == POOL_STREAM ? srv->cfg.workers
+			       : srv->cfg.workers / 4 > 4 ? srv->cfg.workers / 4 : 4;
+		pool->max_len = want * RPC_QUEUE_PER_WORKER;
+		pool->threads = calloc(want, sizeof(*pool->threads));
+		if (!pool->threads) {
+			rc = -ENOMEM;
 			goto fail_started;
 		}
-		srv->n_workers++;
+		for (unsigned i = 0; i < want; i++) {
+			rc = pthread_create(&pool->threads[i], NULL, worker_main, pool);
+			if (rc) {
+				rc = -rc;
+				snprintf(err, errlen, "cannot start worker threads: %s", strerror(-rc));
+				goto fail_started;
+			}
+			pool->n_threads++;
+		}
 	}
 	rc = pthread_create(&srv->notify_thread, NULL, notify_main, srv);
 	if (rc) {
@@ -1269,10 +1320,12 @@ void rpc_stop(struct rpc_server *srv, unsigned grace_ms)
 		pthread_mutex_unlock(&srv->lock);
 	}
 	pthread_mutex_lock(&srv->lock);
-	pthread_cond_broadcast(&srv->cond);
+	for (int p = 0; p < POOL_COUNT; p++)
+		pthread_cond_broadcast(&srv->pools[p].cond);
 	pthread_mutex_unlock(&srv->lock);
-	for (unsigned i = 0; i < srv->n_workers; i++)
-		pthread_join(srv->workers[i], NULL);
+	for (int p = 0; p < POOL_COUNT; p++)
+		for (unsigned i = 0; i < srv->pools[p].n_threads; i++)
+			pthread_join(srv->pools[p].threads[i], NULL);
 	grpc_completion_queue_shutdown(srv->cq);
 	if (srv->notify_started)
 		pthread_join(srv->notify_thread, NULL);
@@ -1282,7 +1335,10 @@ void rpc_stop(struct rpc_server *srv, unsigned grace_ms)
 			;
 	grpc_server_destroy(srv->server);
 	grpc_completion_queue_destroy(srv->cq);
-	free(srv->workers);
+	for (int p = 0; p < POOL_COUNT; p++) {
+		free(srv->pools[p].threads);
+		pthread_cond_destroy(&srv->pools[p].cond);
+	}
 	pthread_mutex_destroy(&srv->lock);
 	pthread_cond_destroy(&srv->cond);
 	free(srv);

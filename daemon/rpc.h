@@ -1,7 +1,9 @@
 /* rpc.h: kvtierd's gRPC service (proto/kvtier.proto) on the gRPC core C API.
  *
  * One thread waits on the server's notification completion queue: it only
- * re-posts requests and hands each new call to a pool of worker threads, so
+ * re-posts requests, refuses calls without the right token or beyond the
+ * queue's bound (cancel with status: non-blocking), and hands each new call
+ * to one of two pools of worker threads (streams, short calls), so
  * no LMDB transaction and no blocking I/O ever runs on a completion-queue
  * thread. Each call is bound to its own pluck completion queue, which the
  * worker running it waits on; streams send or receive one message at a time
@@ -25,7 +27,8 @@ struct rpc_config {
 	const char *unix_path;     /* Unix socket path; NULL for none */
 	const char *listen;        /* "HOST:PORT" for TCP; NULL for none */
 	const char *auth_token;    /* required when listen is set */
-	unsigned workers;          /* worker threads (calls running at once) */
+	unsigned workers;          /* threads for streams (Fetch, Put); short calls get
+				    * max(4, workers / 4) threads of their own */
 	unsigned io_timeout_ms;    /* longest wait for one message of a stream */
 };
 

@@ -33,6 +33,7 @@
 
 #define STORE_MAX_NS_COUNTERS 1024
 #define STORE_TOUCH_MAX 65536
+#define STORE_MAX_LEASES 4096
 
 struct lease {
 	struct lease *next;
@@ -1413,6 +1414,11 @@ int store_stage(struct store *s, const struct key *id, const char *dir, unsigned
 	if (meta.tier >= s->n_tiers) {
 		set_err(err, errlen, "blob is on an unconfigured tier %u", meta.tier);
 		return KVTIER_E_INTERNAL;
+	}
+	if (atomic_load(&s->active_leases) >= STORE_MAX_LEASES) {
+		set_err(err, errlen, "too many active leases (%d): release the ones you no longer "
+			"need (kvtier release), or wait for them to expire", STORE_MAX_LEASES);
+		return KVTIER_E_FULL;
 	}
 	l = calloc(1, sizeof(*l));
 	if (!l)
