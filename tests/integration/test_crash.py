@@ -40,7 +40,13 @@ def test_kill9_during_puts(root, daemons):
         threads = [threading.Thread(target=worker, args=(todo[k::3],)) for k in range(3)]
         for t in threads:
             t.start()
-        time.sleep(0.3 + 0.4 * rnd_no)
+        # Kill once this round has had puts acknowledged (bounded wait), at a
+        # point that varies from round to round, with puts still in flight.
+        start_n = len(acked)
+        deadline = time.time() + 20
+        while len(acked) < start_n + 8 and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rnd.uniform(0.0, 0.2))
         d.kill9()
         stop.append(1)
         for t in threads:
