@@ -254,6 +254,30 @@ def test_start_guards(root, daemons):
     eq([b["blob"] for b in d.ls()], [blob], "blob still there after refused starts")
 
 
+def test_cancelled_put_stores_nothing(root, daemons):
+    import subprocess
+    from harness import BIN
+    d = start(root, daemons)
+    tool = os.path.join(BIN, "tests", "put_cancel")
+    src = fixture("v4-ik/chat-a-turn1.bin")
+    size = os.path.getsize(src)
+    # Cut in the middle of the slot file, and after the whole slot file but
+    # before its announced sidecar: both are incomplete uploads.
+    for n_parts, sent in ((1, size // 2), (2, -1)):
+        p = subprocess.run([tool, "unix:" + d.sock, "ik", src, str(n_parts), str(sent)],
+                           capture_output=True, timeout=60)
+        eq(p.returncode, 0, "put_cancel ran: %r" % p.stderr)
+        eq(d.ls(), [], "nothing stored after a cancelled put (%d parts, %d bytes)" %
+           (n_parts, sent))
+        eq([f for f in d.tier_files()], [], "no file left on the tier")
+    # The complete upload that follows keeps its sidecar.
+    blob = d.put(src, ns="ik")
+    eq([b["sidecars"] for b in d.ls()], [[".tokens.json"]], "sidecar stored")
+    out = os.path.join(root, "o.bin")
+    d.cli("get", blob, "-o", out)
+    eq(sha256(out + ".tokens.json"), sha256(src + ".tokens.json"), "sidecar bytes")
+
+
 def test_lease_expiry(root, daemons):
     d = start(root, daemons, extra=["--lease-seconds", "1"])
     blob = d.put(fixture("v2/chat-a-turn1.bin"))
@@ -288,4 +312,5 @@ def test_restart_keeps_blobs(root, daemons):
 if __name__ == "__main__":
     run([test_lookup_prefix, test_supersede_and_get, test_no_supersede, test_dedup,
          test_refusals, test_namespaces_isolated, test_v4_sidecar, test_stage_and_adopt,
-         test_corrupt_blob_never_served, test_start_guards, test_lease_expiry, test_restart_keeps_blobs])
+         test_corrupt_blob_never_served, test_start_guards,
+         test_cancelled_put_stores_nothing, test_lease_expiry, test_restart_keeps_blobs])
