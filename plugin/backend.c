@@ -1,0 +1,593 @@
+/* backend.c: libcurl calls to llama-server, every one with a timeout.
+ *
+ * One easy handle per call (no shared state between threads). Proxies from
+ * the environment are ignored: backends are addressed directly. Redirects
+ * are not followed, "Expect: 100-continue" is never sent, and no encoding
+ * is asked for, so the bytes of a forwarded response are the backend's own.
+ *
+ * This module must never keep a backend waiting on an empty POST (slot
+ * actions always carry a JSON body), never buffer a forwarded response (it
+ * streams into the sink), and never block without a timeout.
+ */
+#include "backend.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <time.h>
+
+#include <curl/curl.h>
+
+#define CONNECT_TIMEOUT_MS 5000u
+#define HEADER_MAX 32768u /* bytes of response headers kept for the sink */
+
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+int backend_global_init(void)
+{
+	return curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK ? 0 : -EIO;
+}
+
+void backend_global_cleanup(void)
+{
+	curl_global_cleanup();
+}
+
+void backend_reply_free(struct backend_reply *r)
+{
+	if (!r)
+		return;
+	json_decref(r->json);
+	memset(r, 0, sizeof(*r));
+}
+
+static void set_err(char *buf, size_t len, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Formats an error message into buf, truncated to len (only a log line). */
+static void set_err(char *buf, size_t len, const char *fmt, ...)
+{
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(buf, len, fmt, ap);
+	va_end(ap);
+}
+
+/* Maps a transfer's result to this module's return codes. */
+static int rc_of(CURLcode c)
+{
+	switch (c) {
+	case CURLE_OK:
+		return 0;
+	case CURLE_OPERATION_TIMEDOUT:
+		return -ETIMEDOUT;
+	case CURLE_COULDNT_CONNECT:
+	case CURLE_COULDNT_RESOLVE_HOST:
+		return -ECONNREFUSED;
+	case CURLE_WRITE_ERROR:
+	case CURLE_ABORTED_BY_CALLBACK:
+		return -ECANCELED;
+	case CURLE_OUT_OF_MEMORY:
+		return -ENOMEM;
+	default:
+		return -EIO;
+	}
+}
+
+/* A handle with the options every call shares. NULL when out of memory. */
+static CURL *handle_new(const char *url, unsigned timeout_ms, char *errbuf)
+{
+	CURL *h = curl_easy_init();
+	unsigned ct = timeout_ms < CONNECT_TIMEOUT_MS ? timeout_ms : CONNECT_TIMEOUT_MS;
+
+	if (!h)
+		return NULL;
+	if (curl_easy_setopt(h, CURLOPT_URL, url) != CURLE_OK ||
+	    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L) != CURLE_OK ||
+	    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)timeout_ms) != CURLE_OK ||
+	    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)ct) != CURLE_OK ||
+	    curl_easy_setopt(h, CURLOPT_PROXY, "") != CURLE_OK ||
+	    curl_easy_setopt(h, CURLOPT_FOLLOWLOCATION, 0L) != CURLE_OK ||
+	    curl_easy_setopt(h, CURLOPT_TCP_NODELAY, 1L) != CURLE_OK ||
+	    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, errbuf) != CURLE_OK) {
+		curl_easy_cleanup(h);
+		return NULL;
+	}
+	errbuf[0] = '\0';
+	return h;
+}
+
+struct membuf {
+	char *p;
+	size_t len, cap;
+	int overflow;
+};
+
+/* curl write callback of the JSON calls: appends to the buffer, at most
+ * BACKEND_MAX_REPLY bytes (returning short aborts the transfer). */
+static size_t membuf_write(char *data, size_t size, size_t nmemb, void *ctx)
+{
+	struct membuf *b = ctx;
+	size_t n = size * nmemb;
+
+	if (n > BACKEND_MAX_REPLY - b->len) {
+		b->overflow = 1;
+		return 0; /* aborts the transfer */
+	}
+	if (b->len + n + 1 > b->cap) {
+		size_t cap = b->cap ? b->cap : 4096;
+		char *p;
+
+		while (cap < b->len + n + 1)
+			cap *= 2;
+		p = realloc(b->p, cap);
+		if (!p)
+			return 0;
+		b->p = p;
+		b->cap = cap;
+	}
+	memcpy(b->p + b->len, data, n);
+	b->len += n;
+	b->p[b->len] = '\0';
+	return n;
+}
+
+/* Runs a GET (body == NULL) or a JSON POST and fills r. */
+static int json_call(const char *base, const char *path, const char *body, unsigned timeout_ms,
+                     struct backend_reply *r)
+{
+	char url[2048], errbuf[CURL_ERROR_SIZE];
+	struct curl_slist *hdrs = NULL, *t;
+	struct membuf b = {0};
+	double t0 = now_s();
+	CURL *h = NULL;
+	CURLcode c;
+	int rc = 0;
+
+	memset(r, 0, sizeof(*r));
+	if ((size_t)snprintf(url, sizeof(url), "%s%s", base, path) >= sizeof(url)) {
+		snprintf(r->err, sizeof(r->err), "URL too long");
+		return -EINVAL;
+	}
+	h = handle_new(url, timeout_ms, errbuf);
+	if (!h) {
+		rc = -ENOMEM;
+		snprintf(r->err, sizeof(r->err), "out of memory");
+		goto out;
+	}
+	t = curl_slist_append(hdrs, "Expect:");
+	if (t)
+		hdrs = t;
+	if (body) {
+		t = curl_slist_append(hdrs, "Content-Type: application/json");
+		if (!t) {
+			rc = -ENOMEM;
+			snprintf(r->err, sizeof(r->err), "out of memory");
+			goto out;
+		}
+		hdrs = t;
+		if (curl_easy_setopt(h, CURLOPT_POSTFIELDS, body) != CURLE_OK ||
+		    curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)strlen(body)) !=
+		        CURLE_OK) {
+			rc = -ENOMEM;
+			snprintf(r->err, sizeof(r->err), "out of memory");
+			goto out;
+		}
+	}
+	if (curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs) != CURLE_OK ||
+	    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, membuf_write) != CURLE_OK ||
+	    curl_easy_setopt(h, CURLOPT_WRITEDATA, &b) != CURLE_OK) {
+		rc = -ENOMEM;
+		snprintf(r->err, sizeof(r->err), "out of memory");
+		goto out;
+	}
+	c = curl_easy_perform(h);
+	r->seconds = now_s() - t0;
+	if (c != CURLE_OK) {
+		rc = rc_of(c);
+		if (b.overflow) {
+			rc = -EPROTO;
+			set_err(r->err, sizeof(r->err), "%s%s: answer larger than %u bytes", base,
+			        path, BACKEND_MAX_REPLY);
+		} else {
+			set_err(r->err, sizeof(r->err), "%s%s: %s", base, path,
+			        errbuf[0] ? errbuf : curl_easy_strerror(c));
+		}
+		if (rc == -ECANCELED)
+			rc = -ENOMEM; /* only membuf aborts here */
+		goto out;
+	}
+	curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &r->status);
+	if (b.len)
+		r->json = json_loadb(b.p, b.len, JSON_DECODE_ANY, NULL);
+	if (r->status != 200)
+		snprintf(r->err, sizeof(r->err), "%s%s: HTTP %ld%s%.120s", base, path, r->status,
+		         b.len ? ": " : "", b.len ? b.p : "");
+out:
+	if (h)
+		curl_easy_cleanup(h);
+	curl_slist_free_all(hdrs);
+	free(b.p);
+	return rc;
+}
+
+int backend_get_json(const char *base, const char *path, unsigned timeout_ms,
+                     struct backend_reply *r)
+{
+	return json_call(base, path, NULL, timeout_ms, r);
+}
+
+int backend_post_json(const char *base, const char *path, const json_t *body, unsigned timeout_ms,
+                      struct backend_reply *r)
+{
+	char *s = json_dumps(body, JSON_COMPACT);
+	int rc;
+
+	if (!s) {
+		memset(r, 0, sizeof(*r));
+		snprintf(r->err, sizeof(r->err), "out of memory");
+		return -ENOMEM;
+	}
+	rc = json_call(base, path, s, timeout_ms, r);
+	free(s);
+	return rc;
+}
+
+int backend_tokenize(const char *base, const char *content, unsigned timeout_ms, int32_t **tokens,
+                     size_t *n, struct backend_reply *r)
+{
+	json_t *q =
+	    json_pack("{s:s, s:b, s:b}", "content", content, "add_special", 1, "parse_special", 1);
+	const json_t *arr;
+	int32_t *t = NULL;
+	size_t i, len;
+	int rc;
+
+	*tokens = NULL;
+	*n = 0;
+	if (!q) {
+		memset(r, 0, sizeof(*r));
+		snprintf(r->err, sizeof(r->err), "out of memory");
+		return -ENOMEM;
+	}
+	rc = backend_post_json(base, "/tokenize", q, timeout_ms, r);
+	json_decref(q);
+	if (rc)
+		return rc;
+	arr = json_object_get(r->json, "tokens");
+	if (r->status != 200 || !json_is_array(arr)) {
+		if (r->status == 200)
+			snprintf(r->err, sizeof(r->err), "%s/tokenize: no \"tokens\" array", base);
+		return -EPROTO;
+	}
+	len = json_array_size(arr);
+	t = malloc((len ? len : 1) * sizeof(*t));
+	if (!t)
+		return -ENOMEM;
+	for (i = 0; i < len; i++) {
+		const json_t *v = json_array_get(arr, i);
+
+		/* {"tokens": [1, 2]} or, with with_pieces, [{"id": 1, "piece": ...}]. */
+		if (json_is_object(v))
+			v = json_object_get(v, "id");
+		if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+		    json_integer_value(v) > INT32_MAX) {
+			free(t);
+			snprintf(r->err, sizeof(r->err), "%s/tokenize: token %zu is not an id",
+			         base, i);
+			return -EPROTO;
+		}
+		t[i] = (int32_t)json_integer_value(v);
+	}
+	*tokens = t;
+	*n = len;
+	return 0;
+}
+
+int backend_apply_template(const char *base, const json_t *chat, unsigned timeout_ms, char **prompt,
+                           struct backend_reply *r)
+{
+	const char *p;
+	int rc;
+
+	*prompt = NULL;
+	rc = backend_post_json(base, "/apply-template", chat, timeout_ms, r);
+	if (rc)
+		return rc;
+	p = json_string_value(json_object_get(r->json, "prompt"));
+	if (r->status != 200 || !p) {
+		if (r->status == 200)
+			snprintf(r->err, sizeof(r->err), "%s/apply-template: no \"prompt\" string",
+			         base);
+		return -EPROTO;
+	}
+	*prompt = strdup(p);
+	return *prompt ? 0 : -ENOMEM;
+}
+
+int backend_filename_ok(const char *name)
+{
+	size_t len = name ? strlen(name) : 0;
+
+	if (len == 0 || len > 255 || strstr(name, "..") || strchr(name, '/') || strchr(name, ':'))
+		return 0;
+	for (const char *p = name; *p; p++)
+		if ((unsigned char)*p < 0x20 || *p == 0x7f)
+			return 0;
+	return 1;
+}
+
+int backend_slot_action(const char *base, unsigned id, const char *action, const char *filename,
+                        unsigned timeout_ms, struct backend_reply *r)
+{
+	char path[128];
+	json_t *q;
+	int rc;
+
+	if (!backend_filename_ok(filename)) {
+		memset(r, 0, sizeof(*r));
+		snprintf(r->err, sizeof(r->err), "refusing unsafe slot file name");
+		return -EINVAL;
+	}
+	snprintf(path, sizeof(path), "/slots/%u?action=%s", id, action);
+	q = json_pack("{s:s}", "filename", filename);
+	if (!q) {
+		memset(r, 0, sizeof(*r));
+		snprintf(r->err, sizeof(r->err), "out of memory");
+		return -ENOMEM;
+	}
+	rc = backend_post_json(base, path, q, timeout_ms, r);
+	json_decref(q);
+	return rc;
+}
+
+/* ---- streamed forward ---- */
+
+struct fwd {
+	const struct backend_sink *s;
+	struct backend_result *res;
+	char *hdr; /* header lines of the current block, NUL-separated */
+	size_t hdr_len;
+	long status;
+	int64_t content_length;
+	int chunked;
+	int failed; /* a callback aborted */
+};
+
+/* Parses "HTTP/1.1 200 OK": the status code, or 0. */
+static long status_of_line(const char *line, size_t len)
+{
+	const char *sp = memchr(line, ' ', len);
+	long v = 0;
+
+	if (len < 12 || strncmp(line, "HTTP/", 5) != 0 || !sp)
+		return 0;
+	for (sp++; sp < line + len && *sp >= '0' && *sp <= '9'; sp++)
+		v = v * 10 + (*sp - '0');
+	return v;
+}
+
+/* Collects one header block; hands it to the sink at its blank line when its
+ * status is final (1xx blocks are dropped). */
+static size_t fwd_header(char *data, size_t size, size_t nmemb, void *ctx)
+{
+	struct fwd *f = ctx;
+	size_t n = size * nmemb, len = n;
+
+	while (len && (data[len - 1] == '\n' || data[len - 1] == '\r'))
+		len--;
+	if (len > 5 && strncmp(data, "HTTP/", 5) == 0) {
+		f->status = status_of_line(data, len);
+		f->hdr_len = 0;
+		f->content_length = -1;
+		f->chunked = 0;
+		return n;
+	}
+	if (len == 0) {
+		if (f->status >= 100 && f->status < 200) {
+			f->hdr_len = 0;
+			return n;
+		}
+		for (size_t off = 0; off < f->hdr_len;) {
+			size_t l = strlen(f->hdr + off);
+
+			if (f->s->on_header && f->s->on_header(f->s->ctx, f->hdr + off, l)) {
+				f->failed = 1;
+				return 0;
+			}
+			off += l + 1;
+		}
+		f->res->status = f->status;
+		f->res->headers_done = 1;
+		if (f->s->on_headers_done &&
+		    f->s->on_headers_done(f->s->ctx, f->status,
+		                          f->chunked ? -1 : f->content_length)) {
+			f->failed = 1;
+			return 0;
+		}
+		return n;
+	}
+	if (len >= 15 && strncasecmp(data, "Content-Length:", 15) == 0) {
+		char *end;
+		long long v = strtoll(data + 15, &end, 10);
+
+		f->content_length = v >= 0 ? v : -1;
+	}
+	if (len >= 18 && strncasecmp(data, "Transfer-Encoding:", 18) == 0)
+		f->chunked = 1;
+	if (f->hdr_len + len + 1 > HEADER_MAX)
+		return n; /* an absurd header block: drop the rest of its lines */
+	char *p = realloc(f->hdr, f->hdr_len + len + 1);
+	if (!p)
+		return 0;
+	f->hdr = p;
+	memcpy(f->hdr + f->hdr_len, data, len);
+	f->hdr[f->hdr_len + len] = '\0';
+	f->hdr_len += len + 1;
+	return n;
+}
+
+/* curl write callback of a forward: body bytes go to the sink as they come. */
+static size_t fwd_write(char *data, size_t size, size_t nmemb, void *ctx)
+{
+	struct fwd *f = ctx;
+	size_t n = size * nmemb;
+
+	if (f->s->on_data && f->s->on_data(f->s->ctx, data, n)) {
+		f->failed = 1;
+		return 0;
+	}
+	return n;
+}
+
+/* 1 when the NULL-terminated list of "Name: value" lines has header name. */
+static int has_header(char **headers, const char *name)
+{
+	size_t len = strlen(name);
+
+	for (size_t i = 0; headers && headers[i]; i++)
+		if (strncasecmp(headers[i], name, len) == 0 && headers[i][len] == ':')
+			return 1;
+	return 0;
+}
+
+/* curl progress callback of a forward (about once a second, and as data
+ * moves): aborts when the sink says the client is gone or we are stopping. */
+static int fwd_progress(void *ctx, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
+                        curl_off_t ulnow)
+{
+	struct fwd *f = ctx;
+
+	if (f->s->should_abort && f->s->should_abort(f->s->ctx)) {
+		f->failed = 1;
+		return 1;
+	}
+	return 0;
+}
+
+int backend_forward(const struct backend_request *q, const struct backend_sink *s,
+                    struct backend_result *res)
+{
+	char url[8192], errbuf[CURL_ERROR_SIZE];
+	struct curl_slist *hdrs = NULL, *t;
+	struct fwd f = {.s = s, .res = res, .content_length = -1};
+	double t0 = now_s();
+	CURL *h = NULL;
+	CURLcode c = CURLE_OK;
+	int rc = 0;
+
+	memset(res, 0, sizeof(*res));
+	if ((size_t)snprintf(url, sizeof(url), "%s%s", q->base, q->uri) >= sizeof(url)) {
+		rc = -EINVAL;
+		snprintf(res->err, sizeof(res->err), "URL too long");
+		goto out;
+	}
+	h = handle_new(url, q->timeout_ms, errbuf);
+	if (!h) {
+		rc = -ENOMEM;
+		snprintf(res->err, sizeof(res->err), "out of memory");
+		goto out;
+	}
+	for (size_t i = 0; q->headers && q->headers[i]; i++) {
+		t = curl_slist_append(hdrs, q->headers[i]);
+		if (!t) {
+			rc = -ENOMEM;
+			goto out;
+		}
+		hdrs = t;
+	}
+	/* No 100-continue round trip. */
+	t = curl_slist_append(hdrs, "Expect:");
+	if (!t) {
+		rc = -ENOMEM;
+		goto out;
+	}
+	hdrs = t;
+	if (strcmp(q->method, "GET") == 0) {
+		c = curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
+	} else if (strcmp(q->method, "HEAD") == 0) {
+		c = curl_easy_setopt(h, CURLOPT_NOBODY, 1L);
+	} else if (q->body_len == 0 && strcmp(q->method, "POST") != 0 &&
+	           strcmp(q->method, "PUT") != 0 && strcmp(q->method, "PATCH") != 0) {
+		/* OPTIONS, DELETE, ...: no body, as the client sent none. */
+		c = curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, q->method);
+	} else {
+		if (strcmp(q->method, "POST") != 0)
+			c = curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, q->method);
+		if (c == CURLE_OK)
+			c = curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE,
+			                     (curl_off_t)q->body_len);
+		if (c == CURLE_OK)
+			c = curl_easy_setopt(h, CURLOPT_POSTFIELDS, q->body ? q->body : "");
+		/* curl would add a form Content-Type when the client sent none. */
+		if (c == CURLE_OK && !has_header(q->headers, "Content-Type")) {
+			t = curl_slist_append(hdrs, "Content-Type:");
+			if (!t) {
+				rc = -ENOMEM;
+				goto out;
+			}
+			hdrs = t;
+		}
+	}
+	if (c == CURLE_OK)
+		c = curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs);
+	if (c == CURLE_OK)
+		c = curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, fwd_header);
+	if (c == CURLE_OK)
+		c = curl_easy_setopt(h, CURLOPT_HEADERDATA, &f);
+	if (c == CURLE_OK)
+		c = curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, fwd_write);
+	if (c == CURLE_OK)
+		c = curl_easy_setopt(h, CURLOPT_WRITEDATA, &f);
+	if (c == CURLE_OK && s->should_abort) {
+		c = curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, fwd_progress);
+		if (c == CURLE_OK)
+			c = curl_easy_setopt(h, CURLOPT_XFERINFODATA, &f);
+		if (c == CURLE_OK)
+			c = curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
+	}
+	if (c != CURLE_OK) {
+		rc = -ENOMEM;
+		snprintf(res->err, sizeof(res->err), "curl setup failed: %s",
+		         curl_easy_strerror(c));
+		goto out;
+	}
+	c = curl_easy_perform(h);
+	if (c != CURLE_OK) {
+		rc = rc_of(c);
+		if (f.failed) {
+			rc = -ECANCELED;
+			res->aborted = 1;
+		}
+		set_err(res->err, sizeof(res->err), "%s%s: %s", q->base, q->uri,
+		        f.failed    ? "aborted (client gone)"
+		        : errbuf[0] ? errbuf
+		                    : curl_easy_strerror(c));
+		goto out;
+	}
+	if (!res->headers_done) {
+		/* A response without a blank line after its headers cannot happen
+		 * with curl; treat it as a transport error all the same. */
+		rc = -EIO;
+		snprintf(res->err, sizeof(res->err), "%s%s: no response headers", q->base, q->uri);
+	}
+out:
+	res->seconds = now_s() - t0;
+	if (rc == -ENOMEM && !res->err[0])
+		snprintf(res->err, sizeof(res->err), "out of memory");
+	if (h)
+		curl_easy_cleanup(h);
+	curl_slist_free_all(hdrs);
+	free(f.hdr);
+	return rc;
+}

@@ -1,0 +1,116 @@
+/* backend.h: calls to one llama-server over HTTP (libcurl).
+ *
+ * Every call has a timeout, so a backend that never answers (ik_llama.cpp
+ * on a failed slot action) costs at most that long. Calls are blocking and
+ * thread-safe (one curl easy handle per call). Nothing here keeps state
+ * about a backend: the slot table (slots.h) and the engine (engine.h) do.
+ *
+ * Return values: 0 when the server answered (any HTTP status, see
+ * reply->status), -ETIMEDOUT when the timeout passed, -ECONNREFUSED when no
+ * connection could be made, -EPROTO when the answer is not what the call
+ * expects (not JSON, missing fields), -ENOMEM, -EIO for other transport
+ * errors. reply->err always says what happened in words.
+ */
+#ifndef KVTIER_PLUGIN_BACKEND_H
+#define KVTIER_PLUGIN_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+/* Largest JSON answer read from a backend for the proxy's own calls. */
+#define BACKEND_MAX_REPLY (64u << 20)
+
+struct backend_reply {
+	long status;    /* HTTP status; 0 when there was no answer */
+	json_t *json;   /* the body parsed, when it is JSON; owned, see backend_reply_free */
+	double seconds; /* wall time of the call */
+	char err[256];  /* what failed, or "" */
+};
+
+/* Starts libcurl; call once before any thread exists. Returns 0 or -EIO. */
+int backend_global_init(void);
+void backend_global_cleanup(void);
+
+/* Frees reply->json and clears the reply. */
+void backend_reply_free(struct backend_reply *r);
+
+/* GET base+path and parse the body as JSON (reply->json stays NULL when the
+ * body is not JSON: that is not an error here). */
+int backend_get_json(const char *base, const char *path, unsigned timeout_ms,
+                     struct backend_reply *r);
+
+/* POST body (serialized compactly) to base+path with Content-Type
+ * application/json, and parse the answer as backend_get_json does. */
+int backend_post_json(const char *base, const char *path, const json_t *body, unsigned timeout_ms,
+                      struct backend_reply *r);
+
+/* POST /tokenize {"content": content, "add_special": true, "parse_special":
+ * true}. On success *tokens (malloc'd, caller frees) holds *n token ids.
+ * An HTTP error or a malformed answer is -EPROTO with r->err set. */
+int backend_tokenize(const char *base, const char *content, unsigned timeout_ms, int32_t **tokens,
+                     size_t *n, struct backend_reply *r);
+
+/* POST /apply-template with the chat request `chat` (the whole
+ * /v1/chat/completions body: messages, tools and template options all shape
+ * the prompt). On success *prompt (malloc'd, caller frees) is the prompt
+ * string the server would tokenize. */
+int backend_apply_template(const char *base, const json_t *chat, unsigned timeout_ms, char **prompt,
+                           struct backend_reply *r);
+
+/* POST /slots/{id}?action={action} {"filename": filename}: always a JSON body,
+ * since an empty POST hangs llama-server. `filename` must already be a safe
+ * name (see backend_filename_ok). The reply is left in r (status, json). */
+int backend_slot_action(const char *base, unsigned id, const char *action, const char *filename,
+                        unsigned timeout_ms, struct backend_reply *r);
+
+/* 1 when name is acceptable to llama-server as a slot file name: 1..255
+ * bytes, no '/', no "..", no ':', no control characters. */
+int backend_filename_ok(const char *name);
+
+/* ---- streamed forward ---- */
+
+/* Where a forwarded response goes. Callbacks run on the calling thread. */
+struct backend_sink {
+	void *ctx;
+	/* One raw response header line ("Name: value", CRLF stripped), for the
+	 * final response only. Return 0, or -1 to abort the transfer. */
+	int (*on_header)(void *ctx, const char *line, size_t len);
+	/* The status line and all headers have arrived. content_length is -1
+	 * when the backend did not send one. Return 0 or -1 to abort. */
+	int (*on_headers_done)(void *ctx, long status, int64_t content_length);
+	/* Body bytes, as they arrive. Return 0, or -1 to abort (client gone). */
+	int (*on_data)(void *ctx, const char *data, size_t len);
+	/* Polled about once a second and between transfers of data (may be
+	 * NULL). Return non-zero to abort: the proxy is stopping, or the
+	 * client went away. */
+	int (*should_abort)(void *ctx);
+};
+
+struct backend_request {
+	const char *method; /* "GET", "POST", ... */
+	const char *base;   /* backend base URL, no trailing '/' */
+	const char *uri;    /* path and query as the client sent them */
+	char **headers;     /* "Name: value" lines to send; NULL-terminated or NULL */
+	const char *body;   /* may be NULL for no body */
+	size_t body_len;
+	unsigned timeout_ms; /* whole transfer */
+};
+
+struct backend_result {
+	long status;      /* HTTP status, 0 when none arrived */
+	int headers_done; /* on_headers_done was called */
+	int aborted;      /* a sink callback asked to stop */
+	double seconds;
+	char err[256];
+};
+
+/* Sends the request and streams the answer into the sink. Returns 0 when the
+ * whole response arrived; -ECONNREFUSED when the backend could not be reached
+ * (nothing was sent: the request may be retried elsewhere); -ETIMEDOUT;
+ * -ECANCELED when a callback aborted; -EIO for other transport errors. */
+int backend_forward(const struct backend_request *q, const struct backend_sink *s,
+                    struct backend_result *res);
+
+#endif /* KVTIER_PLUGIN_BACKEND_H */

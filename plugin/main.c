@@ -1,0 +1,489 @@
+/* main.c: kvtier-llama, the llama-server sidecar proxy: options, start-up,
+ * signals.
+ *
+ * Options come from one table (options[]) that drives parsing, --help and
+ * the option reference (kvtier-llama --help-markdown prints it). Start-up
+ * order: libcurl, the engine (kvtierd client, model fingerprint, one look at
+ * every backend), then the HTTP server. SIGTERM/SIGINT stop them in reverse
+ * order: transfers in flight are aborted, queued saves finish (each bounded
+ * by --slot-timeout-ms).
+ *
+ * This file must never do request work: it only configures and starts.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "engine.h"
+#include "log.h"
+#include "proxy.h"
+#include "slots.h"
+
+#ifndef KVTIER_VERSION
+#define KVTIER_VERSION "0.0.0"
+#endif
+
+enum opt_id {
+	OPT_LISTEN = 1000,
+	OPT_BACKEND,
+	OPT_KVTIER,
+	OPT_KVTIER_TOKEN_FILE,
+	OPT_KVTIER_MODE,
+	OPT_SLOT_DIR,
+	OPT_MODEL_FILE,
+	OPT_CACHE_TYPE_K,
+	OPT_CACHE_TYPE_V,
+	OPT_FLASH_ATTN,
+	OPT_NAMESPACE,
+	OPT_BREAK_EVEN,
+	OPT_TIMEOUT_MS,
+	OPT_SLOT_TIMEOUT_MS,
+	OPT_HEALTH_MS,
+	OPT_SAVE_WORKERS,
+	OPT_MAX_REQUEST_SIZE,
+	OPT_MAX_CONNECTIONS,
+	OPT_IDLE_TIMEOUT,
+	OPT_LOG_LEVEL,
+	OPT_HELP,
+	OPT_HELP_MARKDOWN,
+	OPT_VERSION,
+};
+
+struct option_def {
+	const char *name;
+	int id;
+	const char *arg; /* NULL: a flag */
+	const char *def; /* default as shown to users */
+	const char *help;
+};
+
+static const struct option_def options[] = {
+    {"listen", OPT_LISTEN, "HOST:PORT", "127.0.0.1:8081",
+     "Where clients connect instead of llama-server ([ADDR]:PORT for IPv6)."},
+    {"backend", OPT_BACKEND, "URL", "(required)",
+     "A llama-server (or ik_llama.cpp server), e.g. http://127.0.0.1:8080; repeat for several "
+     "instances. All must share --slot-dir."},
+    {"kvtier", OPT_KVTIER, "ADDRESS", "(required)",
+     "kvtierd's address: unix:PATH (same host) or HOST:PORT (needs --kvtier-token-file)."},
+    {"kvtier-token-file", OPT_KVTIER_TOKEN_FILE, "FILE", "(none)",
+     "File whose first line is kvtierd's bearer token (for a HOST:PORT address)."},
+    {"kvtier-mode", OPT_KVTIER_MODE, "MODE", "auto",
+     "auto, local or remote. local: kvtierd stages blobs into --slot-dir and adopts saves "
+     "(zero copy); remote: blobs are streamed in and out. auto probes which one works."},
+    {"slot-dir", OPT_SLOT_DIR, "DIR", "(required)",
+     "The backends' --slot-save-path, as this host sees it."},
+    {"model-file", OPT_MODEL_FILE, "PATH", "(none)",
+     "The backends' GGUF model file: the namespace is then a fingerprint of its header, size "
+     "and sampled data. Without it, of /props and /v1/models."},
+    {"cache-type-k", OPT_CACHE_TYPE_K, "TYPE", "f16",
+     "The backends' --cache-type-k (part of the namespace: llama-server does not report it)."},
+    {"cache-type-v", OPT_CACHE_TYPE_V, "TYPE", "f16", "The backends' --cache-type-v."},
+    {"flash-attn", OPT_FLASH_ATTN, NULL, "off",
+     "The backends run with flash attention (-fa): its slot files have another KV layout."},
+    {"namespace", OPT_NAMESPACE, "NAME", "(derived)",
+     "Use this namespace for every backend instead of a fingerprint (1..255 bytes). Only for "
+     "backends that certainly run the same model with the same KV settings."},
+    {"break-even-tokens", OPT_BREAK_EVEN, "N", "64",
+     "Smallest gain in tokens worth a restore, and smallest slot worth a save. Raised "
+     "automatically when kvtierd's restore estimate and the measured prefill speed say so."},
+    {"timeout-ms", OPT_TIMEOUT_MS, "MS", "600000",
+     "Longest a forwarded request may take (and longest it may wait for a busy slot)."},
+    {"slot-timeout-ms", OPT_SLOT_TIMEOUT_MS, "MS", "30000",
+     "Longest a slot save or restore may take; also bounds tokenize, apply-template and other "
+     "short calls (at most 10000 for those). A restore that times out falls back to prefill."},
+    {"health-interval-ms", OPT_HEALTH_MS, "MS", "1000",
+     "How often backends are checked; a backend that stops answering has its slots forgotten."},
+    {"save-workers", OPT_SAVE_WORKERS, "N", "2", "Threads running slot saves (1..8)."},
+    {"max-request-size", OPT_MAX_REQUEST_SIZE, "SIZE", "64M",
+     "Largest request body accepted (K, M, G suffixes)."},
+    {"max-connections", OPT_MAX_CONNECTIONS, "N", "256", "Client connections served at once."},
+    {"idle-timeout-s", OPT_IDLE_TIMEOUT, "N", "60",
+     "An idle client connection is closed after this many seconds (requests in flight are "
+     "bounded by --timeout-ms instead)."},
+    {"log-level", OPT_LOG_LEVEL, "LEVEL", "info", "error, warn, info or debug."},
+    {"help", OPT_HELP, NULL, NULL, "Show this help and exit."},
+    {"help-markdown", OPT_HELP_MARKDOWN, NULL, NULL,
+     "Print the option table in Markdown (the option reference) and exit."},
+    {"version", OPT_VERSION, NULL, NULL, "Print the version and exit."},
+};
+#define N_OPTIONS (sizeof(options) / sizeof(options[0]))
+
+/* --help: the option table as text. */
+static void usage(FILE *f)
+{
+	fprintf(f, "Usage: kvtier-llama --backend URL --kvtier ADDRESS --slot-dir DIR [OPTION]...\n"
+	           "A proxy in front of llama-server that restores and saves slots through kvtierd "
+	           "automatically.\n\nOptions:\n");
+	for (size_t i = 0; i < N_OPTIONS; i++) {
+		char lhs[64];
+
+		snprintf(lhs, sizeof(lhs), "--%s%s%s", options[i].name, options[i].arg ? " " : "",
+		         options[i].arg ? options[i].arg : "");
+		fprintf(f, "  %-30s %s", lhs, options[i].help);
+		if (options[i].def)
+			fprintf(f, " [default: %s]", options[i].def);
+		fputc('\n', f);
+	}
+	fprintf(
+	    f, "\nExample:\n  kvtier-llama --listen 127.0.0.1:8081 --backend http://127.0.0.1:8080 "
+	       "--kvtier unix:/var/lib/kvtier/kvtierd.sock --slot-dir /srv/llama/slots\n"
+	       "Clients then use http://127.0.0.1:8081 exactly as they used llama-server.\n"
+	       "Stop with SIGTERM or SIGINT.\n");
+}
+
+/* --help-markdown: the option table as the Markdown of the option reference. */
+static void usage_markdown(void)
+{
+	printf("| option | argument | default | meaning |\n|---|---|---|---|\n");
+	for (size_t i = 0; i < N_OPTIONS; i++)
+		printf("| `--%s` | %s | %s | %s |\n", options[i].name,
+		       options[i].arg ? options[i].arg : "", options[i].def ? options[i].def : "",
+		       options[i].help);
+}
+
+/* Parses a decimal in [lo, hi]. Returns 0 or -1. */
+static int parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out)
+{
+	char *end;
+	unsigned long v;
+
+	errno = 0;
+	v = strtoul(s, &end, 10);
+	if (errno || end == s || *end || v < lo || v > hi)
+		return -1;
+	*out = (unsigned)v;
+	return 0;
+}
+
+/* Parses "123", "64K", "2G", ... (powers of 1024). Returns 0 or -1. */
+static int parse_size(const char *s, size_t *out)
+{
+	char *end;
+	unsigned long long v;
+	unsigned shift = 0;
+
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno || end == s)
+		return -1;
+	switch (*end) {
+	case '\0':
+		break;
+	case 'k':
+	case 'K':
+		shift = 10;
+		end++;
+		break;
+	case 'm':
+	case 'M':
+		shift = 20;
+		end++;
+		break;
+	case 'g':
+	case 'G':
+		shift = 30;
+		end++;
+		break;
+	default:
+		return -1;
+	}
+	if (*end || (shift && v > (SIZE_MAX >> shift)))
+		return -1;
+	*out = (size_t)v << shift;
+	return 0;
+}
+
+/* A KV cache type name as llama-server spells them (f16, q8_0, ...). */
+static int type_ok(const char *s)
+{
+	size_t n = strlen(s);
+
+	if (n == 0 || n > 16)
+		return 0;
+	for (; *s; s++)
+		if (!((*s >= 'a' && *s <= 'z') || (*s >= '0' && *s <= '9') || *s == '_'))
+			return 0;
+	return 1;
+}
+
+/* Reads the first line of a token file into out. Returns 0 or -errno
+ * (-ENODATA for an empty file, -EINVAL for an empty first line). */
+static int read_token(const char *path, char *out, size_t cap)
+{
+	FILE *f = fopen(path, "re");
+
+	if (!f)
+		return -errno;
+	if (!fgets(out, (int)cap, f)) {
+		fclose(f);
+		return -ENODATA;
+	}
+	fclose(f);
+	out[strcspn(out, "\r\n")] = '\0';
+	return out[0] ? 0 : -EINVAL;
+}
+
+static int die(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Prints "kvtier-llama: <message>" and returns the exit status for bad usage. */
+static int die(const char *fmt, ...)
+{
+	va_list ap;
+
+	fprintf(stderr, "kvtier-llama: ");
+	va_start(ap, fmt);
+	vfprintf(stderr, fmt, ap);
+	va_end(ap);
+	fputc('\n', stderr);
+	return 2;
+}
+
+int main(int argc, char **argv)
+{
+	static char backends[SLOTS_MAX_BACKENDS][512];
+	const char *backend_ptrs[SLOTS_MAX_BACKENDS];
+	struct option longopts[N_OPTIONS + 1];
+	struct engine_config ec = {0};
+	struct proxy_config pc = {0};
+	struct engine *engine = NULL;
+	struct proxy *proxy = NULL;
+	const char *token_file = NULL, *mode = "auto";
+	char token[512] = "", err[1024] = "";
+	unsigned n_backends = 0;
+	struct stat st;
+	sigset_t sigs;
+	int rc, sig;
+
+	ec.kv.type_k = "f16";
+	ec.kv.type_v = "f16";
+	ec.break_even = 64;
+	ec.timeout_ms = 600000;
+	ec.slot_timeout_ms = 30000;
+	ec.health_ms = 1000;
+	ec.save_workers = 2;
+	pc.listen = "127.0.0.1:8081";
+	pc.max_request_bytes = 64u << 20;
+	pc.max_connections = 256;
+	pc.idle_timeout_s = 60;
+	for (size_t i = 0; i < N_OPTIONS; i++) {
+		longopts[i].name = options[i].name;
+		longopts[i].has_arg = options[i].arg ? required_argument : no_argument;
+		longopts[i].flag = NULL;
+		longopts[i].val = options[i].id;
+	}
+	memset(&longopts[N_OPTIONS], 0, sizeof(longopts[0]));
+
+	while ((rc = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
+		switch (rc) {
+		case OPT_LISTEN:
+			pc.listen = optarg;
+			break;
+		case OPT_BACKEND: {
+			size_t len = strlen(optarg);
+
+			if (n_backends == SLOTS_MAX_BACKENDS)
+				return die("--backend: at most %d backends", SLOTS_MAX_BACKENDS);
+			if (strncmp(optarg, "http://", 7) != 0 &&
+			    strncmp(optarg, "https://", 8) != 0)
+				return die(
+				    "--backend %s: expected a URL such as http://127.0.0.1:8080",
+				    optarg);
+			while (len > 8 && optarg[len - 1] == '/')
+				len--;
+			if (len >= sizeof(backends[0]))
+				return die("--backend %s: URL too long", optarg);
+			memcpy(backends[n_backends], optarg, len);
+			backends[n_backends][len] = '\0';
+			for (unsigned i = 0; i < n_backends; i++)
+				if (strcmp(backends[i], backends[n_backends]) == 0)
+					return die("--backend %s given twice", optarg);
+			backend_ptrs[n_backends] = backends[n_backends];
+			n_backends++;
+			break;
+		}
+		case OPT_KVTIER:
+			ec.kvtier_address = optarg;
+			break;
+		case OPT_KVTIER_TOKEN_FILE:
+			token_file = optarg;
+			break;
+		case OPT_KVTIER_MODE:
+			mode = optarg;
+			if (strcmp(mode, "auto") == 0)
+				ec.kvtier_mode = KVCLIENT_AUTO;
+			else if (strcmp(mode, "local") == 0)
+				ec.kvtier_mode = KVCLIENT_LOCAL;
+			else if (strcmp(mode, "remote") == 0)
+				ec.kvtier_mode = KVCLIENT_REMOTE;
+			else
+				return die("--kvtier-mode %s: expected auto, local or remote",
+				           optarg);
+			break;
+		case OPT_SLOT_DIR:
+			ec.slot_dir = optarg;
+			break;
+		case OPT_MODEL_FILE:
+			ec.model_file = optarg;
+			break;
+		case OPT_CACHE_TYPE_K:
+		case OPT_CACHE_TYPE_V:
+			if (!type_ok(optarg))
+				return die("--%s %s: expected a type name such as f16 or q8_0",
+				           rc == OPT_CACHE_TYPE_K ? "cache-type-k" : "cache-type-v",
+				           optarg);
+			if (rc == OPT_CACHE_TYPE_K)
+				ec.kv.type_k = optarg;
+			else
+				ec.kv.type_v = optarg;
+			break;
+		case OPT_FLASH_ATTN:
+			ec.kv.flash_attn = 1;
+			break;
+		case OPT_NAMESPACE:
+			if (!optarg[0] || strlen(optarg) > 255)
+				return die("--namespace: 1 to 255 bytes");
+			ec.ns_override = optarg;
+			break;
+		case OPT_BREAK_EVEN:
+			if (parse_uint(optarg, 1, 1000000, &ec.break_even))
+				return die("--break-even-tokens %s: expected 1..1000000", optarg);
+			break;
+		case OPT_TIMEOUT_MS:
+			if (parse_uint(optarg, 1000, 86400000, &ec.timeout_ms))
+				return die("--timeout-ms %s: expected 1000..86400000", optarg);
+			break;
+		case OPT_SLOT_TIMEOUT_MS:
+			if (parse_uint(optarg, 100, 3600000, &ec.slot_timeout_ms))
+				return die("--slot-timeout-ms %s: expected 100..3600000", optarg);
+			break;
+		case OPT_HEALTH_MS:
+			if (parse_uint(optarg, 100, 60000, &ec.health_ms))
+				return die("--health-interval-ms %s: expected 100..60000", optarg);
+			break;
+		case OPT_SAVE_WORKERS:
+			if (parse_uint(optarg, 1, 8, &ec.save_workers))
+				return die("--save-workers %s: expected 1..8", optarg);
+			break;
+		case OPT_MAX_REQUEST_SIZE:
+			if (parse_size(optarg, &pc.max_request_bytes) ||
+			    pc.max_request_bytes < 1024)
+				return die("--max-request-size %s: expected a size such as 64M",
+				           optarg);
+			break;
+		case OPT_MAX_CONNECTIONS:
+			if (parse_uint(optarg, 1, 65536, &pc.max_connections))
+				return die("--max-connections %s: expected 1..65536", optarg);
+			break;
+		case OPT_IDLE_TIMEOUT:
+			if (parse_uint(optarg, 1, 86400, &pc.idle_timeout_s))
+				return die("--idle-timeout-s %s: expected 1..86400", optarg);
+			break;
+		case OPT_LOG_LEVEL:
+			if (log_level_parse(optarg) < 0)
+				return die("--log-level %s: expected error, warn, info or debug",
+				           optarg);
+			log_threshold = log_level_parse(optarg);
+			break;
+		case OPT_HELP:
+			usage(stdout);
+			return 0;
+		case OPT_HELP_MARKDOWN:
+			usage_markdown();
+			return 0;
+		case OPT_VERSION:
+			printf("kvtier-llama %s\n", KVTIER_VERSION);
+			return 0;
+		default:
+			fprintf(stderr, "Try 'kvtier-llama --help'.\n");
+			return 2;
+		}
+	}
+	if (optind < argc)
+		return die("unexpected argument: %s (options start with --; see --help)",
+		           argv[optind]);
+	if (n_backends == 0)
+		return die("give at least one --backend URL (a llama-server)");
+	if (!ec.kvtier_address)
+		return die("give --kvtier ADDRESS: unix:PATH of kvtierd's socket, or HOST:PORT");
+	if (!ec.slot_dir)
+		return die("give --slot-dir DIR: the backends' --slot-save-path");
+	if (stat(ec.slot_dir, &st) < 0 || !S_ISDIR(st.st_mode))
+		return die("--slot-dir %s: not a directory", ec.slot_dir);
+	if (access(ec.slot_dir, R_OK | W_OK | X_OK) < 0)
+		return die("--slot-dir %s: need read and write access: %s", ec.slot_dir,
+		           strerror(errno));
+	if (strncmp(ec.kvtier_address, "unix:", 5) != 0 && ec.kvtier_address[0] != '/' &&
+	    !token_file)
+		klog(LOG_WARN,
+		     "event=kvtier_no_token address=%s hint=\"kvtierd refuses TCP calls "
+		     "without a token: give --kvtier-token-file\"",
+		     ec.kvtier_address);
+	if (token_file) {
+		rc = read_token(token_file, token, sizeof(token));
+		if (rc)
+			return die("--kvtier-token-file %s: %s (the first line must be the token)",
+			           token_file, strerror(-rc));
+		ec.kvtier_token = token;
+	}
+	ec.backends = backend_ptrs;
+	ec.n_backends = n_backends;
+
+	/* Signals are taken by sigwait() in this thread only; every thread
+	 * started from here on inherits the mask. */
+	sigemptyset(&sigs);
+	sigaddset(&sigs, SIGTERM);
+	sigaddset(&sigs, SIGINT);
+	sigaddset(&sigs, SIGHUP);
+	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+	signal(SIGPIPE, SIG_IGN);
+
+	if (backend_global_init() != 0)
+		return die("libcurl failed to start");
+	rc = engine_start(&ec, &engine, err, sizeof(err));
+	if (rc) {
+		fprintf(stderr, "kvtier-llama: %s\n", err);
+		rc = 1;
+		goto out;
+	}
+	rc = proxy_start(&pc, engine, &proxy, err, sizeof(err));
+	if (rc) {
+		fprintf(stderr, "kvtier-llama: %s\n", err);
+		rc = 1;
+		goto out;
+	}
+	klog(LOG_INFO,
+	     "event=ready version=%s pid=%d listen=%s backends=%u kvtier=%s slot_dir=%s "
+	     "break_even=%u timeout_ms=%u slot_timeout_ms=%u",
+	     KVTIER_VERSION, (int)getpid(), pc.listen, n_backends, ec.kvtier_address, ec.slot_dir,
+	     ec.break_even, ec.timeout_ms, ec.slot_timeout_ms);
+	for (;;) {
+		if (sigwait(&sigs, &sig))
+			continue;
+		if (sig == SIGHUP) {
+			klog(LOG_INFO,
+			     "event=sighup action=none hint=\"restart to change options\"");
+			continue;
+		}
+		break;
+	}
+	klog(LOG_INFO, "event=stopping signal=%d", sig);
+	rc = 0;
+out:
+	if (engine)
+		engine_begin_stop(engine);
+	proxy_stop(proxy);
+	engine_stop(engine);
+	backend_global_cleanup();
+	if (rc == 0)
+		klog(LOG_INFO, "event=stopped");
+	return rc;
+}

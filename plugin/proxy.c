@@ -1,0 +1,846 @@
+/* proxy.c: the HTTP server side of kvtier-llama (libmicrohttpd).
+ *
+ * Threads: libmicrohttpd runs one thread per connection. For a proxied
+ * request that thread collects the body, starts a worker thread running
+ * engine_handle(), and waits until the worker has the backend's status and
+ * headers (or an error of its own). It then answers with a callback response
+ * whose reader pops the chunks the worker pushes, so each chunk goes out as
+ * it arrives. The size is the backend's Content-Length when it sent one,
+ * else unknown (chunked). A slow client makes the worker wait (at most 4 MiB
+ * queued per request), which slows the backend's transfer, not the proxy.
+ *
+ * A request object (struct preq) is shared by the connection thread, the
+ * worker and the response; a reference count frees it when all three are
+ * done. The raw URI comes from the URI log callback, so the query string is
+ * forwarded exactly as the client sent it.
+ *
+ * This module must never change the bytes of a backend's answer, never
+ * buffer a whole streamed answer, and never answer /metrics from a backend.
+ */
+#include "proxy.h"
+
+#include <errno.h>
+#include <netdb.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include <jansson.h>
+#include <microhttpd.h>
+
+#include "engine.h"
+#include "log.h"
+#include "metrics.h"
+
+#define QUEUE_MAX (4u << 20) /* bytes queued per request before the worker waits */
+#define HEADERS_MAX 128      /* request headers forwarded */
+#define WAIT_SLICE_S 1       /* waits wake up this often to look at the client, stopping */
+
+struct chunk {
+	struct chunk *next;
+	size_t len, off;
+	char data[];
+};
+
+struct proxy {
+	struct MHD_Daemon *daemon;
+	struct engine *engine;
+	struct proxy_config cfg;
+	atomic_int stopping;
+	pthread_mutex_t lock; /* workers count */
+	pthread_cond_t cond;
+	unsigned workers;
+	char last_log[256];
+};
+
+struct preq {
+	struct proxy *p;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	int refs;
+	int phase; /* 0 new, 1 receiving the body, 2 answered */
+	char *uri;
+	char method[16];
+	enum metrics_endpoint ep;
+	char *headers[HEADERS_MAX + 1];
+	unsigned n_headers;
+	char *body;
+	size_t body_len, body_cap;
+	int too_big;
+	double t_arrival;
+	/* filled by the worker */
+	int hdr_ready;
+	long status;
+	int64_t content_length;
+	char **resp_headers;
+	size_t n_resp, cap_resp;
+	int err_ready;
+	int err_status;
+	char *err_body;
+	struct chunk *head, *tail;
+	size_t queued;
+	int finished;    /* the worker will push nothing more */
+	int broken;      /* the transfer broke after the headers */
+	uint64_t sent;   /* body bytes handed to libmicrohttpd */
+	int delivered;   /* ... all of them: Content-Length reached or end of stream */
+	int client_gone; /* the client left before getting the whole answer */
+	int fd;          /* the client's socket, to notice it leaving; -1 unknown */
+};
+
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Waits on r->cond for at most WAIT_SLICE_S (r->lock held). */
+static void wait_slice(struct preq *r)
+{
+	struct timespec dl;
+
+	clock_gettime(CLOCK_MONOTONIC, &dl);
+	dl.tv_sec += WAIT_SLICE_S;
+	pthread_cond_timedwait(&r->cond, &r->lock, &dl);
+}
+
+/* 1 when the client has closed its end of the connection. Only the
+ * connection's own thread may call this (it peeks at the socket). Bytes of a
+ * pipelined next request are not a close. */
+static int client_left(int fd)
+{
+	struct pollfd pfd = {.fd = fd, .events = POLLIN | POLLRDHUP};
+	char c;
+
+	if (fd < 0 || poll(&pfd, 1, 0) <= 0)
+		return 0;
+	if (pfd.revents & (POLLERR | POLLHUP | POLLRDHUP | POLLNVAL))
+		return 1;
+	return (pfd.revents & POLLIN) && recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+}
+
+/* Waits a slice on the connection's thread, and marks the request abandoned
+ * when the client went away meanwhile (r->lock held). */
+static void wait_slice_conn(struct preq *r)
+{
+	wait_slice(r);
+	if (!r->client_gone && client_left(r->fd)) {
+		r->client_gone = 1;
+		pthread_cond_broadcast(&r->cond);
+		klog(LOG_INFO, "event=client_gone uri=%s action=abort", r->uri);
+	}
+}
+
+/* A request object for raw URI uri, with the MHD side's reference. NULL
+ * when out of memory (the request is then refused). */
+static struct preq *preq_new(struct proxy *p, const char *uri)
+{
+	struct preq *r = calloc(1, sizeof(*r));
+	pthread_condattr_t ca;
+
+	if (!r)
+		return NULL;
+	r->uri = strdup(uri ? uri : "/");
+	if (!r->uri) {
+		free(r);
+		return NULL;
+	}
+	r->p = p;
+	r->refs = 1;
+	r->fd = -1;
+	r->content_length = -1;
+	r->t_arrival = now_s();
+	pthread_mutex_init(&r->lock, NULL);
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&r->cond, &ca);
+	pthread_condattr_destroy(&ca);
+	return r;
+}
+
+/* Drops one reference (MHD's, the worker's or the response's); the last
+ * one frees the request. */
+static void preq_unref(struct preq *r)
+{
+	int left;
+
+	if (!r)
+		return;
+	pthread_mutex_lock(&r->lock);
+	left = --r->refs;
+	pthread_mutex_unlock(&r->lock);
+	if (left)
+		return;
+	while (r->head) {
+		struct chunk *c = r->head;
+
+		r->head = c->next;
+		free(c);
+	}
+	for (unsigned i = 0; i < r->n_headers; i++)
+		free(r->headers[i]);
+	for (size_t i = 0; i < r->n_resp; i++)
+		free(r->resp_headers[i]);
+	free(r->resp_headers);
+	free(r->err_body);
+	free(r->body);
+	free(r->uri);
+	pthread_cond_destroy(&r->cond);
+	pthread_mutex_destroy(&r->lock);
+	free(r);
+}
+
+/* ---- the engine's sink: called on the worker thread ---- */
+
+/* Keeps one backend response header line (at most 512 of them). */
+static int sink_header(void *ctx, const char *line, size_t len)
+{
+	struct preq *r = ctx;
+	char *copy;
+
+	pthread_mutex_lock(&r->lock);
+	if (r->n_resp == r->cap_resp) {
+		size_t cap = r->cap_resp ? r->cap_resp * 2 : 16;
+		char **n = cap <= 512 ? realloc(r->resp_headers, cap * sizeof(*n)) : NULL;
+
+		if (!n) {
+			pthread_mutex_unlock(&r->lock);
+			return 0; /* too many headers: keep the first 512 */
+		}
+		r->resp_headers = n;
+		r->cap_resp = cap;
+	}
+	copy = strndup(line, len);
+	if (copy)
+		r->resp_headers[r->n_resp++] = copy;
+	pthread_mutex_unlock(&r->lock);
+	return 0;
+}
+
+/* The backend's status and headers are complete: wakes the connection
+ * thread, which answers with them. */
+static int sink_headers_done(void *ctx, long status, int64_t content_length)
+{
+	struct preq *r = ctx;
+
+	pthread_mutex_lock(&r->lock);
+	r->hdr_ready = 1;
+	r->status = status;
+	r->content_length = content_length;
+	pthread_cond_broadcast(&r->cond);
+	pthread_mutex_unlock(&r->lock);
+	return 0;
+}
+
+/* Queues body bytes for the connection thread. Waits while QUEUE_MAX bytes
+ * are queued (a slow client slows the backend transfer); -1 when the client
+ * is gone or the proxy stopping, which aborts the transfer. */
+static int sink_data(void *ctx, const char *data, size_t len)
+{
+	struct preq *r = ctx;
+	struct chunk *c;
+	int rc = 0;
+
+	if (len == 0)
+		return 0;
+	c = malloc(sizeof(*c) + len);
+	if (!c)
+		return -1;
+	c->next = NULL;
+	c->len = len;
+	c->off = 0;
+	memcpy(c->data, data, len);
+	pthread_mutex_lock(&r->lock);
+	while (r->queued >= QUEUE_MAX && !r->client_gone && !atomic_load(&r->p->stopping))
+		wait_slice(r);
+	if (r->client_gone || atomic_load(&r->p->stopping)) {
+		free(c);
+		rc = -1;
+	} else {
+		if (r->tail)
+			r->tail->next = c;
+		else
+			r->head = c;
+		r->tail = c;
+		r->queued += len;
+		pthread_cond_broadcast(&r->cond);
+	}
+	pthread_mutex_unlock(&r->lock);
+	return rc;
+}
+
+/* Polled by the transfer: the client is gone or the proxy is stopping. */
+static int sink_should_abort(void *ctx)
+{
+	struct preq *r = ctx;
+	int gone;
+
+	pthread_mutex_lock(&r->lock);
+	gone = r->client_gone;
+	pthread_mutex_unlock(&r->lock);
+	return gone || atomic_load(&r->p->stopping);
+}
+
+/* A llama-server style error body: {"error":{"code","message","type"}}. */
+static char *error_body(int status, const char *type, const char *message)
+{
+	json_t *o = json_pack("{s:{s:i, s:s, s:s}}", "error", "code", status, "message", message,
+	                      "type", type);
+	char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
+
+	json_decref(o);
+	return s;
+}
+
+/* The engine's own error answer (no backend answered): kept for the
+ * connection thread unless the backend's headers already arrived. */
+static void sink_error(void *ctx, int status, const char *type, const char *message)
+{
+	struct preq *r = ctx;
+	char *body = error_body(status, type, message);
+
+	klog(LOG_WARN, "event=request_error uri=%s status=%d message=\"%s\"", r->uri, status,
+	     message);
+	pthread_mutex_lock(&r->lock);
+	if (!r->hdr_ready && !r->err_ready) {
+		r->err_ready = 1;
+		r->err_status = status;
+		r->err_body = body;
+		body = NULL;
+		pthread_cond_broadcast(&r->cond);
+	}
+	pthread_mutex_unlock(&r->lock);
+	free(body);
+}
+
+/* The worker thread of one proxied request: runs the engine, then marks the
+ * request finished (with a 502 answer if nothing at all came back). */
+static void *worker_main(void *arg)
+{
+	struct preq *r = arg;
+	struct proxy *p = r->p;
+	struct engine_sink sink = {.ctx = r,
+	                           .on_header = sink_header,
+	                           .on_headers_done = sink_headers_done,
+	                           .on_data = sink_data,
+	                           .should_abort = sink_should_abort,
+	                           .on_error = sink_error};
+	struct engine_request rq = {.endpoint = r->ep,
+	                            .method = r->method,
+	                            .uri = r->uri,
+	                            .headers = r->headers,
+	                            .body = r->body,
+	                            .body_len = r->body_len,
+	                            .t_arrival = r->t_arrival};
+	int broken = engine_handle(p->engine, &rq, &sink);
+
+	pthread_mutex_lock(&r->lock);
+	r->finished = 1;
+	r->broken = broken != 0;
+	if (!r->hdr_ready && !r->err_ready) {
+		r->err_ready = 1;
+		r->err_status = 502;
+		r->err_body = error_body(502, "unavailable_error", "the backend gave no answer");
+	}
+	pthread_cond_broadcast(&r->cond);
+	pthread_mutex_unlock(&r->lock);
+	preq_unref(r);
+	pthread_mutex_lock(&p->lock);
+	p->workers--;
+	pthread_cond_broadcast(&p->cond);
+	pthread_mutex_unlock(&p->lock);
+	return NULL;
+}
+
+/* ---- the connection thread ---- */
+
+/* libmicrohttpd's content reader: hands out queued chunks as they arrive,
+ * waiting (and watching the client) while the queue is empty; the end of the
+ * stream, or an error when the transfer broke or the client left. */
+static ssize_t reader(void *cls, uint64_t pos, char *buf, size_t max)
+{
+	struct preq *r = cls;
+	ssize_t n;
+
+	pthread_mutex_lock(&r->lock);
+	while (!r->head && !r->finished && !r->client_gone && !atomic_load(&r->p->stopping))
+		wait_slice_conn(r);
+	if (r->head) {
+		struct chunk *c = r->head;
+		size_t k = c->len - c->off < max ? c->len - c->off : max;
+
+		memcpy(buf, c->data + c->off, k);
+		c->off += k;
+		r->queued -= k;
+		r->sent += k;
+		if (r->content_length >= 0 && r->sent >= (uint64_t)r->content_length)
+			r->delivered = 1;
+		if (c->off == c->len) {
+			r->head = c->next;
+			if (!r->head)
+				r->tail = NULL;
+			free(c);
+		}
+		pthread_cond_broadcast(&r->cond);
+		n = (ssize_t)k;
+	} else {
+		n = r->broken || !r->finished ? MHD_CONTENT_READER_END_WITH_ERROR
+		                              : MHD_CONTENT_READER_END_OF_STREAM;
+		r->delivered = n == MHD_CONTENT_READER_END_OF_STREAM;
+	}
+	pthread_mutex_unlock(&r->lock);
+	return n;
+}
+
+/* libmicrohttpd is done with the response: the client has everything, or
+ * it left; in the second case the worker's transfer is aborted. */
+static void reader_free(void *cls)
+{
+	struct preq *r = cls;
+
+	/* With a Content-Length, libmicrohttpd may be done with the answer
+	 * before the backend transfer has returned: that is not a client gone. */
+	pthread_mutex_lock(&r->lock);
+	if (!r->delivered)
+		r->client_gone = 1;
+	pthread_cond_broadcast(&r->cond);
+	pthread_mutex_unlock(&r->lock);
+	preq_unref(r);
+}
+
+/* 1 for headers that belong to one hop (RFC 9110 7.6.1) or that the proxy
+ * sets itself, and so are not passed on in either direction. */
+static int hop_header(const char *name, size_t len, int request)
+{
+	static const char *const both[] = {"connection", "keep-alive",    "proxy-connection",
+	                                   "te",         "trailer",       "transfer-encoding",
+	                                   "upgrade",    "content-length"};
+	static const char *const req[] = {"host", "expect", "accept-encoding",
+	                                  "proxy-authorization"};
+	static const char *const resp[] = {"date", "proxy-authenticate"};
+
+	for (size_t i = 0; i < sizeof(both) / sizeof(both[0]); i++)
+		if (strlen(both[i]) == len && strncasecmp(name, both[i], len) == 0)
+			return 1;
+	for (size_t i = 0; request && i < sizeof(req) / sizeof(req[0]); i++)
+		if (strlen(req[i]) == len && strncasecmp(name, req[i], len) == 0)
+			return 1;
+	for (size_t i = 0; !request && i < sizeof(resp) / sizeof(resp[0]); i++)
+		if (strlen(resp[i]) == len && strncasecmp(name, resp[i], len) == 0)
+			return 1;
+	return 0;
+}
+
+/* Keeps a request header to forward, except hop-by-hop ones. */
+static enum MHD_Result collect_header(void *cls, enum MHD_ValueKind kind, const char *key,
+                                      const char *value)
+{
+	struct preq *r = cls;
+	char *line;
+
+	if (!key || hop_header(key, strlen(key), 1) || r->n_headers == HEADERS_MAX)
+		return MHD_YES;
+	if (asprintf(&line, "%s: %s", key, value ? value : "") < 0)
+		return MHD_YES;
+	r->headers[r->n_headers++] = line;
+	return MHD_YES;
+}
+
+/* Answers with a buffer (freed by libmicrohttpd when must_free). */
+static enum MHD_Result respond_buffer(struct MHD_Connection *conn, unsigned status,
+                                      const char *ctype, char *body, size_t len, int must_free)
+{
+	struct MHD_Response *resp = MHD_create_response_from_buffer(
+	    len, body, must_free ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_PERSISTENT);
+	enum MHD_Result ret;
+
+	if (!resp) {
+		if (must_free)
+			free(body);
+		return MHD_NO;
+	}
+	if (ctype)
+		MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
+	ret = MHD_queue_response(conn, status, resp);
+	MHD_destroy_response(resp);
+	return ret;
+}
+
+/* Answers with the proxy's own llama-server style error body. */
+static enum MHD_Result respond_error(struct MHD_Connection *conn, unsigned status, const char *type,
+                                     const char *message)
+{
+	char *body = error_body((int)status, type, message);
+
+	metrics_request_failed();
+	if (!body)
+		return MHD_NO;
+	return respond_buffer(conn, status, "application/json; charset=utf-8", body, strlen(body),
+	                      1);
+}
+
+/* The managed endpoint a raw URI names (llama-server's aliases included), or
+ * METRICS_EP_OTHER. */
+static enum metrics_endpoint endpoint_of(const char *uri)
+{
+	size_t len = strcspn(uri, "?");
+
+#define IS(s) (len == sizeof(s) - 1 && strncmp(uri, s, len) == 0)
+	if (IS("/completion") || IS("/completions"))
+		return METRICS_EP_COMPLETION;
+	if (IS("/v1/completions"))
+		return METRICS_EP_V1_COMPLETIONS;
+	if (IS("/v1/chat/completions") || IS("/chat/completions"))
+		return METRICS_EP_V1_CHAT;
+#undef IS
+	return METRICS_EP_OTHER;
+}
+
+static int is_metrics_path(const char *uri)
+{
+	size_t len = strcspn(uri, "?");
+
+	return len == 8 && strncmp(uri, "/metrics", 8) == 0;
+}
+
+/* Sends the worker's answer: its error, or a callback response carrying the
+ * backend's status and headers. */
+static enum MHD_Result answer(struct MHD_Connection *conn, struct preq *r)
+{
+	struct MHD_Response *resp;
+	enum MHD_Result ret;
+	uint64_t size;
+	long status;
+
+	pthread_mutex_lock(&r->lock);
+	while (!r->hdr_ready && !r->err_ready && !r->client_gone && !atomic_load(&r->p->stopping))
+		wait_slice_conn(r);
+	if (!r->hdr_ready) {
+		char *body = r->err_body;
+		int st = r->err_ready ? r->err_status : 503;
+
+		r->err_body = NULL;
+		pthread_mutex_unlock(&r->lock);
+		if (!body)
+			return respond_error(conn, 503, "unavailable_error",
+			                     "kvtier-llama is stopping");
+		return respond_buffer(conn, (unsigned)st, "application/json; charset=utf-8", body,
+		                      strlen(body), 1);
+	}
+	status = r->status;
+	size = r->content_length >= 0 ? (uint64_t)r->content_length : MHD_SIZE_UNKNOWN;
+	r->refs++; /* the response's */
+	pthread_mutex_unlock(&r->lock);
+	resp = MHD_create_response_from_callback(size, 64 * 1024, reader, r, reader_free);
+	if (!resp) {
+		reader_free(r);
+		return MHD_NO;
+	}
+	pthread_mutex_lock(&r->lock);
+	for (size_t i = 0; i < r->n_resp; i++) {
+		char *line = r->resp_headers[i], *colon = strchr(line, ':');
+		const char *v;
+
+		if (!colon || colon == line || hop_header(line, (size_t)(colon - line), 0))
+			continue;
+		*colon = '\0';
+		for (v = colon + 1; *v == ' ' || *v == '\t'; v++)
+			;
+		if (MHD_add_response_header(resp, line, v) != MHD_YES)
+			klog(LOG_DEBUG, "event=response_header_dropped name=%s", line);
+		*colon = ':';
+	}
+	pthread_mutex_unlock(&r->lock);
+	ret = MHD_queue_response(conn, (unsigned)status, resp);
+	MHD_destroy_response(resp);
+	return ret;
+}
+
+/* libmicrohttpd's access handler, on the connection's thread: collects the
+ * headers and the body (bounded), answers /metrics itself, and for every
+ * other request starts a worker and answers with what the worker gets. */
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
+                                  const char *method, const char *version, const char *upload_data,
+                                  size_t *upload_size, void **con_cls)
+{
+	struct proxy *p = cls;
+	struct preq *r = *con_cls;
+	pthread_t th;
+	pthread_attr_t attr;
+
+	if (!r) /* the URI log callback ran out of memory */
+		return MHD_NO;
+	if (r->phase == 0) {
+		r->phase = 1;
+		/* A proxied request may take as long as its timeouts allow;
+		 * the idle timeout applies again once it is answered. */
+		MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT, 0u);
+		snprintf(r->method, sizeof(r->method), "%s", method);
+		r->ep = endpoint_of(r->uri);
+		{
+			const union MHD_ConnectionInfo *ci =
+			    MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+
+			r->fd = ci ? ci->connect_fd : -1;
+		}
+		MHD_get_connection_values(conn, MHD_HEADER_KIND, collect_header, r);
+		return MHD_YES;
+	}
+	if (*upload_size) {
+		size_t n = *upload_size;
+
+		*upload_size = 0;
+		if (r->too_big || n > p->cfg.max_request_bytes - r->body_len) {
+			r->too_big = 1;
+			return MHD_YES;
+		}
+		if (r->body_len + n + 1 > r->body_cap) {
+			size_t cap = r->body_cap ? r->body_cap : 16384;
+			char *b;
+
+			while (cap < r->body_len + n + 1)
+				cap *= 2;
+			b = realloc(r->body, cap);
+			if (!b) {
+				r->too_big = 1;
+				return MHD_YES;
+			}
+			r->body = b;
+			r->body_cap = cap;
+		}
+		memcpy(r->body + r->body_len, upload_data, n);
+		r->body_len += n;
+		r->body[r->body_len] = '\0';
+		return MHD_YES;
+	}
+	if (r->phase == 2)
+		return MHD_YES;
+	r->phase = 2;
+	if (is_metrics_path(r->uri)) {
+		size_t len = 0;
+		char *page;
+
+		if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0)
+			return respond_error(conn, 405, "invalid_request_error",
+			                     "/metrics is read-only (GET, HEAD)");
+		page = metrics_render(&len);
+		if (!page)
+			return respond_error(conn, 500, "server_error", "out of memory");
+		return respond_buffer(conn, 200, "text/plain; version=0.0.4; charset=utf-8", page,
+		                      len, 1);
+	}
+	if (r->too_big) {
+		char msg[128];
+
+		snprintf(msg, sizeof(msg),
+		         "request body larger than --max-request-size (%zu bytes)",
+		         p->cfg.max_request_bytes);
+		return respond_error(conn, 413, "invalid_request_error", msg);
+	}
+	if (atomic_load(&p->stopping))
+		return respond_error(conn, 503, "unavailable_error", "kvtier-llama is stopping");
+	pthread_mutex_lock(&r->lock);
+	r->refs++; /* the worker's */
+	pthread_mutex_unlock(&r->lock);
+	pthread_mutex_lock(&p->lock);
+	p->workers++;
+	pthread_mutex_unlock(&p->lock);
+	pthread_attr_init(&attr);
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	if (pthread_create(&th, &attr, worker_main, r) != 0) {
+		pthread_attr_destroy(&attr);
+		pthread_mutex_lock(&p->lock);
+		p->workers--;
+		pthread_mutex_unlock(&p->lock);
+		preq_unref(r);
+		return respond_error(conn, 503, "unavailable_error",
+		                     "cannot start a thread for the request");
+	}
+	pthread_attr_destroy(&attr);
+	return answer(conn, r);
+}
+
+/* URI log callback: the request object is born here, with the raw URI. */
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
+{
+	return preq_new(cls, uri);
+}
+
+/* The request is over: the idle timeout applies again, a worker still
+ * producing is told the client is gone, the MHD side's reference is dropped. */
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                         enum MHD_RequestTerminationCode toe)
+{
+	struct proxy *p = cls;
+	struct preq *r = *con_cls;
+
+	*con_cls = NULL;
+	if (conn)
+		MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT,
+		                          p->cfg.idle_timeout_s);
+	if (!r)
+		return;
+	pthread_mutex_lock(&r->lock);
+	/* Whatever is still being produced has nowhere to go. */
+	if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK || !r->delivered)
+		r->client_gone = 1;
+	pthread_cond_broadcast(&r->cond);
+	pthread_mutex_unlock(&r->lock);
+	preq_unref(r);
+}
+
+/* libmicrohttpd's messages, as log lines; the last one is kept for errors. */
+static void on_mhd_log(void *cls, const char *fmt, va_list ap)
+{
+	struct proxy *p = cls;
+	size_t n;
+
+	vsnprintf(p->last_log, sizeof(p->last_log), fmt, ap);
+	n = strlen(p->last_log);
+	while (n > 0 && (p->last_log[n - 1] == '\n' || p->last_log[n - 1] == '\r'))
+		p->last_log[--n] = '\0';
+	klog(LOG_WARN, "event=http msg=\"%s\"", p->last_log);
+}
+
+/* Splits HOST:PORT or [ADDR]:PORT. Returns 0 or -EINVAL. */
+static int split_hostport(const char *hp, char *host, size_t hostcap, char *port, size_t portcap)
+{
+	const char *h = hp, *colon;
+	size_t hl;
+
+	if (!hp || !*hp)
+		return -EINVAL;
+	if (hp[0] == '[') {
+		const char *rb = strchr(hp, ']');
+
+		if (!rb || rb[1] != ':')
+			return -EINVAL;
+		h = hp + 1;
+		hl = (size_t)(rb - h);
+		colon = rb + 1;
+	} else {
+		colon = strrchr(hp, ':');
+		if (!colon)
+			return -EINVAL;
+		hl = (size_t)(colon - hp);
+		if (memchr(h, ':', hl))
+			return -EINVAL;
+	}
+	if (hl == 0 || hl >= hostcap || strlen(colon + 1) == 0 || strlen(colon + 1) >= portcap)
+		return -EINVAL;
+	for (const char *c = colon + 1; *c; c++)
+		if (*c < '0' || *c > '9')
+			return -EINVAL;
+	memcpy(host, h, hl);
+	host[hl] = '\0';
+	snprintf(port, portcap, "%s", colon + 1);
+	return 0;
+}
+
+int proxy_start(const struct proxy_config *cfg, struct engine *e, struct proxy **out, char *err,
+                size_t errlen)
+{
+	struct addrinfo hints, *res = NULL, *ai;
+	struct sockaddr_storage addr;
+	struct proxy *p = NULL;
+	char host[256], port[8];
+	unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
+	                 MHD_USE_POLL | MHD_USE_ERROR_LOG;
+	int rc, saved;
+
+	*out = NULL;
+	if (split_hostport(cfg->listen, host, sizeof(host), port, sizeof(port))) {
+		snprintf(err, errlen, "--listen %s: expected HOST:PORT or [ADDR]:PORT",
+		         cfg->listen);
+		return -EINVAL;
+	}
+	memset(&hints, 0, sizeof(hints));
+	hints.ai_family = AF_UNSPEC;
+	hints.ai_socktype = SOCK_STREAM;
+	hints.ai_flags = AI_NUMERICSERV | AI_PASSIVE;
+	rc = getaddrinfo(host, port, &hints, &res);
+	if (rc) {
+		snprintf(err, errlen, "--listen %s: cannot resolve \"%s\": %s", cfg->listen, host,
+		         gai_strerror(rc));
+		return -EINVAL;
+	}
+	for (ai = res; ai; ai = ai->ai_next)
+		if ((ai->ai_family == AF_INET || ai->ai_family == AF_INET6) &&
+		    ai->ai_addrlen <= sizeof(addr))
+			break;
+	if (!ai) {
+		snprintf(err, errlen, "--listen %s: no IPv4 or IPv6 address", cfg->listen);
+		rc = -EINVAL;
+		goto out;
+	}
+	memset(&addr, 0, sizeof(addr));
+	memcpy(&addr, ai->ai_addr, ai->ai_addrlen);
+	if (ai->ai_family == AF_INET6)
+		flags |= MHD_USE_IPv6;
+	p = calloc(1, sizeof(*p));
+	if (!p) {
+		snprintf(err, errlen, "out of memory");
+		rc = -ENOMEM;
+		goto out;
+	}
+	p->engine = e;
+	p->cfg = *cfg;
+	pthread_mutex_init(&p->lock, NULL);
+	pthread_cond_init(&p->cond, NULL);
+	errno = 0;
+	p->daemon = MHD_start_daemon(
+	    flags, (uint16_t)atoi(port), NULL, NULL, on_request, p, MHD_OPTION_EXTERNAL_LOGGER,
+	    on_mhd_log, p, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
+	    MHD_OPTION_URI_LOG_CALLBACK, on_uri, p, MHD_OPTION_NOTIFY_COMPLETED, on_completed, p,
+	    MHD_OPTION_CONNECTION_LIMIT, cfg->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
+	    cfg->idle_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(256 * 1024),
+	    MHD_OPTION_END);
+	saved = errno;
+	if (!p->daemon) {
+		snprintf(err, errlen, "cannot serve HTTP on %s: %s", cfg->listen,
+		         p->last_log[0] ? p->last_log
+		         : saved        ? strerror(saved)
+		                        : "libmicrohttpd failed");
+		rc = saved ? -saved : -EIO;
+		pthread_cond_destroy(&p->cond);
+		pthread_mutex_destroy(&p->lock);
+		free(p);
+		p = NULL;
+		goto out;
+	}
+	*out = p;
+	rc = 0;
+out:
+	freeaddrinfo(res);
+	return rc;
+}
+
+void proxy_stop(struct proxy *p)
+{
+	if (!p)
+		return;
+	atomic_store(&p->stopping, 1);
+	MHD_stop_daemon(p->daemon);
+	/* Workers end within a second or so: their transfers see `stopping`. */
+	pthread_mutex_lock(&p->lock);
+	while (p->workers) {
+		struct timespec dl;
+
+		clock_gettime(CLOCK_REALTIME, &dl);
+		dl.tv_sec += WAIT_SLICE_S;
+		pthread_cond_timedwait(&p->cond, &p->lock, &dl);
+	}
+	pthread_mutex_unlock(&p->lock);
+	pthread_cond_destroy(&p->cond);
+	pthread_mutex_destroy(&p->lock);
+	free(p);
+}
