@@ -12,6 +12,7 @@
 #include "backend.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -327,6 +328,42 @@ int backend_filename_ok(const char *name)
 	return 1;
 }
 
+struct nudge {
+	const char *base;
+	pthread_t thread;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	int done;
+};
+
+/* Every NUDGE_MS until done: GET /slots, answer ignored. */
+#define NUDGE_MS 250
+static void *nudge_main(void *arg)
+{
+	struct nudge *n = arg;
+
+	pthread_mutex_lock(&n->lock);
+	while (!n->done) {
+		struct timespec ts;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_nsec += NUDGE_MS * 1000000L;
+		if (ts.tv_nsec >= 1000000000L) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000L;
+		}
+		if (pthread_cond_timedwait(&n->cond, &n->lock, &ts) != ETIMEDOUT || n->done)
+			break;
+		pthread_mutex_unlock(&n->lock);
+		struct backend_reply b;
+		memset(&b, 0, sizeof(b));
+		backend_get_json(n->base, "/slots", 2000, &b);
+		backend_reply_free(&b);
+		pthread_mutex_lock(&n->lock);
+	}
+	pthread_mutex_unlock(&n->lock);
+	return NULL;
+}
+
 int backend_slot_action(const char *base, unsigned id, const char *action, const char *filename,
                         unsigned timeout_ms, struct backend_reply *r)
 {
@@ -346,7 +383,27 @@ int backend_slot_action(const char *base, unsigned id, const char *action, const
 		snprintf(r->err, sizeof(r->err), "out of memory");
 		return -ENOMEM;
 	}
+	/* While the action is pending, nudge the server's task loop. Tried by
+	 * hand against ik_llama.cpp (8337e4cd3): a save or restore is sometimes
+	 * left in its task queue until some other task arrives (a lost wake-up:
+	 * plain curl, save/erase/restore on an idle slot, the restore answered
+	 * only when the next completion came), so it hung to our timeout and,
+	 * after a few, the server stopped answering. GET /slots is a task of
+	 * that loop; answering it is harmless on servers without the bug. */
+	struct nudge n = {.base = base};
+	pthread_mutex_init(&n.lock, NULL);
+	pthread_cond_init(&n.cond, NULL);
+	int nudging = pthread_create(&n.thread, NULL, nudge_main, &n) == 0;
 	rc = backend_post_json(base, path, q, timeout_ms, r);
+	if (nudging) {
+		pthread_mutex_lock(&n.lock);
+		n.done = 1;
+		pthread_cond_signal(&n.cond);
+		pthread_mutex_unlock(&n.lock);
+		pthread_join(n.thread, NULL);
+	}
+	pthread_cond_destroy(&n.cond);
+	pthread_mutex_destroy(&n.lock);
 	json_decref(q);
 	return rc;
 }
