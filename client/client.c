@@ -524,7 +524,7 @@ KVTIER_API int kvtier_open(kvtier_client **out, const char *address,
 {
 	kvtier_client *c = NULL;
 	grpc_channel_credentials *creds = NULL;
-	grpc_arg args[2];
+	grpc_arg args[5];
 	grpc_channel_args cargs;
 	int rc = 0, inited = 0;
 
@@ -564,7 +564,18 @@ KVTIER_API int kvtier_open(kvtier_client **out, const char *address,
 	args[1].type = GRPC_ARG_INTEGER;
 	args[1].key = (char *)GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
 	args[1].value.integer = (int)WIRE_MAX_MESSAGE;
-	cargs.num_args = 2;
+	/* A long-lived handle must find a restarted kvtierd within about a
+	 * second, not after gRPC's default back-off (up to 120 s). */
+	args[2].type = GRPC_ARG_INTEGER;
+	args[2].key = (char *)GRPC_ARG_MAX_RECONNECT_BACKOFF_MS;
+	args[2].value.integer = 1000;
+	args[3].type = GRPC_ARG_INTEGER;
+	args[3].key = (char *)GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS;
+	args[3].value.integer = 100;
+	args[4].type = GRPC_ARG_INTEGER;
+	args[4].key = (char *)GRPC_ARG_MIN_RECONNECT_BACKOFF_MS;
+	args[4].value.integer = 100;
+	cargs.num_args = 5;
 	cargs.args = args;
 	creds = grpc_insecure_credentials_create();
 	if (!creds) {
