@@ -26,6 +26,7 @@
 
 #include "kvtier.h"
 #include "log.h"
+#include "options.h"
 #include "metrics.h"
 #include "rpc.h"
 #include "store.h"
@@ -54,14 +55,6 @@ enum opt_id {
 	OPT_HELP,
 	OPT_HELP_MARKDOWN,
 	OPT_VERSION,
-};
-
-struct option_def {
-	const char *name;
-	int id;
-	const char *arg;       /* NULL: a flag */
-	const char *def;       /* default as shown to users */
-	const char *help;
 };
 
 static const struct option_def options[] = {
@@ -112,69 +105,10 @@ static void usage(FILE *f)
 	fprintf(f, "Usage: kvtierd [OPTION]...\n"
 		   "kvtier storage daemon: keeps llama-server slot files keyed by token prefix and "
 		   "serves them over gRPC.\n\nOptions:\n");
-	for (size_t i = 0; i < N_OPTIONS; i++) {
-		char lhs[64];
-		snprintf(lhs, sizeof(lhs), "--%s%s%s", options[i].name, options[i].arg ? " " : "",
-			 options[i].arg ? options[i].arg : "");
-		fprintf(f, "  %-34s %s", lhs, options[i].help);
-		if (options[i].def)
-			fprintf(f, " [default: %s]", options[i].def);
-		fputc('\n', f);
-	}
+	options_usage(f, options, N_OPTIONS, 34);
 	fprintf(f, "\nExample:\n  kvtierd --data /var/lib/kvtier --tier tmpfs:/dev/shm/kvtier:8G "
 		   "--slot-dir /srv/llama/slots --metrics 127.0.0.1:9477\n"
 		   "Stop with SIGTERM or SIGINT: calls in flight finish first.\n");
-}
-
-static void usage_markdown(void)
-{
-	printf("| option | argument | default | meaning |\n|---|---|---|---|\n");
-	for (size_t i = 0; i < N_OPTIONS; i++)
-		printf("| `--%s` | %s | %s | %s |\n", options[i].name,
-		       options[i].arg ? options[i].arg : "", options[i].def ? options[i].def : "",
-		       options[i].help);
-}
-
-/* Parses "123", "64K", "2G", ... (powers of 1024). Returns 0 or -1. */
-static int parse_size(const char *s, uint64_t *out)
-{
-	char *end;
-	unsigned long long v;
-
-	errno = 0;
-	v = strtoull(s, &end, 10);
-	if (errno || end == s)
-		return -1;
-	unsigned shift = 0;
-	switch (*end) {
-	case '\0':
-		break;
-	case 'k': case 'K': shift = 10; end++; break;
-	case 'm': case 'M': shift = 20; end++; break;
-	case 'g': case 'G': shift = 30; end++; break;
-	case 't': case 'T': shift = 40; end++; break;
-	default:
-		return -1;
-	}
-	if (*end == 'i' || *end == 'B')
-		end += (*end == 'i' && end[1] == 'B') ? 2 : 1;
-	if (*end || (shift && v > (UINT64_MAX >> shift)))
-		return -1;
-	*out = (uint64_t)v << shift;
-	return 0;
-}
-
-static int parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out)
-{
-	char *end;
-	unsigned long v;
-
-	errno = 0;
-	v = strtoul(s, &end, 10);
-	if (errno || end == s || *end || v < lo || v > hi)
-		return -1;
-	*out = (unsigned)v;
-	return 0;
 }
 
 static int parse_tier(const char *s, struct store_tier_config *t)
@@ -190,7 +124,7 @@ static int parse_tier(const char *s, struct store_tier_config *t)
 	t->path[c2 - c1 - 1] = '\0';
 	if (strcmp(t->kind, "tmpfs") != 0)
 		return -2;
-	if (parse_size(c2 + 1, &t->capacity) || t->capacity == 0)
+	if (options_parse_size(c2 + 1, &t->capacity) || t->capacity == 0)
 		return -1;
 	return 0;
 }
@@ -247,13 +181,7 @@ int main(int argc, char **argv)
 	snprintf(cfg.data_dir, sizeof(cfg.data_dir), "./kvtier-data");
 	cfg.supersede = 1;
 	cfg.max_blob_bytes = 64ull << 30;
-	for (size_t i = 0; i < N_OPTIONS; i++) {
-		longopts[i].name = options[i].name;
-		longopts[i].has_arg = options[i].arg ? required_argument : no_argument;
-		longopts[i].flag = NULL;
-		longopts[i].val = options[i].id;
-	}
-	memset(&longopts[N_OPTIONS], 0, sizeof(longopts[0]));
+	options_longopts(options, N_OPTIONS, longopts);
 
 	while ((rc = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		switch (rc) {
@@ -293,35 +221,35 @@ int main(int argc, char **argv)
 			metrics_addr = optarg;
 			break;
 		case OPT_BLOCK_SIZE:
-			if (parse_uint(optarg, 16, 4096, &cfg.block_size))
+			if (options_parse_uint(optarg, 16, 4096, &cfg.block_size))
 				return die("--block-size %s: expected 16..4096", optarg);
 			break;
 		case OPT_NO_SUPERSEDE:
 			cfg.supersede = 0;
 			break;
 		case OPT_MAX_BLOB_SIZE:
-			if (parse_size(optarg, &cfg.max_blob_bytes) || cfg.max_blob_bytes < 1024)
+			if (options_parse_size(optarg, &cfg.max_blob_bytes) || cfg.max_blob_bytes < 1024)
 				return die("--max-blob-size %s: expected a size such as 64G", optarg);
 			break;
 		case OPT_LEASE_SECONDS:
-			if (parse_uint(optarg, 1, 86400, &lease))
+			if (options_parse_uint(optarg, 1, 86400, &lease))
 				return die("--lease-seconds %s: expected 1..86400", optarg);
 			break;
 		case OPT_LEASE_MAX_SECONDS:
-			if (parse_uint(optarg, 1, 7 * 86400, &lease_max))
+			if (options_parse_uint(optarg, 1, 7 * 86400, &lease_max))
 				return die("--lease-max-seconds %s: expected 1..604800", optarg);
 			break;
 		case OPT_WORKERS:
 			/* Bounded by LMDB's 126 reader slots: every worker may hold one. */
-			if (parse_uint(optarg, 1, 96, &workers))
+			if (options_parse_uint(optarg, 1, 96, &workers))
 				return die("--workers %s: expected 1..96", optarg);
 			break;
 		case OPT_IO_TIMEOUT_MS:
-			if (parse_uint(optarg, 100, 3600000, &io_timeout))
+			if (options_parse_uint(optarg, 100, 3600000, &io_timeout))
 				return die("--io-timeout-ms %s: expected 100..3600000", optarg);
 			break;
 		case OPT_MAP_SIZE:
-			if (parse_size(optarg, &cfg.map_size) || cfg.map_size < (1u << 20))
+			if (options_parse_size(optarg, &cfg.map_size) || cfg.map_size < (1u << 20))
 				return die("--map-size %s: expected a size such as 64G", optarg);
 			break;
 		case OPT_LOG_LEVEL:
@@ -333,7 +261,7 @@ int main(int argc, char **argv)
 			usage(stdout);
 			return 0;
 		case OPT_HELP_MARKDOWN:
-			usage_markdown();
+			options_markdown(stdout, options, N_OPTIONS);
 			return 0;
 		case OPT_VERSION:
 			printf("kvtierd %s\n", KVTIER_VERSION);

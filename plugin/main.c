@@ -25,6 +25,7 @@
 #include "backend.h"
 #include "engine.h"
 #include "log.h"
+#include "options.h"
 #include "proxy.h"
 #include "slots.h"
 
@@ -56,14 +57,6 @@ enum opt_id {
 	OPT_HELP,
 	OPT_HELP_MARKDOWN,
 	OPT_VERSION,
-};
-
-struct option_def {
-	const char *name;
-	int id;
-	const char *arg; /* NULL: a flag */
-	const char *def; /* default as shown to users */
-	const char *help;
 };
 
 static const struct option_def options[] = {
@@ -123,83 +116,12 @@ static void usage(FILE *f)
 	fprintf(f, "Usage: kvtier-llama --backend URL --kvtier ADDRESS --slot-dir DIR [OPTION]...\n"
 	           "A proxy in front of llama-server that restores and saves slots through kvtierd "
 	           "automatically.\n\nOptions:\n");
-	for (size_t i = 0; i < N_OPTIONS; i++) {
-		char lhs[64];
-
-		snprintf(lhs, sizeof(lhs), "--%s%s%s", options[i].name, options[i].arg ? " " : "",
-		         options[i].arg ? options[i].arg : "");
-		fprintf(f, "  %-30s %s", lhs, options[i].help);
-		if (options[i].def)
-			fprintf(f, " [default: %s]", options[i].def);
-		fputc('\n', f);
-	}
+	options_usage(f, options, N_OPTIONS, 30);
 	fprintf(
 	    f, "\nExample:\n  kvtier-llama --listen 127.0.0.1:8081 --backend http://127.0.0.1:8080 "
 	       "--kvtier unix:/var/lib/kvtier/kvtierd.sock --slot-dir /srv/llama/slots\n"
 	       "Clients then use http://127.0.0.1:8081 exactly as they used llama-server.\n"
 	       "Stop with SIGTERM or SIGINT.\n");
-}
-
-/* --help-markdown: the option table as the Markdown of the option reference. */
-static void usage_markdown(void)
-{
-	printf("| option | argument | default | meaning |\n|---|---|---|---|\n");
-	for (size_t i = 0; i < N_OPTIONS; i++)
-		printf("| `--%s` | %s | %s | %s |\n", options[i].name,
-		       options[i].arg ? options[i].arg : "", options[i].def ? options[i].def : "",
-		       options[i].help);
-}
-
-/* Parses a decimal in [lo, hi]. Returns 0 or -1. */
-static int parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out)
-{
-	char *end;
-	unsigned long v;
-
-	errno = 0;
-	v = strtoul(s, &end, 10);
-	if (errno || end == s || *end || v < lo || v > hi)
-		return -1;
-	*out = (unsigned)v;
-	return 0;
-}
-
-/* Parses "123", "64K", "2G", ... (powers of 1024). Returns 0 or -1. */
-static int parse_size(const char *s, size_t *out)
-{
-	char *end;
-	unsigned long long v;
-	unsigned shift = 0;
-
-	errno = 0;
-	v = strtoull(s, &end, 10);
-	if (errno || end == s)
-		return -1;
-	switch (*end) {
-	case '\0':
-		break;
-	case 'k':
-	case 'K':
-		shift = 10;
-		end++;
-		break;
-	case 'm':
-	case 'M':
-		shift = 20;
-		end++;
-		break;
-	case 'g':
-	case 'G':
-		shift = 30;
-		end++;
-		break;
-	default:
-		return -1;
-	}
-	if (*end || (shift && v > (SIZE_MAX >> shift)))
-		return -1;
-	*out = (size_t)v << shift;
-	return 0;
 }
 
 /* A KV cache type name as llama-server spells them (f16, q8_0, ...). */
@@ -252,6 +174,7 @@ int main(int argc, char **argv)
 	static char backends[SLOTS_MAX_BACKENDS][512];
 	const char *backend_ptrs[SLOTS_MAX_BACKENDS];
 	struct option longopts[N_OPTIONS + 1];
+	uint64_t size;
 	struct engine_config ec = {0};
 	struct proxy_config pc = {0};
 	struct engine *engine = NULL;
@@ -274,13 +197,7 @@ int main(int argc, char **argv)
 	pc.max_request_bytes = 64u << 20;
 	pc.max_connections = 256;
 	pc.idle_timeout_s = 60;
-	for (size_t i = 0; i < N_OPTIONS; i++) {
-		longopts[i].name = options[i].name;
-		longopts[i].has_arg = options[i].arg ? required_argument : no_argument;
-		longopts[i].flag = NULL;
-		longopts[i].val = options[i].id;
-	}
-	memset(&longopts[N_OPTIONS], 0, sizeof(longopts[0]));
+	options_longopts(options, N_OPTIONS, longopts);
 
 	while ((rc = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
 		switch (rc) {
@@ -354,37 +271,37 @@ int main(int argc, char **argv)
 			ec.ns_override = optarg;
 			break;
 		case OPT_BREAK_EVEN:
-			if (parse_uint(optarg, 1, 1000000, &ec.break_even))
+			if (options_parse_uint(optarg, 1, 1000000, &ec.break_even))
 				return die("--break-even-tokens %s: expected 1..1000000", optarg);
 			break;
 		case OPT_TIMEOUT_MS:
-			if (parse_uint(optarg, 1000, 86400000, &ec.timeout_ms))
+			if (options_parse_uint(optarg, 1000, 86400000, &ec.timeout_ms))
 				return die("--timeout-ms %s: expected 1000..86400000", optarg);
 			break;
 		case OPT_SLOT_TIMEOUT_MS:
-			if (parse_uint(optarg, 100, 3600000, &ec.slot_timeout_ms))
+			if (options_parse_uint(optarg, 100, 3600000, &ec.slot_timeout_ms))
 				return die("--slot-timeout-ms %s: expected 100..3600000", optarg);
 			break;
 		case OPT_HEALTH_MS:
-			if (parse_uint(optarg, 100, 60000, &ec.health_ms))
+			if (options_parse_uint(optarg, 100, 60000, &ec.health_ms))
 				return die("--health-interval-ms %s: expected 100..60000", optarg);
 			break;
 		case OPT_SAVE_WORKERS:
-			if (parse_uint(optarg, 1, 8, &ec.save_workers))
+			if (options_parse_uint(optarg, 1, 8, &ec.save_workers))
 				return die("--save-workers %s: expected 1..8", optarg);
 			break;
 		case OPT_MAX_REQUEST_SIZE:
-			if (parse_size(optarg, &pc.max_request_bytes) ||
-			    pc.max_request_bytes < 1024)
+			if (options_parse_size(optarg, &size) || size < 1024 || size > SIZE_MAX ||
+			    (pc.max_request_bytes = (size_t)size) == 0)
 				return die("--max-request-size %s: expected a size such as 64M",
 				           optarg);
 			break;
 		case OPT_MAX_CONNECTIONS:
-			if (parse_uint(optarg, 1, 65536, &pc.max_connections))
+			if (options_parse_uint(optarg, 1, 65536, &pc.max_connections))
 				return die("--max-connections %s: expected 1..65536", optarg);
 			break;
 		case OPT_IDLE_TIMEOUT:
-			if (parse_uint(optarg, 1, 86400, &pc.idle_timeout_s))
+			if (options_parse_uint(optarg, 1, 86400, &pc.idle_timeout_s))
 				return die("--idle-timeout-s %s: expected 1..86400", optarg);
 			break;
 		case OPT_LOG_LEVEL:
@@ -397,7 +314,7 @@ int main(int argc, char **argv)
 			usage(stdout);
 			return 0;
 		case OPT_HELP_MARKDOWN:
-			usage_markdown();
+			options_markdown(stdout, options, N_OPTIONS);
 			return 0;
 		case OPT_VERSION:
 			printf("kvtier-llama %s\n", KVTIER_VERSION);
