@@ -438,9 +438,15 @@ static const char *human_time_ms(int64_t ms, char *buf, size_t len)
 	return buf;
 }
 
+/* raw / stored bytes of a tier: 1 for an empty tier. */
+static double tier_ratio(const struct kvtier_tier *t)
+{
+	return t->stored_bytes ? (double)t->raw_bytes / (double)t->stored_bytes : 1.0;
+}
+
 static void print_tier_human(const struct kvtier_tier *t)
 {
-	char cap[32], used[32];
+	char cap[32], used[32], hi[32], lo[32];
 	double pct =
 	    t->capacity_bytes ? 100.0 * (double)t->used_bytes / (double)t->capacity_bytes : 0;
 
@@ -450,11 +456,37 @@ static void print_tier_human(const struct kvtier_tier *t)
 	printf("          %s of %s used (%.1f%%), %" PRIu64 " blobs\n",
 	       human_bytes(t->used_bytes, used, sizeof(used)),
 	       human_bytes(t->capacity_bytes, cap, sizeof(cap)), pct, t->blobs);
-	if (t->read_bytes_per_s > 0)
-		printf("          restore: %.2f GB/s + %.3f ms per read (measured)\n",
-		       t->read_bytes_per_s / 1e9, t->read_fixed_s * 1e3);
+	fputs("          io: ", stdout);
+	print_safe(stdout, t->io[0] ? t->io : "unknown");
+	if (t->io_fallback[0]) {
+		fputs(" (not io_uring+O_DIRECT: ", stdout);
+		print_safe(stdout, t->io_fallback);
+		putchar(')');
+	}
+	putchar('\n');
+	if (t->read_bytes_per_s > 0 && t->model_samples)
+		printf("          restore: %.2f GB/s + %.3f ms per read (learned from %" PRIu64
+		       " real read%s)\n",
+		       t->read_bytes_per_s / 1e9, t->read_fixed_s * 1e3, t->model_samples,
+		       t->model_samples == 1 ? "" : "s");
+	else if (t->read_bytes_per_s > 0)
+		printf(
+		    "          restore: %.2f GB/s + %.3f ms per read (start probe or default; no "
+		    "real reads yet)\n",
+		    t->read_bytes_per_s / 1e9, t->read_fixed_s * 1e3);
 	else
 		printf("          restore: not measured yet\n");
+	printf("          watermarks: high %s, low %s\n",
+	       human_bytes(t->high_watermark_bytes, hi, sizeof(hi)),
+	       human_bytes(t->low_watermark_bytes, lo, sizeof(lo)));
+	printf("          compression: %.2fx (%s as served, %s stored)\n", tier_ratio(t),
+	       human_bytes(t->raw_bytes, used, sizeof(used)),
+	       human_bytes(t->stored_bytes, cap, sizeof(cap)));
+	printf("          migrations: %" PRIu64 " in, %" PRIu64 " out; GDSF base %.6g\n",
+	       t->migrations_in, t->migrations_out, t->gdsf_base);
+	printf("          evicted: %" PRIu64 " for capacity, %" PRIu64
+	       " not worth keeping, %" PRIu64 " lower tier full\n",
+	       t->evicted_capacity, t->evicted_not_worth, t->evicted_lower_full);
 }
 
 static void print_tier_json(FILE *f, const struct kvtier_tier *t)
@@ -470,8 +502,37 @@ static void print_tier_json(FILE *f, const struct kvtier_tier *t)
 	json_num(f, t->read_bytes_per_s);
 	fputs(", \"read_fixed_s\": ", f);
 	json_num(f, t->read_fixed_s);
-	fputc('}', f);
+	fputs(", \"io\": ", f);
+	json_str(f, t->io);
+	fputs(", \"io_fallback\": ", f);
+	json_str(f, t->io_fallback);
+	fprintf(f,
+	        ", \"model_samples\": %" PRIu64 ", \"high_watermark_bytes\": %" PRIu64
+	        ", \"low_watermark_bytes\": %" PRIu64 ", \"raw_bytes\": %" PRIu64
+	        ", \"stored_bytes\": %" PRIu64 ", \"compression_ratio\": ",
+	        t->model_samples, t->high_watermark_bytes, t->low_watermark_bytes, t->raw_bytes,
+	        t->stored_bytes);
+	json_num(f, tier_ratio(t));
+	fputs(", \"gdsf_base\": ", f);
+	json_num(f, t->gdsf_base);
+	fprintf(f,
+	        ", \"migrations_in\": %" PRIu64 ", \"migrations_out\": %" PRIu64
+	        ", \"evicted_capacity\": %" PRIu64 ", \"evicted_not_worth\": %" PRIu64
+	        ", \"evicted_lower_full\": %" PRIu64 "}",
+	        t->migrations_in, t->migrations_out, t->evicted_capacity, t->evicted_not_worth,
+	        t->evicted_lower_full);
 }
+
+/* Prefill tokens/s of model m at a context depth: 1 / (a + b * depth), or 0
+ * when the model has no a yet. */
+static double ns_model_tps(const struct kvtier_ns_model *m, double depth)
+{
+	double s = m->prefill_s_per_token + m->prefill_s_per_token_per_ctx * depth;
+
+	return m->prefill_s_per_token > 0 && s > 0 ? 1.0 / s : 0.0;
+}
+
+#define CLI_DEPTH_SHOWN 4096 /* the second depth the prefill models are shown at */
 
 /* ---- option tables ---- */
 
@@ -498,6 +559,7 @@ enum {
 	O_BLOB,
 	O_RESTORE_MS,
 	O_RESTORED_TOKENS,
+	O_CACHED_TOKENS,
 	O_RESTORE_IGNORED,
 	O_DATA,
 	O_VERIFY,
@@ -519,13 +581,126 @@ static int common_opt(const struct cli *g, int opt)
 
 /* ---- commands ---- */
 
+static void print_ns_model_json(const struct kvtier_ns_model *m)
+{
+	fputs("{\"namespace\": ", stdout);
+	json_str(stdout, m->ns);
+	fputs(", \"prefill_tokens_per_s\": ", stdout);
+	json_num(stdout, m->prefill_tokens_per_s);
+	fputs(", \"prefill_s_per_token\": ", stdout);
+	json_num(stdout, m->prefill_s_per_token);
+	fputs(", \"prefill_s_per_token_per_ctx\": ", stdout);
+	json_num(stdout, m->prefill_s_per_token_per_ctx);
+	fputs(", \"samples\": ", stdout);
+	json_num(stdout, m->samples);
+	fputs(", \"prefill_tokens_per_s_depth_0\": ", stdout);
+	json_num(stdout, ns_model_tps(m, 0));
+	printf(", \"prefill_tokens_per_s_depth_%d\": ", CLI_DEPTH_SHOWN);
+	json_num(stdout, ns_model_tps(m, CLI_DEPTH_SHOWN));
+	fputc('}', stdout);
+}
+
+static void print_info_json(const struct cli *g, const struct kvtier_info *in)
+{
+	printf("{\"version\": ");
+	json_str(stdout, in->version);
+	printf(", \"address\": ");
+	json_str(stdout, g->address);
+	printf(", \"block_size\": %u, \"supersede\": %s, \"max_blob_bytes\": %" PRIu64
+	       ", \"tiers\": [",
+	       in->block_size, in->supersede ? "true" : "false", in->max_blob_bytes);
+	for (unsigned i = 0; i < in->n_tiers; i++) {
+		if (i)
+			fputs(", ", stdout);
+		print_tier_json(stdout, &in->tiers[i]);
+	}
+	printf("], \"slot_dirs\": [");
+	for (unsigned i = 0; i < in->n_slot_dirs; i++) {
+		if (i)
+			fputs(", ", stdout);
+		json_str(stdout, in->slot_dirs[i]);
+	}
+	fputs("], \"high_watermark\": ", stdout);
+	json_num(stdout, in->high_watermark);
+	fputs(", \"low_watermark\": ", stdout);
+	json_num(stdout, in->low_watermark);
+	fputs(", \"compress_min_saving\": ", stdout);
+	json_num(stdout, in->compress_min_saving);
+	fputs(", \"shuffle\": ", stdout);
+	json_str(stdout, in->shuffle);
+	fputs(", \"assumed_prefill_tps\": ", stdout);
+	json_num(stdout, in->assumed_prefill_tps);
+	fputs(", \"namespaces\": [", stdout);
+	for (unsigned i = 0; i < in->n_namespaces; i++) {
+		if (i)
+			fputs(", ", stdout);
+		print_ns_model_json(&in->namespaces[i]);
+	}
+	printf("]}\n");
+}
+
+/* One namespace's prefill model; `assumed` is the daemon's tokens/s for a
+ * namespace without reports. */
+static void print_ns_model_human(const struct kvtier_ns_model *m, double assumed)
+{
+	fputs("  ", stdout);
+	print_safe(stdout, m->ns);
+	putchar('\n');
+	if (m->prefill_s_per_token > 0) {
+		printf("          prefill: %.1f tokens/s at depth 0, %.1f tokens/s at depth %d\n",
+		       ns_model_tps(m, 0), ns_model_tps(m, CLI_DEPTH_SHOWN), CLI_DEPTH_SHOWN);
+		printf("          fitted on %.3g report%s", m->samples, m->samples == 1 ? "" : "s");
+		if (m->prefill_tokens_per_s > 0)
+			printf(" (average %.1f tokens/s)", m->prefill_tokens_per_s);
+		putchar('\n');
+	} else {
+		printf("          prefill: no model yet (%.1f tokens/s assumed)\n", assumed);
+	}
+}
+
+static void print_info_human(const struct cli *g, const struct kvtier_info *in)
+{
+	char b[32];
+
+	printf("kvtierd %s at %s\n", in->version, g->address);
+	printf("block size:     %u tokens\n", in->block_size);
+	printf("supersede:      %s\n",
+	       in->supersede ? "on (a blob that extends an older one drops it)" : "off");
+	printf("max blob size:  %s\n",
+	       in->max_blob_bytes ? human_bytes(in->max_blob_bytes, b, sizeof(b)) : "unlimited");
+	printf("watermarks:     a tier above %.0f%% of its capacity is brought back under %.0f%%\n",
+	       in->high_watermark * 100, in->low_watermark * 100);
+	if (in->compress_min_saving >= 1)
+		printf("compression:    off\n");
+	else
+		printf("compression:    LZ4 on disk tiers when it saves at least %.0f%%, byte "
+		       "shuffle %s\n",
+		       in->compress_min_saving * 100, in->shuffle[0] ? in->shuffle : "?");
+	printf("prefill guess:  %.1f tokens/s for a namespace nothing was reported for\n",
+	       in->assumed_prefill_tps);
+	printf("tiers (fastest first):\n");
+	for (unsigned i = 0; i < in->n_tiers; i++)
+		print_tier_human(&in->tiers[i]);
+	printf("prefill models (seconds per token = a + b * depth):%s\n",
+	       in->n_namespaces ? "" : " none reported yet");
+	for (unsigned i = 0; i < in->n_namespaces; i++)
+		print_ns_model_human(&in->namespaces[i], in->assumed_prefill_tps);
+	if (in->n_namespaces == sizeof(in->namespaces) / sizeof(in->namespaces[0]))
+		printf("  (the library returns at most %u namespaces)\n", in->n_namespaces);
+	printf("slot directories (Stage and Adopt):%s\n", in->n_slot_dirs ? "" : " none");
+	for (unsigned i = 0; i < in->n_slot_dirs; i++) {
+		fputs("  ", stdout);
+		print_safe(stdout, in->slot_dirs[i]);
+		putchar('\n');
+	}
+}
+
 static int cmd_info(struct cli *g, int argc, char **argv)
 {
 	static const struct option lo[] = {{"help", no_argument, NULL, O_HELP},
 	                                   {"json", no_argument, NULL, O_JSON},
 	                                   {NULL, 0, NULL, 0}};
-	struct kvtier_info in;
-	char b[32];
+	struct kvtier_info *in = NULL;
 	int opt, json = 0, rc, ret = EXIT_OK;
 
 	while ((opt = next_opt(argc, argv, "h", lo)) != -1) {
@@ -539,49 +714,23 @@ static int cmd_info(struct cli *g, int argc, char **argv)
 		ret = usage_error(g, "unexpected argument \"%s\"", argv[optind]);
 		goto out;
 	}
-	rc = kvtier_info(g->c, &in);
+	in = malloc(sizeof(*in)); /* about 16 KiB: not for the stack */
+	if (!in) {
+		warnx_cmd(g, "out of memory");
+		ret = EXIT_FAIL;
+		goto out;
+	}
+	rc = kvtier_info(g->c, in);
 	if (rc) {
 		ret = fail(g, rc, NULL);
 		goto out;
 	}
-	if (json) {
-		printf("{\"version\": ");
-		json_str(stdout, in.version);
-		printf(", \"address\": ");
-		json_str(stdout, g->address);
-		printf(", \"block_size\": %u, \"supersede\": %s, \"max_blob_bytes\": %" PRIu64
-		       ", \"tiers\": [",
-		       in.block_size, in.supersede ? "true" : "false", in.max_blob_bytes);
-		for (unsigned i = 0; i < in.n_tiers; i++) {
-			if (i)
-				fputs(", ", stdout);
-			print_tier_json(stdout, &in.tiers[i]);
-		}
-		printf("], \"slot_dirs\": [");
-		for (unsigned i = 0; i < in.n_slot_dirs; i++) {
-			if (i)
-				fputs(", ", stdout);
-			json_str(stdout, in.slot_dirs[i]);
-		}
-		printf("]}\n");
-		goto out;
-	}
-	printf("kvtierd %s at %s\n", in.version, g->address);
-	printf("block size:     %u tokens\n", in.block_size);
-	printf("supersede:      %s\n",
-	       in.supersede ? "on (a blob that extends an older one drops it)" : "off");
-	printf("max blob size:  %s\n",
-	       in.max_blob_bytes ? human_bytes(in.max_blob_bytes, b, sizeof(b)) : "unlimited");
-	printf("tiers (fastest first):\n");
-	for (unsigned i = 0; i < in.n_tiers; i++)
-		print_tier_human(&in.tiers[i]);
-	printf("slot directories (Stage and Adopt):%s\n", in.n_slot_dirs ? "" : " none");
-	for (unsigned i = 0; i < in.n_slot_dirs; i++) {
-		fputs("  ", stdout);
-		print_safe(stdout, in.slot_dirs[i]);
-		putchar('\n');
-	}
+	if (json)
+		print_info_json(g, in);
+	else
+		print_info_human(g, in);
 out:
+	free(in);
 	return ret;
 }
 
@@ -716,13 +865,16 @@ static void print_match(const char *ns, size_t n, const struct kvtier_match *m, 
 		printf(", \"tier_index\": %u, \"size_bytes\": %" PRIu64 ", \"est_restore_s\": ",
 		       m->found ? m->tier : 0, m->size_bytes);
 		json_num(stdout, m->est_restore_s);
+		fputs(", \"est_prefill_s\": ", stdout);
+		json_num(stdout, m->est_prefill_s);
 		fputs("}\n", stdout);
 	} else if (m->found) {
 		printf("hit: %s matches %" PRIu32 " of %zu tokens; the blob holds %" PRIu32
-		       " tokens, %s on tier %u (%s), estimated restore %.3f ms\n",
+		       " tokens, %s on tier %u (%s), estimated restore %.3f ms, prefill of the "
+		       "matched tokens %.3f ms\n",
 		       m->blob, m->matched_tokens, n, m->n_tokens,
 		       human_bytes(m->size_bytes, b, sizeof(b)), m->tier, m->tier_kind,
-		       m->est_restore_s * 1e3);
+		       m->est_restore_s * 1e3, m->est_prefill_s * 1e3);
 	} else {
 		fputs("miss: no blob in namespace \"", stdout);
 		print_safe(stdout, ns);
@@ -962,6 +1114,8 @@ static void print_blob_json(const struct kvtier_blob_info *b)
 	json_str(stdout, b->tier_kind);
 	printf(", \"tier_index\": %u, \"compression\": ", b->tier);
 	json_str(stdout, b->compression);
+	fputs(", \"compression_ratio\": ", stdout);
+	json_num(stdout, b->compression_ratio);
 	fputs(", \"sidecars\": [", stdout);
 	for (unsigned i = 0; i < b->n_sidecars; i++) {
 		if (i)
@@ -976,19 +1130,25 @@ static void print_blob_json(const struct kvtier_blob_info *b)
 static int ls_print(void *ctx, const struct kvtier_blob_info *b)
 {
 	struct ls_ctx *l = ctx;
-	char size[32], stored[32], when[32], tier[32];
+	char size[32], stored[32], when[32], tier[32], comp[48];
 
 	if (l->json) {
 		fputs(l->n ? ",\n  " : "\n  ", stdout);
 		print_blob_json(b);
 	} else {
 		if (l->n == 0)
-			printf("%-64s %7s %10s %10s %-10s %6s %-19s %s\n", "BLOB", "TOKENS", "SIZE",
-			       "STORED", "TIER", "HITS", "LAST ACCESS", "NAMESPACE");
+			printf("%-64s %7s %10s %10s %-17s %-10s %6s %-19s %s\n", "BLOB", "TOKENS",
+			       "SIZE", "STORED", "COMPRESSION", "TIER", "HITS", "LAST ACCESS",
+			       "NAMESPACE");
 		snprintf(tier, sizeof(tier), "%u:%s", b->tier, b->tier_kind);
-		printf("%-64s %7" PRIu32 " %10s %10s %-10s %6" PRIu64 " %-19s ", b->blob,
+		if (!b->compression[0] || strcmp(b->compression, "none") == 0)
+			snprintf(comp, sizeof(comp), "-");
+		else
+			snprintf(comp, sizeof(comp), "%s %.2fx", b->compression,
+			         b->compression_ratio);
+		printf("%-64s %7" PRIu32 " %10s %10s %-17s %-10s %6" PRIu64 " %-19s ", b->blob,
 		       b->n_tokens, human_bytes(b->size_bytes, size, sizeof(size)),
-		       human_bytes(b->stored_bytes, stored, sizeof(stored)), tier, b->hits,
+		       human_bytes(b->stored_bytes, stored, sizeof(stored)), comp, tier, b->hits,
 		       human_time_ms(b->last_access_unix_ms, when, sizeof(when)));
 		print_safe(stdout, b->ns);
 		putchar('\n');
@@ -1167,6 +1327,10 @@ static const char *report_opt(struct kvtier_report *r, int opt, const char *arg,
 			bad = "--restored-tokens wants a token count";
 		*seen |= 4;
 		break;
+	case O_CACHED_TOKENS:
+		if (parse_u32(arg, &r->cached_tokens))
+			bad = "--cached-tokens wants a token count";
+		break;
 	case O_RESTORE_IGNORED:
 		r->restore_ignored = 1;
 		*seen |= 4;
@@ -1188,6 +1352,7 @@ static int cmd_report(struct cli *g, int argc, char **argv)
 	    {"restore-ms", required_argument, NULL, O_RESTORE_MS},
 	    {"restored-tokens", required_argument, NULL, O_RESTORED_TOKENS},
 	    {"restore-ignored", no_argument, NULL, O_RESTORE_IGNORED},
+	    {"cached-tokens", required_argument, NULL, O_CACHED_TOKENS},
 	    {NULL, 0, NULL, 0}};
 	struct kvtier_report r;
 	const char *bad;
@@ -1268,10 +1433,22 @@ out:
 
 static const struct command commands[] = {
     {"info", cmd_info, 1, "[--json]",
-     "Show the daemon's version, block size, tiers and slot directories.",
-     "Each tier shows its capacity, use, blob count and the restore throughput the daemon\n"
-     "measured on it. Slot directories are where `stage` and `adopt` may work.\n\n"
-     "  --json    one JSON object\n"},
+     "Show the daemon's settings, tiers, prefill models and slot directories.",
+     "Each tier shows its capacity, use and blob count; its I/O mode (and why it is not\n"
+     "io_uring+O_DIRECT, when it is not); the restore model the daemon measured on it\n"
+     "(GB/s + fixed ms per read, and how many real reads it learned from); its\n"
+     "watermarks; its compression ratio (bytes as served / bytes stored); migrations in\n"
+     "and out; evictions by reason; and its GDSF base (docs/policy.md). Each namespace\n"
+     "shows its prefill model, seconds per token = a + b * depth, as tokens/s at depth 0\n"
+     "(1/a) and 4096 (1/(a + b*4096)), with the reports it was fitted on. The placement\n"
+     "settings (watermarks, compression, shuffle, assumed prefill speed) come first.\n"
+     "Slot directories are where `stage` and `adopt` may work.\n\n"
+     "  --json    one JSON object: version, address, block_size, supersede,\n"
+     "            max_blob_bytes, tiers (as in `stats --json`), slot_dirs,\n"
+     "            high_watermark, low_watermark, compress_min_saving, shuffle,\n"
+     "            assumed_prefill_tps, namespaces (namespace, prefill_tokens_per_s,\n"
+     "            prefill_s_per_token, prefill_s_per_token_per_ctx, samples,\n"
+     "            prefill_tokens_per_s_depth_0, prefill_tokens_per_s_depth_4096)\n"},
     {"put", cmd_put, 1, "--namespace NS FILE",
      "Upload a llama-server slot file (and its sidecars) into namespace NS.",
      "Streams FILE, plus FILE.tokens.json and FILE.checkpoints when they exist, to the\n"
@@ -1296,7 +1473,9 @@ static const struct command commands[] = {
      "  --json               print one JSON object:\n"
      "                       {\"blob\": ID or null, \"matched_tokens\": N, \"n_tokens\": N,\n"
      "                        \"tier\": KIND or null, \"tier_index\": N, \"size_bytes\": N,\n"
-     "                        \"est_restore_s\": X}   (a miss: null and zeros)\n"},
+     "                        \"est_restore_s\": X, \"est_prefill_s\": X}\n"
+     "                       (a miss: null and zeros); est_prefill_s is the namespace's\n"
+     "                       prefill model for the matched tokens\n"},
     {"get", cmd_get, 1, "BLOB -o FILE", "Download a blob into FILE (and its sidecars beside it).",
      "Writes FILE, FILE.tokens.json and FILE.checkpoints as the blob has them, through\n"
      "temporary files renamed into place only when the whole blob arrived intact, so FILE\n"
@@ -1317,15 +1496,27 @@ static const struct command commands[] = {
      ""},
     {"rm", cmd_rm, 1, "BLOB...", "Delete blobs (metadata first, then their files).", ""},
     {"ls", cmd_ls, 1, "[--namespace NS] [--json]", "List blobs, in blob id order.",
+     "COMPRESSION is \"-\" for a blob stored as is, else the codec (lz4, lz4+shuffle)\n"
+     "and the ratio of slot file bytes to stored bytes.\n\n"
      "  -n, --namespace NS   only this namespace\n"
      "  --json               a JSON array of objects with blob, namespace, n_tokens,\n"
      "                       version, size_bytes, stored_bytes, tier, tier_index,\n"
-     "                       compression, sidecars, created_unix_ms,\n"
-     "                       last_access_unix_ms, hits, crc32c\n"},
+     "                       compression, compression_ratio, sidecars,\n"
+     "                       created_unix_ms, last_access_unix_ms, hits, crc32c\n"},
     {"stats", cmd_stats, 1, "[--json]", "Show the daemon's counters, per tier and per namespace.",
-     "  --json    one JSON object\n"},
+     "Each tier shows what `kvtier info` shows for it: use, I/O mode, restore model,\n"
+     "watermarks, compression ratio, migrations in and out, evictions by reason.\n\n"
+     "  --json    one JSON object: blobs, bytes, lookups, hits, matched_tokens, puts,\n"
+     "            dedups, supersessions, stages, active_leases, tiers, namespaces.\n"
+     "            Each tier: index, kind, path, capacity_bytes, used_bytes, blobs,\n"
+     "            read_bytes_per_s, read_fixed_s, io, io_fallback, model_samples,\n"
+     "            high_watermark_bytes, low_watermark_bytes, raw_bytes, stored_bytes,\n"
+     "            compression_ratio, gdsf_base, migrations_in, migrations_out,\n"
+     "            evicted_capacity, evicted_not_worth, evicted_lower_full.\n"
+     "            Each namespace: namespace, blobs, bytes, lookups, hits,\n"
+     "            prefill_tokens_per_s\n"},
     {"report", cmd_report, 1,
-     "--namespace NS --prompt-tokens N --prompt-ms X\n"
+     "--namespace NS --prompt-tokens N --prompt-ms X [--cached-tokens N]\n"
      "           [--blob B [--restore-ms X] [--restored-tokens N] [--restore-ignored]]",
      "Tell the daemon measured prefill (and restore) timings.",
      "The daemon learns each namespace's prefill speed from these reports, and so which\n"
@@ -1333,6 +1524,8 @@ static const struct command commands[] = {
      "  -n, --namespace NS     namespace of the model (required)\n"
      "  --prompt-tokens N      tokens prefilled (timings.prompt_n; required)\n"
      "  --prompt-ms X          milliseconds they took (timings.prompt_ms; required)\n"
+     "  --cached-tokens N      tokens already in the context before them (default 0):\n"
+     "                         prefill slows as the context grows, the model fits that\n"
      "  --blob B               the report is about a restore of blob B:\n"
      "  --restore-ms X         how long the restore took\n"
      "  --restored-tokens N    tokens it restored\n"

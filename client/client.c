@@ -433,6 +433,19 @@ static void fill_tier(struct kvtier_tier *t, const Kvtier__V1__TierInfo *ti)
 	t->blobs = ti->blobs;
 	t->read_bytes_per_s = ti->read_bytes_per_s;
 	t->read_fixed_s = ti->read_fixed_s;
+	copy_str(t->io, sizeof(t->io), ti->io);
+	copy_str(t->io_fallback, sizeof(t->io_fallback), ti->io_fallback);
+	t->model_samples = ti->model_samples;
+	t->high_watermark_bytes = ti->high_watermark_bytes;
+	t->low_watermark_bytes = ti->low_watermark_bytes;
+	t->raw_bytes = ti->raw_bytes;
+	t->stored_bytes = ti->stored_bytes;
+	t->migrations_in = ti->migrations_in;
+	t->migrations_out = ti->migrations_out;
+	t->evicted_capacity = ti->evicted_capacity;
+	t->evicted_not_worth = ti->evicted_not_worth;
+	t->evicted_lower_full = ti->evicted_lower_full;
+	t->gdsf_base = ti->gdsf_base;
 }
 
 /* Reads exactly len bytes at off, unless the file ends first: returns the
@@ -653,6 +666,21 @@ KVTIER_API int kvtier_info(kvtier_client *c, struct kvtier_info *out)
 	for (size_t i = 0; i < r->n_slot_dirs && out->n_slot_dirs < 8; i++)
 		copy_str(out->slot_dirs[out->n_slot_dirs++], sizeof(out->slot_dirs[0]),
 		         r->slot_dirs[i]);
+	out->high_watermark = r->high_watermark;
+	out->low_watermark = r->low_watermark;
+	out->compress_min_saving = r->compress_min_saving;
+	out->assumed_prefill_tps = r->assumed_prefill_tps;
+	copy_str(out->shuffle, sizeof(out->shuffle), r->shuffle);
+	for (size_t i = 0; i < r->n_namespaces && out->n_namespaces < 32; i++) {
+		const Kvtier__V1__NamespaceModel *m = r->namespaces[i];
+		struct kvtier_ns_model *d = &out->namespaces[out->n_namespaces++];
+
+		copy_str(d->ns, sizeof(d->ns), m->namespace_);
+		d->prefill_tokens_per_s = m->prefill_tokens_per_s;
+		d->prefill_s_per_token = m->prefill_s_per_token;
+		d->prefill_s_per_token_per_ctx = m->prefill_s_per_token_per_ctx;
+		d->samples = m->samples;
+	}
 out:
 	if (r)
 		protobuf_c_message_free_unpacked(&r->base, NULL);
@@ -688,6 +716,7 @@ KVTIER_API int kvtier_lookup(kvtier_client *c, const char *ns, const int32_t *to
 	out->tier = r->tier;
 	copy_str(out->tier_kind, sizeof(out->tier_kind), r->tier_kind);
 	out->est_restore_s = r->est_restore_s;
+	out->est_prefill_s = r->est_prefill_s;
 out:
 	if (r)
 		protobuf_c_message_free_unpacked(&r->base, NULL);
@@ -803,6 +832,7 @@ static void fill_blob_info(struct kvtier_blob_info *b, const Kvtier__V1__BlobInf
 	b->tier = bi->tier;
 	copy_str(b->tier_kind, sizeof(b->tier_kind), bi->tier_kind);
 	copy_str(b->compression, sizeof(b->compression), bi->compression);
+	b->compression_ratio = bi->compression_ratio;
 	for (size_t i = 0; i < bi->n_sidecars && b->n_sidecars < 2; i++)
 		copy_str(b->sidecars[b->n_sidecars++], sizeof(b->sidecars[0]), bi->sidecars[i]);
 	b->created_unix_ms = bi->created_unix_ms;
@@ -920,6 +950,7 @@ KVTIER_API int kvtier_report(kvtier_client *c, const struct kvtier_report *rep)
 	q.blob = (char *)(rep->blob ? rep->blob : "");
 	q.restore_ms = rep->restore_ms;
 	q.restored_tokens = rep->restored_tokens;
+	q.cached_tokens = rep->cached_tokens;
 	q.restore_ignored = rep->restore_ignored != 0;
 	rc = call_unary(c, M_REPORT, &q.base, &kvtier__v1__report_reply__descriptor, &r);
 out:

@@ -87,6 +87,29 @@ struct kvtier_tier {
 	char path[256];
 	uint64_t capacity_bytes, used_bytes, blobs;
 	double read_bytes_per_s, read_fixed_s;
+	char io[32];                   /* io_uring+O_DIRECT, pread+O_DIRECT, pread or memory */
+	char io_fallback[160];         /* why not io_uring+O_DIRECT ("" when it is) */
+	uint64_t model_samples;        /* real reads the restore model learned from */
+	uint64_t high_watermark_bytes; /* above this the tier's lowest-value blobs move down */
+	uint64_t low_watermark_bytes;  /* eviction brings the tier back under this */
+	uint64_t raw_bytes;            /* its blobs' bytes as served */
+	uint64_t stored_bytes;         /* their bytes on the tier; raw / stored = compression */
+	uint64_t migrations_in;        /* blobs moved into this tier */
+	uint64_t migrations_out;       /* blobs moved out of this tier */
+	uint64_t evicted_capacity;     /* deleted from the last tier to make room */
+	uint64_t evicted_not_worth;    /* not moved down: restore slower than prefill */
+	uint64_t evicted_lower_full;   /* not moved down: the next tier could not take it */
+	double gdsf_base;              /* GreedyDual inflation value L (docs/policy.md) */
+};
+
+/* One namespace's prefill model: seconds per token = a + b * depth, depth
+ * being the tokens already in the context when the prefill starts. */
+struct kvtier_ns_model {
+	char ns[256];
+	double prefill_tokens_per_s;        /* average of the reports (for display) */
+	double prefill_s_per_token;         /* a: seconds per token at depth 0 */
+	double prefill_s_per_token_per_ctx; /* b: extra seconds per token per token of depth */
+	double samples;                     /* reports fitted (older ones decay) */
 };
 
 struct kvtier_info {
@@ -98,9 +121,18 @@ struct kvtier_info {
 	struct kvtier_tier tiers[8];
 	unsigned n_slot_dirs;
 	char slot_dirs[8][256];
+	double high_watermark;      /* share of a tier's capacity that starts eviction */
+	double low_watermark;       /* share of a tier's capacity eviction brings it under */
+	double compress_min_saving; /* share a blob must shrink by to be stored LZ4 (1 = off) */
+	double assumed_prefill_tps; /* prefill tokens/s assumed for a namespace without reports */
+	char shuffle[8];            /* byte-shuffle before LZ4: "auto", "on" or "off" */
+	unsigned n_namespaces;      /* entries filled in namespaces[]; more than 32 are dropped */
+	struct kvtier_ns_model namespaces[32];
 };
 
-/* Asks the daemon for its version, block size, tiers and slot directories. */
+/* Asks the daemon for its version, block size, tiers, slot directories,
+ * placement settings and the namespaces' prefill models. The struct is about
+ * 16 KiB: a caller short of stack should allocate it. */
 KVTIER_API int kvtier_info(kvtier_client *c, struct kvtier_info *out);
 
 struct kvtier_match {
@@ -111,7 +143,8 @@ struct kvtier_match {
 	uint64_t size_bytes;
 	unsigned tier;
 	char tier_kind[16];
-	double est_restore_s;
+	double est_restore_s; /* the tier's restore model for this blob */
+	double est_prefill_s; /* the namespace's prefill model for matched_tokens */
 };
 
 /* Finds the blob of namespace `ns` with the longest prefix in common with
@@ -175,7 +208,8 @@ struct kvtier_blob_info {
 	uint64_t size_bytes, stored_bytes;
 	unsigned tier;
 	char tier_kind[16];
-	char compression[16];
+	char compression[16];     /* "none", "lz4" or "lz4+shuffle" */
+	double compression_ratio; /* slot file bytes / stored bytes (1 when not compressed) */
 	unsigned n_sidecars;
 	char sidecars[2][16];
 	int64_t created_unix_ms, last_access_unix_ms;
@@ -216,6 +250,7 @@ struct kvtier_report {
 	double restore_ms;
 	uint32_t restored_tokens;
 	int restore_ignored;    /* the server did not use the restored blob */
+	uint32_t cached_tokens; /* tokens in the context before the prefill (its depth) */
 };
 
 /* Tells the daemon measured prefill and restore timings. */
