@@ -11,8 +11,18 @@
  *   size before writing and the reservation becomes usage on commit;
  * - readers are positional (pread-like) so several can share a file.
  *
- * The interface is the same for every kind ("tmpfs" now, "disk" later): the
- * kind only changes how bytes are moved. All functions are thread-safe.
+ * The interface is the same for every kind; the kind only changes how bytes
+ * are moved:
+ * - "tmpfs" (RAM): plain pread/pwrite, no fsync (nothing survives a reboot
+ *   anyway); files may be hard-linked in and out.
+ * - "disk" (NVMe/SSD): O_DIRECT with aligned buffers and several requests in
+ *   flight per stream through io_uring, so one stream reaches the device's
+ *   bandwidth; pread/pwrite (still O_DIRECT) when io_uring is unavailable,
+ *   buffered I/O when O_DIRECT is; fsync before and after the rename in every
+ *   mode. Never hard-linked (tier_link_out copies).
+ *
+ * Threads: the tier functions are thread-safe; one writer or reader handle
+ * is used by one thread at a time (a disk reader keeps a read-ahead pipeline).
  * Return values: 0 or a count on success, a negative errno on a system error,
  * KVTIER_E_FULL when a reservation does not fit, KVTIER_E_NOTFOUND for a
  * missing name, KVTIER_E_EXISTS when a target name is taken.
@@ -31,6 +41,12 @@ struct tier;
 struct tier_writer;
 struct tier_reader;
 
+/* Latency histograms: upper bounds in seconds (Prometheus "le") of the
+ * buckets of tier_stats.read_hist and write_hist; the bucket after the last
+ * bound is +Inf. */
+#define TIER_HIST_BUCKETS 12
+extern const double tier_hist_le[TIER_HIST_BUCKETS];
+
 struct tier_stats {
 	uint64_t capacity;      /* bytes */
 	uint64_t used;          /* committed bytes */
@@ -38,6 +54,33 @@ struct tier_stats {
 	uint64_t files;         /* committed files */
 	uint64_t read_bytes, write_bytes;
 	double read_seconds, write_seconds;
+	/* One observation per file read (at tier_reader_close of a reader that
+	 * returned bytes, and per copy made by tier_link_out: the seconds spent
+	 * reading it) and per file written (at a successful tier_writer_commit:
+	 * the seconds spent writing it plus making it durable). Per-bucket
+	 * counts, not cumulative: hist[i] counts observations with
+	 * tier_hist_le[i-1] < seconds <= tier_hist_le[i]; hist[TIER_HIST_BUCKETS]
+	 * those above the last bound. The sum of a histogram is its *_ops. */
+	uint64_t read_ops, write_ops;
+	uint64_t read_hist[TIER_HIST_BUCKETS + 1], write_hist[TIER_HIST_BUCKETS + 1];
+};
+
+/* How a disk tier moves bytes (tier_options.io_mode). */
+enum tier_io_mode {
+	TIER_IO_AUTO = 0,  /* io_uring + O_DIRECT when the probe at open says they work */
+	TIER_IO_PREAD = 1, /* never io_uring: pread/pwrite (O_DIRECT when it works) */
+};
+
+/* Options of tier_open; all zero means the defaults. The tmpfs kind ignores
+ * them. Each disk writer or reader holds (queue_depth + 1) aligned buffers
+ * of request_bytes (10 MiB with the defaults, rounded up to 2 MiB huge pages;
+ * less for files smaller than that), allocated on its first read or write,
+ * and its own io_uring. */
+struct tier_options {
+	int io_mode;          /* enum tier_io_mode */
+	unsigned queue_depth; /* requests in flight per stream, 0 = 8; at most 256 */
+	size_t request_bytes; /* bytes per request, 0 = 1 MiB (rounded up to the O_DIRECT
+			       * alignment); at most 64 MiB */
 };
 
 /* Tier files are written mode 0640 and committed read-only (0440): a
@@ -45,10 +88,21 @@ struct tier_stats {
  * shares the tier file's inode and mode) but not write through it.
  *
  * Opens (creating if needed, mode 0700) the tier directory `path` of kind
- * `kind` ("tmpfs") with `capacity` bytes. Usage starts at 0: the caller
- * accounts existing files with tier_account() while reconciling.
- * Returns 0, -errno, or KVTIER_E_INVALID for an unknown kind. */
-int tier_open(const char *kind, const char *path, uint64_t capacity, struct tier **out);
+ * `kind` ("tmpfs" or "disk") with `capacity` bytes. Usage starts at 0: the
+ * caller accounts existing files with tier_account() while reconciling.
+ * opt may be NULL (defaults); it is read during the call only.
+ *
+ * A disk tier probes how it can move bytes: io_uring_queue_init, then an
+ * O_DIRECT write and read of an unnamed temporary file in the directory (and
+ * the same through io_uring). The first that works of "io_uring+O_DIRECT",
+ * "pread+O_DIRECT" and "pread" (buffered) is used for every stream, and one
+ * log line (event=tier_io) says which and why. TIER_IO_PREAD, or
+ * KVTIER_NO_IO_URING set to anything but "" or "0" in the environment, skips
+ * io_uring.
+ * Returns 0, -errno, or KVTIER_E_INVALID for an unknown kind or an option
+ * out of range. */
+int tier_open(const char *kind, const char *path, uint64_t capacity, const struct tier_options *opt,
+	      struct tier **out);
 
 /* Closes the tier. Writers and readers must be finished. */
 void tier_close(struct tier *t);
@@ -56,6 +110,32 @@ void tier_close(struct tier *t);
 const char *tier_kind(const struct tier *t);
 const char *tier_path(const struct tier *t);
 void tier_get_stats(const struct tier *t, struct tier_stats *out);
+
+/* How bytes move, for logs and Info: "io_uring+O_DIRECT", "pread+O_DIRECT",
+ * "pread" (buffered, fsync on commit) for disk; "memory" for tmpfs. Static
+ * string, valid for the program's life. */
+const char *tier_io_desc(const struct tier *t);
+
+/* Why the disk tier is not on io_uring+O_DIRECT (for example
+ * "io_uring_queue_init: Operation not permitted" or "KVTIER_NO_IO_URING=1"),
+ * "" when it is, and for tmpfs. Valid until tier_close. */
+const char *tier_io_fallback_reason(const struct tier *t);
+
+/* Measures the tier's restore cost model. Writes a probe file of probe_bytes
+ * (0 = 8 MiB, at least 64 KiB) under a temporary name through the tier's own
+ * write path (reserving its size; removed before returning, whatever the
+ * result), makes it durable, then reads it through the tier's read path (on
+ * disk O_DIRECT, so from the device; in buffered mode its pages are dropped
+ * from the page cache first):
+ * *fixed_s      the latency of a small (4 KiB) read including the open
+ *               (median of three, at different offsets);
+ * *bytes_per_s  probe_bytes / (seconds of one whole sequential read, open
+ *               included, less *fixed_s when that leaves more than half).
+ * The probe is not counted in the tier's statistics. Both outputs are > 0 on
+ * success and untouched on failure. Returns 0, KVTIER_E_FULL when the probe
+ * file does not fit (the caller keeps its defaults), -ENOSPC, -EIO (the bytes
+ * read back differ) or -errno. */
+int tier_probe(struct tier *t, uint64_t probe_bytes, double *fixed_s, double *bytes_per_s);
 
 /* Adds (delta > 0) or removes (delta < 0) committed usage for an existing
  * file of `delta` bytes: used when reconciling at start and by callers that
@@ -82,20 +162,26 @@ int tier_writer_open(struct tier *t, uint64_t size, struct tier_writer **out);
 int tier_writer_from_file(struct tier *t, const char *src_path, int force_copy, uint64_t *size,
 			  struct tier_writer **out);
 
-/* Appends len bytes. Returns 0, -EFBIG past the reserved size, -errno. */
+/* Appends len bytes. On disk the bytes may still be in flight when this
+ * returns: a failed write shows up in a later call or in the commit, and
+ * from then on every call fails with the same error. Returns 0, -EFBIG past
+ * the reserved size, -ENOSPC (abort, make room, write again), -errno. */
 int tier_writer_write(struct tier_writer *w, const void *buf, size_t len);
 
 /* Reads back len bytes at off from the file being written (to parse a header
- * after streaming). Returns 0 or -errno (-ENODATA past what was written). */
+ * after streaming; on disk it first waits for the writes in flight). Returns
+ * 0 or -errno (-ENODATA past what was written). */
 int tier_writer_pread(struct tier_writer *w, void *buf, size_t len, uint64_t off);
 
 /* Bytes written so far. */
 uint64_t tier_writer_size(const struct tier_writer *w);
 
-/* Makes the file durable (disk tier), renames it to `name` (which must not
- * exist: KVTIER_E_EXISTS) and frees the writer, whatever the result; on
- * failure the temporary is removed and the reservation released. On success
- * the reservation becomes usage. */
+/* Makes the file durable (disk tier: writes the last block, waits for every
+ * write, truncates to the exact size, fsyncs the file), renames it to `name`
+ * (which must not exist: KVTIER_E_EXISTS), fsyncs the directory (disk), and
+ * frees the writer, whatever the result; on failure (-ENOSPC among others)
+ * the temporary is removed and the reservation released. On success the
+ * reservation becomes usage. */
 int tier_writer_commit(struct tier_writer *w, const char *name);
 
 /* Removes the temporary file, releases the reservation and frees the writer. */
@@ -106,9 +192,15 @@ void tier_writer_abort(struct tier_writer *w);
 int tier_reader_open(struct tier *t, const char *name, struct tier_reader **out,
 		     uint64_t *size);
 
-/* Reads up to len bytes at off. Returns the count (0 at end) or -errno. */
+/* Reads up to len bytes at off (any offset and length). Returns the count,
+ * short only at the end of the file, 0 at or past the end, or -errno. On
+ * disk, a read that continues where the previous one ended (or starts the
+ * file) keeps queue_depth requests in flight ahead of it; a read elsewhere is
+ * served from what is already buffered or restarts the pipeline with only
+ * the blocks it needs. */
 ssize_t tier_reader_read(struct tier_reader *r, void *buf, size_t len, uint64_t off);
 
+/* Closes the reader (NULL is fine) and counts it in the read histogram. */
 void tier_reader_close(struct tier_reader *r);
 
 /* Size of committed file `name`. Returns 0, KVTIER_E_NOTFOUND or -errno. */
@@ -119,7 +211,8 @@ int tier_stat(struct tier *t, const char *name, uint64_t *size);
 int tier_remove(struct tier *t, const char *name);
 
 /* Makes `name` appear as `dst_name` in directory dirfd: a hard link when
- * possible, else a copy written to a temporary name in dirfd and renamed.
+ * possible (tmpfs, same file system), else a copy written to a temporary name
+ * in dirfd and renamed (always on disk, counted as a file read).
  * Never overwrites: KVTIER_E_EXISTS when dst_name exists. *copied tells
  * which happened. Returns 0, KVTIER_E_NOTFOUND, KVTIER_E_EXISTS or -errno. */
 int tier_link_out(struct tier *t, const char *name, int dirfd, const char *dst_name,
