@@ -13,6 +13,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #define KEY_LEN 32
 #define KEY_HEX_LEN 64
@@ -41,5 +42,10 @@ char *key_hex(const struct key *k, char *out);
 
 /* Parses exactly 64 hex characters. Returns 0 or KVTIER_E_INVALID. */
 int key_from_hex(const char *s, struct key *k);
+
+static inline int key_equal(const struct key *a, const struct key *b)
+{
+	return memcmp(a->b, b->b, KEY_LEN) == 0;
+}
 
 #endif /* KVTIER_KEYS_H */

@@ -33,6 +33,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "codec.h"
 #include "crc32c.h"
 #include "index.h"
 #include "keys.h"
@@ -206,22 +207,60 @@ out:
 	return rc;
 }
 
-/* Reads a part back and compares its CRC-32C. */
+struct fsck_src {
+	int fd;
+	uint64_t off;
+};
+
+/* Encoded bytes in sequence, for the decoder. */
+static ssize_t fsck_src_read(void *ctx, void *buf, size_t len)
+{
+	struct fsck_src *src = ctx;
+	ssize_t n;
+
+	do
+		n = pread(src->fd, buf, len, (off_t)src->off);
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return -errno;
+	src->off += (uint64_t)n;
+	return n;
+}
+
+/* Reads a part back (decoding it when it is stored encoded) and compares
+ * the CRC-32C of the bytes as served. */
 static void fsck_verify_part(struct fsck *c, const struct fsck_tier *t, const char *name,
-			     const char *hex, int part, uint64_t size, uint32_t want)
+			     const char *hex, int part, uint64_t size, uint32_t want, int codec)
 {
 	uint32_t crc = 0;
 	uint64_t off = 0;
 	int fd = openat(t->dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	struct fsck_src src = {fd, 0};
+	struct codec_dec *dec = NULL;
 
 	if (fd < 0) {
 		fsck_problem(c, "blob %s: cannot open %s/%s to verify it: %s", hex, t->path, name,
 			     strerror(errno));
 		goto out;
 	}
+	if (codec != CODEC_RAW && codec_dec_new(codec, size, fsck_src_read, &src, &dec)) {
+		fsck_problem(c, "blob %s: %s/%s: unknown compression %d", hex, t->path, name, codec);
+		goto out;
+	}
 	while (off < size) {
 		size_t want_len = size - off < FSCK_READ_BUF ? (size_t)(size - off) : FSCK_READ_BUF;
-		ssize_t n = pread(fd, c->buf, want_len, (off_t)off);
+		ssize_t n = dec ? codec_dec_read(dec, c->buf, want_len)
+				: pread(fd, c->buf, want_len, (off_t)off);
+		if (n == KVTIER_E_CORRUPT) {
+			fsck_problem(c, "blob %s: %s %s/%s does not decode (%s): the bytes are "
+					"damaged", hex, fsck_part_label(part), t->path, name,
+				     codec_name(codec));
+			goto out;
+		}
+		if (n < -1) {
+			errno = (int)-n;
+			n = -1;
+		}
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0) {
@@ -242,6 +281,7 @@ static void fsck_verify_part(struct fsck *c, const struct fsck_tier *t, const ch
 				", the index says %08" PRIx32 "): the bytes are damaged",
 			     hex, fsck_part_label(part), t->path, name, crc, want);
 out:
+	codec_dec_free(dec);
 	if (fd >= 0)
 		close(fd);
 }
@@ -255,9 +295,11 @@ static void fsck_blob(struct fsck *c, const struct blob_meta *m)
 
 	c->blobs++;
 	key_hex(&m->id, hex);
-	if (m->rec_version != 1)
-		fsck_problem(c, "blob %s: record version %" PRIu32 ", this fsck knows 1", hex,
+	if (m->rec_version != 1 && m->rec_version != 2)
+		fsck_problem(c, "blob %s: record version %" PRIu32 ", this fsck knows 1 and 2", hex,
 			     m->rec_version);
+	if (m->compression > CODEC_LZ4_SHUFFLE)
+		fsck_problem(c, "blob %s: unknown compression %" PRIu32, hex, m->compression);
 	if (m->parts & ~((1u << PART_COUNT) - 1))
 		fsck_problem(c, "blob %s: unknown parts recorded (mask 0x%" PRIx32 ")", hex,
 			     m->parts);
@@ -265,8 +307,8 @@ static void fsck_blob(struct fsck *c, const struct blob_meta *m)
 		fsck_problem(c, "blob %s: has no main part", hex);
 	for (int p = 0; p < PART_COUNT; p++)
 		if (m->parts & (1u << p))
-			sum_meta += m->part_size[p];
-	if (m->compression == 0 && m->stored_size != sum_meta)
+			sum_meta += m->part_stored[p];
+	if (m->stored_size != sum_meta)
 		fsck_problem(c, "blob %s: stored size %" PRIu64 " is not the sum of its parts (%"
 				PRIu64 ")", hex, m->stored_size, sum_meta);
 	if (!c->have_tiers)
@@ -305,20 +347,17 @@ static void fsck_blob(struct fsck *c, const struct blob_meta *m)
 			continue;
 		}
 		sum_files += (uint64_t)st.st_size;
-		if (m->compression != 0)
-			continue; /* stored sizes per part are not recorded; checked as a sum */
-		if ((uint64_t)st.st_size != m->part_size[p]) {
+		if ((uint64_t)st.st_size != m->part_stored[p]) {
 			fsck_problem(c, "blob %s: %s %s/%s has %lld bytes, the index says %" PRIu64,
 				     hex, fsck_part_label(p), t->path, name, (long long)st.st_size,
-				     m->part_size[p]);
+				     m->part_stored[p]);
 			continue;
 		}
 		if (c->verify)
-			fsck_verify_part(c, t, name, hex, p, m->part_size[p], m->part_crc[p]);
+			fsck_verify_part(c, t, name, hex, p, m->part_size[p], m->part_crc[p],
+					 (int)m->compression);
 	}
-	/* TODO(compression): verify compressed parts once a codec is stored;
-	 * the CRC is over the bytes as served, so it needs decompression. */
-	if (m->compression != 0 && files_ok && sum_files != m->stored_size)
+	if (files_ok && sum_files != m->stored_size)
 		fsck_problem(c, "blob %s: its files hold %" PRIu64 " bytes, the index says %" PRIu64
 				" stored", hex, sum_files, m->stored_size);
 }

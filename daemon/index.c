@@ -35,7 +35,7 @@
 #define INDEX_MAX_DBS 8
 #define INDEX_MAX_READERS 126
 #define PKEY_LEN (4 + KEY_LEN) /* be32 ns id || chain key */
-#define BLOB_REC_VERSION 1
+#define BLOB_REC_VERSION 2
 
 const char *const blob_part_suffix[PART_COUNT] = {"", ".tokens.json", ".checkpoints"};
 
@@ -165,6 +165,32 @@ static size_t ns_len_valid(const char *ns)
 	return n > INDEX_NS_MAX ? 0 : n;
 }
 
+/* Record decoders: the current size, or a version 1 record (shorter: the
+ * fields added since read as their defaults). Return 0, or -1 for a size
+ * that is neither. */
+static int blob_decode(const MDB_val *v, struct blob_meta *m)
+{
+	if (v->mv_size != sizeof(*m) && v->mv_size != BLOB_REC_V1_SIZE)
+		return -1;
+	memset(m, 0, sizeof(*m));
+	memcpy(m, v->mv_data, v->mv_size);
+	if (v->mv_size == BLOB_REC_V1_SIZE) {
+		for (int p = 0; p < PART_COUNT; p++)
+			m->part_stored[p] = m->part_size[p];
+		m->ratio = 1;
+	}
+	return 0;
+}
+
+static int ns_decode(const MDB_val *v, struct ns_rec *r)
+{
+	if (v->mv_size != sizeof(*r) && v->mv_size != NS_REC_V1_SIZE)
+		return -1;
+	memset(r, 0, sizeof(*r));
+	memcpy(r, v->mv_data, v->mv_size);
+	return 0;
+}
+
 /* Reads the record of namespace ns. Returns 0, MDB_NOTFOUND, another LMDB
  * code, or KVTIER_E_INTERNAL (wrong size; err says so). */
 static int ns_read(struct index *ix, MDB_txn *txn, const char *ns, size_t ns_len,
@@ -175,9 +201,8 @@ static int ns_read(struct index *ix, MDB_txn *txn, const char *ns, size_t ns_len
 
 	if (mrc)
 		return mrc;
-	if (v.mv_size != sizeof(*rec))
+	if (ns_decode(&v, rec))
 		return index_corrupt("namespace", v.mv_size, sizeof(*rec), err, errlen);
-	memcpy(rec, v.mv_data, sizeof(*rec));
 	return 0;
 }
 
@@ -231,9 +256,8 @@ static int blob_read(struct index *ix, MDB_txn *txn, const struct key *id, struc
 
 	if (mrc)
 		return mrc;
-	if (v.mv_size != sizeof(*m))
+	if (blob_decode(&v, m))
 		return index_corrupt("blob", v.mv_size, sizeof(*m), err, errlen);
-	memcpy(m, v.mv_data, sizeof(*m));
 	return 0;
 }
 
@@ -362,7 +386,20 @@ static int schema_check(struct index *ix, MDB_txn *txn, uint32_t block_size, cha
 		rc = index_fail(mrc, "reading the schema", err, errlen);
 		goto out;
 	}
-	if (schema != INDEX_SCHEMA) {
+	if (schema == 1 && !ix->readonly) {
+		/* 0.1's schema: its records are read as they are (blob_decode,
+		 * ns_decode) and rewritten as version 2 when they change. The new
+		 * number makes a 0.1 binary refuse this index instead of taking
+		 * the longer records for damage. */
+		mrc = meta_put_u32(ix, txn, "schema", INDEX_SCHEMA);
+		if (mrc) {
+			rc = index_fail(mrc, "upgrading the schema", err, errlen);
+			goto out;
+		}
+		klog(LOG_INFO, "event=index_upgraded from_schema=1 to_schema=%u", INDEX_SCHEMA);
+		schema = INDEX_SCHEMA;
+	}
+	if (schema != INDEX_SCHEMA && !(schema == 1 && ix->readonly)) {
 		set_err(err, errlen,
 			"%s has index schema %u, this kvtierd knows only schema %u: %s", ix->path,
 			schema, INDEX_SCHEMA,
@@ -588,9 +625,8 @@ static int supersede_candidate(struct index *ix, MDB_txn *txn, const void *cand_
 	mrc = mdb_get(txn, ix->blobs, &k, &v);
 	if (mrc)
 		return mrc == MDB_NOTFOUND ? 0 : mrc; /* dangling: index_check reports it */
-	if (v.mv_size != sizeof(*cm))
+	if (blob_decode(&v, cm))
 		return 0;
-	memcpy(cm, v.mv_data, sizeof(*cm));
 	if (cm->ns_id != nsid || cm->n_tokens >= nm->n_tokens || cm->n_tokens / ix->block != d)
 		return 0;
 	mrc = mdb_get(txn, ix->tokens, &k, &v);
@@ -799,8 +835,7 @@ int index_put(struct index *ix, const char *ns, const uint8_t *layout, size_t la
 
 	m = *meta;
 	m.ns_id = rec.id;
-	if (!m.rec_version)
-		m.rec_version = BLOB_REC_VERSION;
+	m.rec_version = BLOB_REC_VERSION;
 	if (supersede) {
 		mrc = put_supersede(ix, txn, rec.id, &m, tokens, chain, n_chain, res);
 		if (mrc) {
@@ -893,9 +928,8 @@ static int lookup_depth(struct index *ix, MDB_txn *txn, MDB_cursor *cur, const u
 			continue;
 		if (mrc)
 			return mrc;
-		if (bv.mv_size != sizeof(m))
+		if (blob_decode(&bv, &m))
 			continue;
-		memcpy(&m, bv.mv_data, sizeof(m));
 		if (m.flags & BLOB_F_QUARANTINED)
 			continue;
 		mrc = mdb_get(txn, ix->tokens, &bk, &tv);
@@ -958,7 +992,7 @@ int index_lookup(struct index *ix, const char *ns, const int32_t *tokens, size_t
 		rc = index_fail(mrc, "lookup: reading the namespace", NULL, 0);
 		goto out;
 	}
-	if (v.mv_size != sizeof(struct ns_rec)) {
+	if (v.mv_size != sizeof(struct ns_rec) && v.mv_size != NS_REC_V1_SIZE) {
 		rc = index_corrupt("namespace", v.mv_size, sizeof(struct ns_rec), NULL, 0);
 		goto out;
 	}
@@ -1204,10 +1238,12 @@ int index_update(struct index *ix, const struct blob_meta *meta)
 		rc = KVTIER_E_INVALID;
 		goto out;
 	}
+	m = *meta;
+	m.rec_version = BLOB_REC_VERSION;
 	k.mv_size = KEY_LEN;
-	k.mv_data = (void *)meta->id.b;
-	v.mv_size = sizeof(*meta);
-	v.mv_data = (void *)meta;
+	k.mv_data = m.id.b;
+	v.mv_size = sizeof(m);
+	v.mv_data = &m;
 	mrc = mdb_put(txn, ix->blobs, &k, &v, 0);
 	if (!mrc) {
 		mrc = mdb_txn_commit(txn);
@@ -1246,6 +1282,9 @@ int index_touch(struct index *ix, const struct index_touch *t, size_t n)
 		m.hits += t[i].hits;
 		if (t[i].last_access_ms > m.last_access_ms)
 			m.last_access_ms = t[i].last_access_ms;
+		if (t[i].gdsf_base > m.gdsf_base)
+			m.gdsf_base = t[i].gdsf_base;
+		m.rec_version = BLOB_REC_VERSION;
 		k.mv_size = KEY_LEN;
 		k.mv_data = m.id.b;
 		v.mv_size = sizeof(m);
@@ -1258,6 +1297,108 @@ int index_touch(struct index *ix, const struct index_touch *t, size_t n)
 	}
 	if (mrc)
 		rc = index_fail(mrc, "touch", NULL, 0);
+out:
+	if (txn)
+		mdb_txn_abort(txn);
+	return rc;
+}
+
+int index_set_placement(struct index *ix, const struct index_placement *pl)
+{
+	MDB_txn *txn = NULL;
+	struct blob_meta m;
+	MDB_val k, v;
+	int rc = 0, mrc;
+
+	if (ix->readonly)
+		return index_readonly(ix, NULL, 0);
+	mrc = mdb_txn_begin(ix->env, NULL, 0, &txn);
+	if (mrc)
+		return index_fail(mrc, "placement: beginning a transaction", NULL, 0);
+	mrc = blob_read(ix, txn, &pl->id, &m, NULL, 0);
+	if (mrc) {
+		rc = read_rc(mrc, "placement", NULL, 0);
+		goto out;
+	}
+	if (m.tier != pl->from_tier) {
+		rc = KVTIER_E_EXISTS; /* moved or replaced meanwhile */
+		goto out;
+	}
+	m.rec_version = BLOB_REC_VERSION;
+	m.tier = pl->to_tier;
+	m.compression = pl->compression;
+	m.stored_size = 0;
+	for (int p = 0; p < PART_COUNT; p++) {
+		m.part_stored[p] = (m.parts & (1u << p)) ? pl->part_stored[p] : 0;
+		m.stored_size += m.part_stored[p];
+	}
+	m.ratio = pl->ratio;
+	m.gdsf_base = pl->gdsf_base;
+	k.mv_size = KEY_LEN;
+	k.mv_data = m.id.b;
+	v.mv_size = sizeof(m);
+	v.mv_data = &m;
+	mrc = mdb_put(txn, ix->blobs, &k, &v, 0);
+	if (!mrc) {
+		mrc = mdb_txn_commit(txn);
+		txn = NULL;
+	}
+	if (mrc)
+		rc = index_fail(mrc, "placement", NULL, 0);
+out:
+	if (txn)
+		mdb_txn_abort(txn);
+	return rc;
+}
+
+int index_ns_get(struct index *ix, const char *ns, struct ns_rec *out)
+{
+	MDB_txn *txn = NULL;
+	size_t ns_len = ns_len_valid(ns);
+	int mrc;
+
+	if (!ns_len)
+		return KVTIER_E_INVALID;
+	mrc = mdb_txn_begin(ix->env, NULL, MDB_RDONLY, &txn);
+	if (mrc)
+		return index_fail(mrc, "namespace: beginning a transaction", NULL, 0);
+	mrc = ns_read(ix, txn, ns, ns_len, out, NULL, 0);
+	mdb_txn_abort(txn);
+	return mrc ? read_rc(mrc, "namespace", NULL, 0) : 0;
+}
+
+int index_ns_set_model(struct index *ix, const char *ns, const double pf[8])
+{
+	MDB_txn *txn = NULL;
+	struct ns_rec rec;
+	size_t ns_len = ns_len_valid(ns);
+	MDB_val k, v;
+	int rc = 0, mrc;
+
+	if (ix->readonly)
+		return index_readonly(ix, NULL, 0);
+	if (!ns_len)
+		return KVTIER_E_INVALID;
+	mrc = mdb_txn_begin(ix->env, NULL, 0, &txn);
+	if (mrc)
+		return index_fail(mrc, "namespace model: beginning a transaction", NULL, 0);
+	mrc = ns_read(ix, txn, ns, ns_len, &rec, NULL, 0);
+	if (mrc) {
+		rc = read_rc(mrc, "namespace model", NULL, 0);
+		goto out;
+	}
+	memcpy(rec.pf, pf, sizeof(rec.pf));
+	k.mv_size = ns_len;
+	k.mv_data = (void *)ns;
+	v.mv_size = sizeof(rec);
+	v.mv_data = &rec;
+	mrc = mdb_put(txn, ix->ns, &k, &v, 0);
+	if (!mrc) {
+		mrc = mdb_txn_commit(txn);
+		txn = NULL;
+	}
+	if (mrc)
+		rc = index_fail(mrc, "namespace model", NULL, 0);
 out:
 	if (txn)
 		mdb_txn_abort(txn);
@@ -1319,11 +1460,10 @@ int index_list(struct index *ix, const char *ns, const struct key *after, size_t
 		mrc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
 	}
 	for (; mrc == 0; mrc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		if (v.mv_size != sizeof(m)) {
+		if (blob_decode(&v, &m)) {
 			index_corrupt("blob", v.mv_size, sizeof(m), NULL, 0);
 			continue;
 		}
-		memcpy(&m, v.mv_data, sizeof(m));
 		if (filtered && m.ns_id != filter)
 			continue;
 		if (limit && count == limit) {
@@ -1374,11 +1514,10 @@ int index_ns_list(struct index *ix, int (*cb)(void *ctx, const char *name, const
 	}
 	for (mrc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); mrc == 0;
 	     mrc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		if (v.mv_size != sizeof(rec) || k.mv_size > INDEX_NS_MAX) {
+		if (ns_decode(&v, &rec) || k.mv_size > INDEX_NS_MAX) {
 			index_corrupt("namespace", v.mv_size, sizeof(rec), NULL, 0);
 			continue;
 		}
-		memcpy(&rec, v.mv_data, sizeof(rec));
 		memcpy(name, k.mv_data, k.mv_size);
 		name[k.mv_size] = '\0';
 		rc = cb(ctx, name, &rec);
@@ -1501,15 +1640,14 @@ static int check_blob(struct check *c, MDB_cursor *pc, MDB_cursor *ec, const MDB
 	}
 	memcpy(id.b, bk->mv_data, KEY_LEN);
 	key_hex(&id, hex);
-	if (bv->mv_size != sizeof(m)) {
+	if (blob_decode(bv, &m)) {
 		problem(c, "blob %s: record of %zu bytes, expected %zu", hex, bv->mv_size,
 			sizeof(m));
 		return 0;
 	}
-	memcpy(&m, bv->mv_data, sizeof(m));
 	if (memcmp(m.id.b, id.b, KEY_LEN) != 0)
 		problem(c, "blob %s: record names another id", hex);
-	if (m.rec_version != BLOB_REC_VERSION)
+	if (m.rec_version != BLOB_REC_VERSION && m.rec_version != 1)
 		problem(c, "blob %s: record version %u (expected %u)", hex, m.rec_version,
 			BLOB_REC_VERSION);
 	if (m.n_tokens < ix->block)
@@ -1605,9 +1743,8 @@ static int check_multimap(struct check *c, MDB_dbi dbi, const char *dbname)
 		}
 		if (mrc)
 			goto out;
-		if (bv.mv_size != sizeof(m))
+		if (blob_decode(&bv, &m))
 			continue; /* reported by the blob walk */
-		memcpy(&m, bv.mv_data, sizeof(m));
 		if (m.ns_id != nsid)
 			problem(c, "%s entry ns=%u key=%s: blob %s belongs to namespace id %u",
 				dbname, nsid, key_hex(&kk, khex), key_hex(&id, hex), m.ns_id);
@@ -1647,12 +1784,11 @@ static int check_namespaces(struct check *c)
 
 		memcpy(name, k.mv_data, kl);
 		name[kl] = '\0';
-		if (v.mv_size != sizeof(rec)) {
+		if (ns_decode(&v, &rec)) {
 			problem(c, "namespace \"%s\": record of %zu bytes, expected %zu", name,
 				v.mv_size, sizeof(rec));
 			continue;
 		}
-		memcpy(&rec, v.mv_data, sizeof(rec));
 		if (rec.id == 0 || rec.id >= next)
 			problem(c, "namespace \"%s\": id %u outside 1..%u", name, rec.id,
 				next - 1);

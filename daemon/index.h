@@ -31,7 +31,7 @@
 #include "keys.h"
 #include "slotfile.h"
 
-#define INDEX_SCHEMA 1
+#define INDEX_SCHEMA 2          /* 2: blob records v2 (0.2); schema 1 is upgraded */
 #define INDEX_DEFAULT_BLOCK 64
 #define INDEX_NS_MAX 255           /* bytes of a namespace name */
 #define INDEX_MAX_SUPERSEDED 64    /* per put; further ones stay */
@@ -48,7 +48,7 @@ int blob_part_from_suffix(const char *s);
 enum blob_flags { BLOB_F_QUARANTINED = 1u << 0 };
 
 struct blob_meta {
-	uint32_t rec_version;     /* = 1 */
+	uint32_t rec_version;     /* 2 (1: written by 0.1, read as is) */
 	uint32_t ns_id;
 	struct key id;
 	uint32_t n_tokens;
@@ -63,7 +63,24 @@ struct blob_meta {
 	int64_t created_ms;       /* unix ms */
 	int64_t last_access_ms;
 	uint64_t hits;
+	/* Record version 2 (kvtier 0.2) appends the fields below; a version 1
+	 * record is read with part_stored = part_size and the rest 0. */
+	uint64_t part_stored[PART_COUNT]; /* bytes of each part on its tier (encoded) */
+	double gdsf_base;         /* its tier's GDSF inflation value at the last access */
+	double ratio;             /* raw / stored bytes of the main part (1 = raw) */
 };
+#define BLOB_REC_V1_SIZE offsetof(struct blob_meta, part_stored)
+
+/* Bytes of all parts as served (raw). */
+static inline uint64_t blob_raw_bytes(const struct blob_meta *m)
+{
+	uint64_t n = 0;
+
+	for (int p = 0; p < PART_COUNT; p++)
+		if (m->parts & (1u << p))
+			n += m->part_size[p];
+	return n;
+}
 
 struct ns_rec {
 	uint32_t id;
@@ -71,7 +88,11 @@ struct ns_rec {
 	uint8_t layout[SLOT_LAYOUT_MAX];
 	double prefill_tps;       /* measured prefill tokens/s, 0 = unknown */
 	uint64_t prefill_samples;
+	/* Version 2 appends the prefill model (policy.h: struct prefill_model);
+	 * a version 1 record reads as an empty model. */
+	double pf[8];
 };
+#define NS_REC_V1_SIZE offsetof(struct ns_rec, pf)
 
 struct index;
 
@@ -145,10 +166,28 @@ int index_delete(struct index *ix, const struct key *id, struct blob_meta *out);
  * and n_tokens must not change. Returns 0 or KVTIER_E_NOTFOUND. */
 int index_update(struct index *ix, const struct blob_meta *meta);
 
+/* A move of a blob between tiers (or a change of its stored form). */
+struct index_placement {
+	struct key id;
+	uint32_t from_tier;       /* the record must still say this tier */
+	uint32_t to_tier;
+	uint32_t compression;     /* codec_kind of the stored parts */
+	uint64_t part_stored[PART_COUNT];
+	double ratio;
+	double gdsf_base;
+};
+
+/* Records a completed move in one transaction, changing only the placement
+ * fields (access statistics flushed meanwhile are kept). KVTIER_E_NOTFOUND
+ * if the blob is gone, KVTIER_E_EXISTS if its record no longer says
+ * from_tier (moved by someone else): the caller removes its new copy. */
+int index_set_placement(struct index *ix, const struct index_placement *pl);
+
 struct index_touch {
 	struct key id;
 	uint64_t hits;            /* added */
 	int64_t last_access_ms;   /* kept if newer */
+	double gdsf_base;         /* kept if larger (0: unchanged) */
 };
 
 /* Applies a batch of access statistics in one write transaction; ids that no
@@ -172,6 +211,13 @@ int index_ns_list(struct index *ix, int (*cb)(void *ctx, const char *name, const
 /* Updates a namespace's measured prefill speed (exponential moving average
  * with weight `alpha` for the new sample). KVTIER_E_NOTFOUND if unknown. */
 int index_ns_report_prefill(struct index *ix, const char *ns, double tokens_per_s, double alpha);
+
+/* Replaces the prefill model words (struct ns_rec.pf) of namespace ns.
+ * KVTIER_E_NOTFOUND if unknown. */
+int index_ns_set_model(struct index *ix, const char *ns, const double pf[8]);
+
+/* Reads namespace ns's record. KVTIER_E_NOTFOUND if unknown. */
+int index_ns_get(struct index *ix, const char *ns, struct ns_rec *out);
 
 /* Checks the databases against each other without changing anything:
  * prefix/ends entries naming missing blobs, blobs missing their tokens or

@@ -52,6 +52,15 @@ enum opt_id {
 	OPT_IO_TIMEOUT_MS,
 	OPT_MAP_SIZE,
 	OPT_LOG_LEVEL,
+	OPT_HIGH_WATERMARK,
+	OPT_LOW_WATERMARK,
+	OPT_COMPRESS_MIN_SAVING,
+	OPT_SHUFFLE,
+	OPT_ASSUME_PREFILL_TPS,
+	OPT_PROBE_SIZE,
+	OPT_IO_MODE,
+	OPT_IO_DEPTH,
+	OPT_IO_REQUEST_SIZE,
 	OPT_HELP,
 	OPT_HELP_MARKDOWN,
 	OPT_VERSION,
@@ -62,9 +71,11 @@ static const struct option_def options[] = {
 	 "Data directory: the LMDB index and the lock file. Created if missing."},
 	{"socket", OPT_SOCKET, "PATH", "DATA/kvtierd.sock",
 	 "Unix socket to serve on (mode 0660). Clients need no token here."},
-	{"tier", OPT_TIER, "KIND:PATH:SIZE", "tmpfs:/dev/shm/kvtier:2G",
-	 "A storage tier, fastest first; repeat for more. KIND is tmpfs. SIZE takes K, M, G, T "
-	 "(powers of 1024). New blobs land on the first tier."},
+	{"tier", OPT_TIER, "KIND:PATH:SIZE[,high=F,low=F]", "tmpfs:/dev/shm/kvtier:2G",
+	 "A storage tier, fastest first; repeat for more (at most 4). KIND is tmpfs (RAM; blobs "
+	 "are hard-linked into slot dirs) or disk (NVMe/SSD: io_uring, O_DIRECT, LZ4). SIZE takes "
+	 "K, M, G, T (powers of 1024). high/low override the watermarks for this tier. New blobs "
+	 "land on the first tier and move down when they go cold (docs/policy.md)."},
 	{"slot-dir", OPT_SLOT_DIR, "DIR", "(none)",
 	 "A llama-server --slot-save-path that Stage may link blobs into and Adopt may take files "
 	 "from; repeat for several servers. Nothing outside these directories is ever touched."},
@@ -93,6 +104,30 @@ static const struct option_def options[] = {
 	{"map-size", OPT_MAP_SIZE, "SIZE", "64G",
 	 "LMDB map size (address space reserved for the index; sparse)."},
 	{"log-level", OPT_LOG_LEVEL, "LEVEL", "info", "error, warn, info or debug."},
+	{"high-watermark", OPT_HIGH_WATERMARK, "F", "0.9",
+	 "Share of a tier's capacity above which its lowest-value blobs move down a tier (or "
+	 "are deleted from the last one)."},
+	{"low-watermark", OPT_LOW_WATERMARK, "F", "0.75",
+	 "Share of a tier's capacity that eviction brings it back under (below --high-watermark)."},
+	{"compress-min-saving", OPT_COMPRESS_MIN_SAVING, "F", "0.10",
+	 "Blobs moved to a disk tier are LZ4-compressed only when that saves at least this share "
+	 "of their bytes (measured on samples of each blob); 1 turns compression off."},
+	{"shuffle", OPT_SHUFFLE, "auto|on|off", "auto",
+	 "Byte-shuffle 16-bit values before LZ4 (helps f16 KV): auto tries both per blob."},
+	{"assume-prefill-tps", OPT_ASSUME_PREFILL_TPS, "N", "500",
+	 "Prefill tokens/s assumed for a namespace no prefill was reported for yet (the plugin "
+	 "reports llama-server's timings); used to rank blobs, never to refuse them."},
+	{"probe-size", OPT_PROBE_SIZE, "SIZE", "8M",
+	 "Bytes written and read back per tier at start to measure its restore cost; 0 skips "
+	 "the probe (the model then starts from a guess and learns from real reads)."},
+	{"io-mode", OPT_IO_MODE, "auto|pread", "auto",
+	 "auto: disk tiers use io_uring with O_DIRECT when the kernel allows, else pread/pwrite "
+	 "(the log and Info say which and why). pread forces the fallback, as does "
+	 "KVTIER_NO_IO_URING=1 in the environment."},
+	{"io-depth", OPT_IO_DEPTH, "N", "8",
+	 "Disk requests in flight per stream (1..64)."},
+	{"io-request-size", OPT_IO_REQUEST_SIZE, "SIZE", "1M",
+	 "Bytes per disk request (64K..16M)."},
 	{"help", OPT_HELP, NULL, NULL, "Show this help and exit."},
 	{"help-markdown", OPT_HELP_MARKDOWN, NULL, NULL,
 	 "Print the option table in Markdown (the configuration reference) and exit."},
@@ -107,13 +142,30 @@ static void usage(FILE *f)
 		   "serves them over gRPC.\n\nOptions:\n");
 	options_usage(f, options, N_OPTIONS, 34);
 	fprintf(f, "\nExample:\n  kvtierd --data /var/lib/kvtier --tier tmpfs:/dev/shm/kvtier:8G "
-		   "--slot-dir /srv/llama/slots --metrics 127.0.0.1:9477\n"
+		   "--tier disk:/srv/nvme/kvtier-disk:200G\n"
+		   "          --slot-dir /srv/llama/slots --metrics 127.0.0.1:9477\n"
 		   "Stop with SIGTERM or SIGINT: calls in flight finish first.\n");
 }
 
+static int parse_share(const char *s, double lo, double hi, double *out)
+{
+	char *end;
+	double v;
+
+	errno = 0;
+	v = strtod(s, &end);
+	if (errno || end == s || *end || !(v >= lo && v <= hi))
+		return -1;
+	*out = v;
+	return 0;
+}
+
+/* KIND:PATH:SIZE[,high=F,low=F]; PATH may hold ':' (split at the first and
+ * the last). Returns 0, -1 (malformed) or -2 (unknown kind). */
 static int parse_tier(const char *s, struct store_tier_config *t)
 {
 	const char *c1 = strchr(s, ':'), *c2 = strrchr(s, ':');
+	char size[64], *opt, *save = NULL;
 
 	if (!c1 || c1 == c2 || (size_t)(c1 - s) >= sizeof(t->kind) ||
 	    (size_t)(c2 - c1 - 1) >= sizeof(t->path) || c2 == c1 + 1)
@@ -122,9 +174,24 @@ static int parse_tier(const char *s, struct store_tier_config *t)
 	t->kind[c1 - s] = '\0';
 	memcpy(t->path, c1 + 1, (size_t)(c2 - c1 - 1));
 	t->path[c2 - c1 - 1] = '\0';
-	if (strcmp(t->kind, "tmpfs") != 0)
+	if (strcmp(t->kind, "tmpfs") != 0 && strcmp(t->kind, "disk") != 0)
 		return -2;
-	if (options_parse_size(c2 + 1, &t->capacity) || t->capacity == 0)
+	if (strlen(c2 + 1) >= sizeof(size))
+		return -1;
+	snprintf(size, sizeof(size), "%s", c2 + 1);
+	opt = strchr(size, ',');
+	if (opt)
+		*opt++ = '\0';
+	if (options_parse_size(size, &t->capacity) || t->capacity == 0)
+		return -1;
+	for (char *o = opt ? strtok_r(opt, ",", &save) : NULL; o; o = strtok_r(NULL, ",", &save)) {
+		if (strncmp(o, "high=", 5) == 0 && parse_share(o + 5, 0.01, 1, &t->high) == 0)
+			continue;
+		if (strncmp(o, "low=", 4) == 0 && parse_share(o + 4, 0.01, 0.99, &t->low) == 0)
+			continue;
+		return -1;
+	}
+	if (t->high > 0 && t->low > 0 && t->low >= t->high)
 		return -1;
 	return 0;
 }
@@ -181,6 +248,14 @@ int main(int argc, char **argv)
 	snprintf(cfg.data_dir, sizeof(cfg.data_dir), "./kvtier-data");
 	cfg.supersede = 1;
 	cfg.max_blob_bytes = 64ull << 30;
+	cfg.high_watermark = 0.9;
+	cfg.low_watermark = 0.75;
+	cfg.compress_min_saving = 0.10;
+	cfg.shuffle = 2;
+	cfg.assumed_prefill_tps = 500;
+	cfg.probe_bytes = 8u << 20;
+	cfg.io_depth = 8;
+	cfg.io_request_bytes = 1u << 20;
 	options_longopts(options, N_OPTIONS, longopts);
 
 	while ((rc = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -198,10 +273,11 @@ int main(int argc, char **argv)
 				return die("--tier: at most 4 tiers");
 			int t = parse_tier(optarg, &cfg.tiers[cfg.n_tiers]);
 			if (t == -2)
-				return die("--tier %s: unknown kind (this build has: tmpfs)", optarg);
+				return die("--tier %s: unknown kind (known: tmpfs, disk)", optarg);
 			if (t)
-				return die("--tier %s: expected KIND:PATH:SIZE, e.g. "
-					   "tmpfs:/dev/shm/kvtier:8G", optarg);
+				return die("--tier %s: expected KIND:PATH:SIZE[,high=F,low=F] with "
+					   "0 <= low < high <= 1, e.g. tmpfs:/dev/shm/kvtier:8G or "
+					   "disk:/var/lib/kvtier:200G,high=0.95,low=0.85", optarg);
 			cfg.n_tiers++;
 			break;
 		}
@@ -257,6 +333,54 @@ int main(int argc, char **argv)
 				return die("--log-level %s: expected error, warn, info or debug", optarg);
 			log_threshold = log_level_parse(optarg);
 			break;
+		case OPT_HIGH_WATERMARK:
+			if (parse_share(optarg, 0.01, 1, &cfg.high_watermark))
+				return die("--high-watermark %s: expected a share in 0.01..1", optarg);
+			break;
+		case OPT_LOW_WATERMARK:
+			if (parse_share(optarg, 0.01, 0.99, &cfg.low_watermark))
+				return die("--low-watermark %s: expected a share in 0.01..0.99", optarg);
+			break;
+		case OPT_COMPRESS_MIN_SAVING:
+			if (parse_share(optarg, 0, 1, &cfg.compress_min_saving))
+				return die("--compress-min-saving %s: expected a share in 0..1", optarg);
+			break;
+		case OPT_SHUFFLE:
+			if (strcmp(optarg, "auto") == 0)
+				cfg.shuffle = 2;
+			else if (strcmp(optarg, "on") == 0)
+				cfg.shuffle = 1;
+			else if (strcmp(optarg, "off") == 0)
+				cfg.shuffle = 0;
+			else
+				return die("--shuffle %s: expected auto, on or off", optarg);
+			break;
+		case OPT_ASSUME_PREFILL_TPS:
+			if (parse_share(optarg, 1, 1e9, &cfg.assumed_prefill_tps))
+				return die("--assume-prefill-tps %s: expected tokens/s in 1..1e9", optarg);
+			break;
+		case OPT_PROBE_SIZE:
+			if (options_parse_size(optarg, &cfg.probe_bytes) || cfg.probe_bytes > (1ull << 30))
+				return die("--probe-size %s: expected a size up to 1G (0: no probe)",
+					   optarg);
+			break;
+		case OPT_IO_MODE:
+			if (strcmp(optarg, "auto") == 0)
+				cfg.io_mode = TIER_IO_AUTO;
+			else if (strcmp(optarg, "pread") == 0)
+				cfg.io_mode = TIER_IO_PREAD;
+			else
+				return die("--io-mode %s: expected auto or pread", optarg);
+			break;
+		case OPT_IO_DEPTH:
+			if (options_parse_uint(optarg, 1, 64, &cfg.io_depth))
+				return die("--io-depth %s: expected 1..64", optarg);
+			break;
+		case OPT_IO_REQUEST_SIZE:
+			if (options_parse_size(optarg, &cfg.io_request_bytes) ||
+			    cfg.io_request_bytes < (64u << 10) || cfg.io_request_bytes > (16u << 20))
+				return die("--io-request-size %s: expected 64K..16M", optarg);
+			break;
 		case OPT_HELP:
 			usage(stdout);
 			return 0;
@@ -280,6 +404,9 @@ int main(int argc, char **argv)
 	}
 	if (lease > lease_max)
 		return die("--lease-seconds is larger than --lease-max-seconds");
+	if (cfg.low_watermark >= cfg.high_watermark)
+		return die("--low-watermark %g must be below --high-watermark %g", cfg.low_watermark,
+			   cfg.high_watermark);
 	cfg.lease_default_s = lease;
 	cfg.lease_max_s = lease_max;
 	if (rcfg.listen && !token_file)

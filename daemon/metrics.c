@@ -328,6 +328,8 @@ static const struct metrics_field metrics_store_fields[] = {
 		    "Blobs quarantined since start."),
 	METRICS_U64(struct store_stats, checksum_failures, "kvtier_checksum_failures_total",
 		    "counter", "Blob parts that failed their checksum on read (dropped) since start."),
+	METRICS_U64(struct store_stats, promotions_declined, "kvtier_promotions_declined_total",
+		    "counter", "Hits on a lower tier that the policy left there (value too low)."),
 	METRICS_U64(struct store_stats, reconcile_removed_files,
 		    "kvtier_reconcile_removed_files_total", "counter",
 		    "Files removed by the start-up reconcile (temporaries, orphans, stale stages)."),
@@ -363,6 +365,26 @@ static const struct metrics_field metrics_tier_fields[] = {
 		    "Measured read throughput of the tier's restore model (0: not measured yet)."),
 	METRICS_DBL(struct store_tier_stats, read_fixed_s, "kvtier_tier_model_read_fixed_seconds",
 		    "gauge", "Measured fixed cost per read of the tier's restore model, in seconds."),
+	METRICS_U64(struct store_tier_stats, model_samples, "kvtier_tier_model_samples_total",
+		    "counter", "Real reads the tier's restore model learned from since start."),
+	METRICS_DBL(struct store_tier_stats, high, "kvtier_tier_high_watermark_bytes", "gauge",
+		    "Usage above which the tier sheds its lowest-value blobs."),
+	METRICS_DBL(struct store_tier_stats, low, "kvtier_tier_low_watermark_bytes", "gauge",
+		    "Usage that shedding brings the tier back under."),
+	METRICS_U64(struct store_tier_stats, raw_bytes, "kvtier_tier_raw_bytes", "gauge",
+		    "Bytes of the blobs on the tier as served (before compression)."),
+	METRICS_U64(struct store_tier_stats, stored_bytes, "kvtier_tier_stored_bytes", "gauge",
+		    "Bytes of the blobs on the tier as stored (after compression)."),
+	METRICS_DBL(struct store_tier_stats, compression_ratio, "kvtier_tier_compression_ratio",
+		    "gauge", "Raw over stored bytes of the blobs on the tier (1: uncompressed)."),
+	METRICS_DBL(struct store_tier_stats, gdsf_base, "kvtier_tier_gdsf_base", "gauge",
+		    "GreedyDual-Size-Frequency inflation value L of the tier (docs/policy.md)."),
+	METRICS_U64(struct store_tier_stats, moved_in, "kvtier_tier_migrations_in_total",
+		    "counter", "Blobs moved onto the tier from another tier."),
+	METRICS_U64(struct store_tier_stats, moved_out, "kvtier_tier_migrations_out_total",
+		    "counter", "Blobs moved off the tier to another tier."),
+	METRICS_U64(struct store_tier_stats, enospc, "kvtier_tier_enospc_total", "counter",
+		    "Writes to the tier that hit ENOSPC (its file system filled before its capacity)."),
 };
 
 static const struct metrics_field metrics_ns_fields[] = {
@@ -380,6 +402,11 @@ static const struct metrics_field metrics_ns_fields[] = {
 	METRICS_DBL(struct store_ns_stats, prefill_tps,
 		    "kvtier_namespace_prefill_tokens_per_second", "gauge",
 		    "Measured prefill speed per namespace as reported by clients (0: unknown)."),
+	METRICS_DBL(struct store_ns_stats, prefill_a, "kvtier_namespace_prefill_seconds_per_token",
+		    "gauge", "Prefill model: seconds per token at depth 0 (0: no reports)."),
+	METRICS_DBL(struct store_ns_stats, prefill_b,
+		    "kvtier_namespace_prefill_seconds_per_token_per_depth", "gauge",
+		    "Prefill model: extra seconds per token for each token already in the context."),
 };
 
 #define METRICS_NELEM(a) (sizeof(a) / sizeof((a)[0]))
@@ -396,6 +423,35 @@ static void metrics_field_value(FILE *f, const struct metrics_field *fd, const v
 		uint64_t v;
 		memcpy(&v, p, sizeof(v));
 		fprintf(f, "%" PRIu64, v);
+	}
+}
+
+static void metrics_render_tier_hist(FILE *f, const char *name, const char *help,
+				     const struct store_stats *st, unsigned n_tiers, int reads)
+{
+	metrics_family(f, name, "histogram", help);
+	for (unsigned t = 0; t < n_tiers; t++) {
+		const struct store_tier_stats *ts = &st->tiers[t];
+		const uint64_t *h = reads ? ts->read_hist : ts->write_hist;
+		uint64_t cum = 0;
+		for (int b = 0; b <= TIER_HIST_BUCKETS; b++) {
+			cum += h[b];
+			fprintf(f, "%s_bucket{tier=\"%u\",kind=\"", name, t);
+			metrics_label_value(f, ts->kind ? ts->kind : "");
+			fputs("\",le=\"", f);
+			if (b < TIER_HIST_BUCKETS)
+				metrics_double(f, tier_hist_le[b]);
+			else
+				fputs("+Inf", f);
+			fprintf(f, "\"} %" PRIu64 "\n", cum);
+		}
+		fprintf(f, "%s_sum{tier=\"%u\",kind=\"", name, t);
+		metrics_label_value(f, ts->kind ? ts->kind : "");
+		fputs("\"} ", f);
+		metrics_double(f, reads ? ts->read_hist_sum : ts->write_hist_sum);
+		fprintf(f, "\n%s_count{tier=\"%u\",kind=\"", name, t);
+		metrics_label_value(f, ts->kind ? ts->kind : "");
+		fprintf(f, "\"} %" PRIu64 "\n", cum);
 	}
 }
 
@@ -423,6 +479,29 @@ static void metrics_render_store(FILE *f, const struct store_stats *st,
 			fputc('\n', f);
 		}
 	}
+	metrics_family(f, "kvtier_evictions_total", "counter",
+		       "Blobs deleted from a tier by the placement policy, by reason.");
+	for (unsigned t = 0; t < n_tiers; t++)
+		for (int r = 0; r < STORE_EVICT_REASONS; r++) {
+			fprintf(f, "kvtier_evictions_total{tier=\"%u\",kind=\"", t);
+			metrics_label_value(f, st->tiers[t].kind ? st->tiers[t].kind : "");
+			fprintf(f, "\",reason=\"%s\"} %" PRIu64 "\n", store_evict_reason_name[r],
+				st->tiers[t].evictions[r]);
+		}
+	metrics_family(f, "kvtier_migrations_total", "counter",
+		       "Blobs moved between tiers (direction up: towards the fastest).");
+	for (unsigned a = 0; a < n_tiers; a++)
+		for (unsigned b = 0; b < n_tiers; b++)
+			if (a != b)
+				fprintf(f, "kvtier_migrations_total{from=\"%u\",to=\"%u\","
+					   "direction=\"%s\"} %" PRIu64 "\n", a, b,
+					b < a ? "up" : "down", st->migrations[a][b]);
+	metrics_render_tier_hist(f, "kvtier_tier_read_duration_seconds",
+				 "Seconds spent reading one file from the tier (one per restore, "
+				 "copy or migration source).", st, n_tiers, 1);
+	metrics_render_tier_hist(f, "kvtier_tier_write_duration_seconds",
+				 "Seconds spent writing and syncing one file on the tier.", st,
+				 n_tiers, 0);
 	for (size_t i = 0; i < METRICS_NELEM(metrics_ns_fields); i++) {
 		const struct metrics_field *fd = &metrics_ns_fields[i];
 		metrics_family(f, fd->name, fd->type, fd->help);

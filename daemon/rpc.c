@@ -36,6 +36,7 @@
 #include "kvtier.h"
 #include "kvtier.pb-c.h"
 #include "log.h"
+#include "codec.h"
 #include "metrics.h"
 #include "store.h"
 #include "wire.h"
@@ -307,6 +308,52 @@ static void fill_tier(Kvtier__V1__TierInfo *ti, const struct store_tier_stats *t
 	ti->blobs = ts->blobs;
 	ti->read_bytes_per_s = ts->read_bytes_per_s;
 	ti->read_fixed_s = ts->read_fixed_s;
+	ti->io = (char *)(ts->io ? ts->io : "");
+	ti->io_fallback = (char *)(ts->io_fallback ? ts->io_fallback : "");
+	ti->model_samples = ts->model_samples;
+	ti->high_watermark_bytes = (uint64_t)ts->high;
+	ti->low_watermark_bytes = (uint64_t)ts->low;
+	ti->raw_bytes = ts->raw_bytes;
+	ti->stored_bytes = ts->stored_bytes;
+	ti->gdsf_base = ts->gdsf_base;
+	ti->migrations_in = ts->moved_in;
+	ti->migrations_out = ts->moved_out;
+	ti->evicted_capacity = ts->evictions[EVICT_CAPACITY];
+	ti->evicted_not_worth = ts->evictions[EVICT_NOT_WORTH];
+	ti->evicted_lower_full = ts->evictions[EVICT_LOWER_FULL];
+}
+
+struct model_acc {
+	Kvtier__V1__NamespaceModel *items;
+	char (*names)[INDEX_NS_MAX + 1];
+	size_t n, cap;
+};
+
+static int model_collect(void *ctx, const struct store_ns_stats *s)
+{
+	struct model_acc *a = ctx;
+
+	if (a->n == a->cap) {
+		size_t cap = a->cap ? a->cap * 2 : 8;
+		void *v = realloc(a->items, cap * sizeof(*a->items));
+		if (!v)
+			return -ENOMEM;
+		a->items = v;
+		v = realloc(a->names, cap * sizeof(*a->names));
+		if (!v)
+			return -ENOMEM;
+		a->names = v;
+		a->cap = cap;
+	}
+	Kvtier__V1__NamespaceModel *m = &a->items[a->n];
+	kvtier__v1__namespace_model__init(m);
+	snprintf(a->names[a->n], sizeof(a->names[0]), "%s", s->ns);
+	m->prefill_tokens_per_s = s->prefill_tps;
+	m->prefill_s_per_token = s->prefill_a;
+	m->prefill_s_per_token_per_ctx = s->prefill_b;
+	m->samples = s->prefill_samples;
+	a->n++;
+	return 0;
 }
 
 static void handle_info(struct rpc_call *c)
@@ -314,11 +361,19 @@ static void handle_info(struct rpc_call *c)
 	const struct store_config *cfg = store_config(c->srv->store);
 	Kvtier__V1__InfoReply r = KVTIER__V1__INFO_REPLY__INIT;
 	Kvtier__V1__TierInfo tiers[STORE_MAX_TIERS], *tp[STORE_MAX_TIERS];
+	Kvtier__V1__NamespaceModel **mp = NULL;
 	char *dirs[STORE_MAX_SLOT_DIRS];
+	struct model_acc ma = {0};
 	struct store_stats st;
+	int rc;
 
 	store_get_stats(c->srv->store, &st);
 	r.version = KVTIER_VERSION;
+	r.high_watermark = cfg->high_watermark;
+	r.low_watermark = cfg->low_watermark;
+	r.compress_min_saving = cfg->compress_min_saving;
+	r.shuffle = cfg->shuffle == 2 ? "auto" : cfg->shuffle ? "on" : "off";
+	r.assumed_prefill_tps = cfg->assumed_prefill_tps;
 	r.block_size = store_block_size(c->srv->store);
 	r.supersede = cfg->supersede;
 	r.max_blob_bytes = cfg->max_blob_bytes;
@@ -333,7 +388,24 @@ static void handle_info(struct rpc_call *c)
 		dirs[d] = (char *)cfg->slot_dirs[d];
 	r.n_slot_dirs = cfg->n_slot_dirs;
 	r.slot_dirs = dirs;
+	rc = store_ns_models(c->srv->store, model_collect, &ma);
+	mp = calloc(ma.n ? ma.n : 1, sizeof(*mp));
+	if (rc || !mp) {
+		call_fail(c, rc ? rc : -ENOMEM, "reading the namespace models failed: %s",
+			  kvtier_strerror(rc ? rc : -ENOMEM));
+		goto out;
+	}
+	for (size_t i = 0; i < ma.n; i++) {
+		ma.items[i].namespace_ = ma.names[i];
+		mp[i] = &ma.items[i];
+	}
+	r.n_namespaces = ma.n;
+	r.namespaces = mp;
 	call_reply(c, &r.base);
+out:
+	free(mp);
+	free(ma.items);
+	free(ma.names);
 }
 
 static void handle_lookup(struct rpc_call *c)
@@ -362,6 +434,7 @@ static void handle_lookup(struct rpc_call *c)
 		r.tier = m.meta.tier;
 		r.tier_kind = (char *)m.tier_kind;
 		r.est_restore_s = m.est_restore_s;
+	r.est_prefill_s = m.est_prefill_s;
 	}
 	call_reply(c, &r.base);
 out:
@@ -758,7 +831,8 @@ static int list_collect(void *ctx, const struct blob_meta *m, const char *ns,
 	b->blob = dupstr(key_hex(&m->id, hex));
 	b->namespace_ = dupstr(ns);
 	b->tier_kind = dupstr(tier_kind);
-	b->compression = dupstr(m->compression ? "lz4" : "none");
+	b->compression = dupstr(codec_name((int)m->compression));
+	b->compression_ratio = m->ratio > 0 ? m->ratio : 1;
 	if (!b->blob || !b->namespace_ || !b->tier_kind || !b->compression)
 		return -ENOMEM;
 	b->n_tokens = m->n_tokens;
@@ -931,8 +1005,8 @@ static void handle_report(struct rpc_call *c)
 			rc = store_quarantine(c->srv->store, &id, err, sizeof(err));
 	}
 	if (!rc && (q->prompt_tokens || q->prompt_ms > 0))
-		rc = store_report_prefill(c->srv->store, q->namespace_, q->prompt_tokens,
-					  q->prompt_ms, err, sizeof(err));
+		rc = store_report_prefill(c->srv->store, q->namespace_, q->cached_tokens,
+					  q->prompt_tokens, q->prompt_ms, err, sizeof(err));
 	if (rc)
 		call_fail(c, rc, "%s", err);
 	else

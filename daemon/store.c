@@ -8,12 +8,13 @@
  * This file must never talk to the network and never hold a blob in memory:
  * bytes flow through tier writers and readers in caller-sized pieces.
  */
-#include "store.h"
+#include "store_int.h"
 
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -31,86 +32,24 @@
 #include "slotfile.h"
 #include "tier.h"
 
-#define STORE_MAX_NS_COUNTERS 1024
-#define STORE_TOUCH_MAX 65536
-#define STORE_MAX_LEASES 4096
-
-struct lease {
-	struct lease *next;
-	char id[33];
-	unsigned slot_dir;             /* index into slot dir fds */
-	char name[256];                /* staged main file name */
-	uint32_t parts;                /* parts staged (bit per part) */
-	int64_t expires_ms;
-};
-
-struct ns_counter {
-	char ns[INDEX_NS_MAX + 1];
-	uint64_t lookups, hits, matched;
-};
-
-struct store {
-	struct store_config cfg;
-	struct index *ix;
-	struct tier *tiers[STORE_MAX_TIERS];
-	unsigned n_tiers;
-	int slot_fd[STORE_MAX_SLOT_DIRS];
-	char slot_real[STORE_MAX_SLOT_DIRS][PATH_MAX];
-	uint32_t block;
-
-	pthread_mutex_t commit_lock;   /* file commit + index_put of one blob at a time */
-
-	pthread_mutex_t lease_lock;
-	struct lease *leases;
-
-	pthread_mutex_t touch_lock;
-	struct index_touch *touch;
-	size_t n_touch;
-
-	pthread_mutex_t ns_lock;
-	struct ns_counter *ns_counters;
-	size_t n_ns_counters;
-
-	pthread_t bg;
-	int bg_started;
-	pthread_mutex_t bg_lock;
-	pthread_cond_t bg_cond;
-	int bg_stop;
-
-	_Atomic uint64_t lookups, hits, matched_tokens;
-	_Atomic uint64_t puts, put_bytes, adopts, dedups, supersessions, refused;
-	_Atomic uint64_t fetches, fetch_bytes, stages, stage_copies, releases, lease_expiries,
-		deletes, quarantined, active_leases;
-	uint64_t reconcile_files, reconcile_blobs;
-	_Atomic uint64_t tier_blobs[STORE_MAX_TIERS]; /* slot files (part 0) per tier */
-	_Atomic uint64_t checksum_failures;
-};
-
-struct store_put {
-	struct store *s;
-	char ns[INDEX_NS_MAX + 1];
-	struct tier_writer *w[PART_COUNT];
-	uint64_t size[PART_COUNT];
-	uint64_t written[PART_COUNT];
-	uint32_t crc[PART_COUNT];
-	uint32_t parts;                /* bit per started part */
-	int cur;                       /* part being written, -1 none */
-	int crc_known;                 /* crc[] filled while streaming */
-	unsigned n_parts;              /* parts announced */
-};
-
-struct store_fetch {
-	struct store *s;
-	struct blob_meta meta;
-	struct tier_reader *r[PART_COUNT];
-	uint64_t crc_off[PART_COUNT];  /* bytes covered by crc[] (sequential reads) */
-	uint32_t crc[PART_COUNT];
-};
+const char *const store_evict_reason_name[STORE_EVICT_REASONS] = {
+	"capacity", "not_worth_restoring", "lower_tier_full"};
 
 static void set_err(char *err, size_t errlen, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 
 static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!err || !errlen)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(err, errlen, fmt, ap);
+	va_end(ap);
+}
+
+void store_set_err(char *err, size_t errlen, const char *fmt, ...)
 {
 	va_list ap;
 
@@ -127,6 +66,19 @@ static int64_t now_ms(void)
 
 	clock_gettime(CLOCK_REALTIME, &ts);
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int64_t store_now_ms(void)
+{
+	return now_ms();
+}
+
+double store_mono(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 static int random_hex(char *out, size_t nbytes)
@@ -151,6 +103,70 @@ static void part_name(const struct key *id, int part, char *out, size_t cap)
 	char hex[KEY_HEX_LEN + 1];
 
 	snprintf(out, cap, "%s%s", key_hex(id, hex), blob_part_suffix[part]);
+}
+
+void store_part_name(const struct key *id, int part, char *out, size_t cap)
+{
+	part_name(id, part, out, cap);
+}
+
+/* ---- pins: blobs being read or staged are never moved ---- */
+
+void store_pin(struct store *s, const struct key *id)
+{
+	pthread_mutex_lock(&s->pin_lock);
+	for (size_t i = 0; i < s->n_pins; i++)
+		if (key_equal(&s->pins[i].id, id)) {
+			s->pins[i].count++;
+			pthread_mutex_unlock(&s->pin_lock);
+			return;
+		}
+	if (s->n_pins == s->cap_pins) {
+		size_t cap = s->cap_pins ? s->cap_pins * 2 : 64;
+		struct pin *p = realloc(s->pins, cap * sizeof(*p));
+		if (!p) {
+			/* Without memory the pin is lost; the reader holds its file
+			 * descriptors, so a move only costs it nothing worse than a
+			 * read of an unlinked file. */
+			pthread_mutex_unlock(&s->pin_lock);
+			return;
+		}
+		s->pins = p;
+		s->cap_pins = cap;
+	}
+	s->pins[s->n_pins].id = *id;
+	s->pins[s->n_pins].count = 1;
+	s->n_pins++;
+	pthread_mutex_unlock(&s->pin_lock);
+}
+
+void store_unpin(struct store *s, const struct key *id)
+{
+	pthread_mutex_lock(&s->pin_lock);
+	for (size_t i = 0; i < s->n_pins; i++)
+		if (key_equal(&s->pins[i].id, id)) {
+			if (--s->pins[i].count == 0)
+				s->pins[i] = s->pins[--s->n_pins];
+			break;
+		}
+	pthread_mutex_unlock(&s->pin_lock);
+}
+
+unsigned store_pin_count(struct store *s, const struct key *id)
+{
+	unsigned n = 0;
+
+	pthread_mutex_lock(&s->pin_lock);
+	for (size_t i = 0; i < s->n_pins && !n; i++)
+		if (key_equal(&s->pins[i].id, id))
+			n = s->pins[i].count;
+	pthread_mutex_unlock(&s->pin_lock);
+	return n;
+}
+
+int store_pinned(struct store *s, const struct key *id)
+{
+	return store_pin_count(s, id) > 0;
 }
 
 /* A namespace is 1..INDEX_NS_MAX bytes of UTF-8 without control characters:
@@ -182,14 +198,19 @@ static int ns_valid(const char *ns, char *err, size_t errlen)
 
 /* ---- access statistics, flushed in batches by the background thread ---- */
 
-static void touch_blob(struct store *s, const struct key *id)
+/* A hit: counted for GDSF's frequency, and the blob's priority base moves
+ * up to its tier's current inflation value (recency). */
+static void touch_blob(struct store *s, const struct key *id, unsigned tier)
 {
+	double base = tier < s->n_tiers ? placement_base(s, tier) : 0;
+
 	pthread_mutex_lock(&s->touch_lock);
 	if (s->n_touch < STORE_TOUCH_MAX) {
 		struct index_touch *t = &s->touch[s->n_touch++];
 		t->id = *id;
 		t->hits = 1;
 		t->last_access_ms = now_ms();
+		t->gdsf_base = base;
 	}
 	pthread_mutex_unlock(&s->touch_lock);
 }
@@ -278,6 +299,7 @@ static void leases_expire(struct store *s, int all)
 		struct lease *l = dead;
 		dead = l->next;
 		lease_unlink(s, l);
+		store_unpin(s, &l->blob);
 		if (!all) {
 			klog(LOG_INFO, "event=lease_expired lease=%s name=%s", l->id, l->name);
 			atomic_fetch_add(&s->lease_expiries, 1);
@@ -336,7 +358,7 @@ static int reconcile_blob(void *ctx, const struct blob_meta *m, const char *ns)
 		if (!(m->parts & (1u << p)))
 			continue;
 		part_name(&m->id, p, name, sizeof(name));
-		if (tier_stat(s->tiers[m->tier], name, &size) || size != m->part_size[p])
+		if (tier_stat(s->tiers[m->tier], name, &size) || size != m->part_stored[p])
 			ok = 0;
 		total += size;
 	}
@@ -346,6 +368,12 @@ static int reconcile_blob(void *ctx, const struct blob_meta *m, const char *ns)
 			nfiles += (m->parts >> p) & 1;
 		tier_account(s->tiers[m->tier], (int64_t)total, nfiles);
 		atomic_fetch_add(&s->tier_blobs[m->tier], 1);
+		atomic_fetch_add(&s->place[m->tier].raw_bytes, blob_raw_bytes(m));
+		atomic_fetch_add(&s->place[m->tier].stored_bytes, total);
+		/* GDSF's inflation value is not stored: the largest base a blob
+		 * took from its tier is the closest lower bound of it. */
+		if (m->gdsf_base > s->place[m->tier].L)
+			s->place[m->tier].L = m->gdsf_base;
 		return 0;
 	}
 	if (rc->n_bad == rc->cap_bad) {
@@ -401,7 +429,7 @@ static int reconcile_scan_entry(void *ctx, const char *name, uint64_t size, int 
 			return 0;
 		}
 		keep = is_regular && index_get(c->s->ix, &id, &m, NULL, 0) == 0 &&
-		       m.tier == c->tier && (m.parts & (1u << part)) && m.part_size[part] == size;
+		       m.tier == c->tier && (m.parts & (1u << part)) && m.part_stored[part] == size;
 	}
 	if (keep)
 		return 0;
@@ -619,8 +647,31 @@ int store_open(const struct store_config *cfg, struct store **out, char *err, si
 	pthread_mutex_init(&s->lease_lock, NULL);
 	pthread_mutex_init(&s->touch_lock, NULL);
 	pthread_mutex_init(&s->ns_lock, NULL);
+	pthread_mutex_init(&s->pin_lock, NULL);
+	pthread_mutex_init(&s->model_lock, NULL);
+	pthread_mutex_init(&s->report_lock, NULL);
+	pthread_mutex_init(&s->move_lock, NULL);
 	pthread_mutex_init(&s->bg_lock, NULL);
 	pthread_cond_init(&s->bg_cond, NULL);
+	pthread_cond_init(&s->placer_cond, NULL);
+	if (!(s->cfg.high_watermark > 0 && s->cfg.high_watermark <= 1))
+		s->cfg.high_watermark = 0.9;
+	if (!(s->cfg.low_watermark > 0 && s->cfg.low_watermark < s->cfg.high_watermark))
+		s->cfg.low_watermark = s->cfg.high_watermark * 0.8;
+	/* Each tier's own pair, resolved once: a per-tier high below the global
+	 * low would otherwise leave low >= high. */
+	for (unsigned t = 0; t < s->cfg.n_tiers; t++) {
+		struct store_tier_config *tc = &s->cfg.tiers[t];
+		if (!(tc->high > 0 && tc->high <= 1))
+			tc->high = s->cfg.high_watermark;
+		if (!(tc->low > 0 && tc->low < 1))
+			tc->low = s->cfg.low_watermark;
+		if (tc->low >= tc->high) {
+			klog(LOG_WARN, "event=watermarks_adjusted tier=%u high=%.3f low=%.3f new_low=%.3f "
+			     "reason=\"low must be below high\"", t, tc->high, tc->low, tc->high * 0.8);
+			tc->low = tc->high * 0.8;
+		}
+	}
 	s->touch = calloc(STORE_TOUCH_MAX, sizeof(*s->touch));
 	s->ns_counters = calloc(STORE_MAX_NS_COUNTERS, sizeof(*s->ns_counters));
 	if (!s->touch || !s->ns_counters) {
@@ -639,7 +690,10 @@ int store_open(const struct store_config *cfg, struct store **out, char *err, si
 	s->block = index_block_size(s->ix);
 	for (unsigned t = 0; t < cfg->n_tiers; t++) {
 		const struct store_tier_config *tc = &cfg->tiers[t];
-		rc = tier_open(tc->kind, tc->path, tc->capacity, &s->tiers[t]);
+		struct tier_options to = {.io_mode = cfg->io_mode,
+					  .queue_depth = cfg->io_depth,
+					  .request_bytes = (size_t)cfg->io_request_bytes};
+		rc = tier_open(tc->kind, tc->path, tc->capacity, &to, &s->tiers[t]);
 		if (rc) {
 			set_err(err, errlen, "cannot open tier %s:%s: %s", tc->kind, tc->path,
 				kvtier_strerror(rc));
@@ -679,6 +733,8 @@ int store_open(const struct store_config *cfg, struct store **out, char *err, si
 		set_err(err, errlen, "cannot record the tier list: %s", kvtier_strerror(rc));
 		goto fail;
 	}
+	/* Models first: reconcile's tallies and the first pass use them. */
+	placement_init(s);
 	rc = reconcile(s, err, errlen);
 	if (rc)
 		goto fail;
@@ -691,6 +747,13 @@ int store_open(const struct store_config *cfg, struct store **out, char *err, si
 		goto fail;
 	}
 	s->bg_started = 1;
+	rc = pthread_create(&s->placer, NULL, placement_main, s);
+	if (rc) {
+		rc = -rc;
+		set_err(err, errlen, "cannot start the placement thread: %s", strerror(-rc));
+		goto fail;
+	}
+	s->placer_started = 1;
 	*out = s;
 	return 0;
 fail:
@@ -702,12 +765,16 @@ void store_close(struct store *s)
 {
 	if (!s)
 		return;
+	atomic_store(&s->stopping, 1);
 	if (s->bg_started) {
 		pthread_mutex_lock(&s->bg_lock);
 		s->bg_stop = 1;
 		pthread_cond_signal(&s->bg_cond);
+		pthread_cond_signal(&s->placer_cond);
 		pthread_mutex_unlock(&s->bg_lock);
 		pthread_join(s->bg, NULL);
+		if (s->placer_started)
+			pthread_join(s->placer, NULL);
 	}
 	if (s->ix) {
 		leases_expire(s, 1);
@@ -725,8 +792,14 @@ void store_close(struct store *s)
 	pthread_mutex_destroy(&s->lease_lock);
 	pthread_mutex_destroy(&s->touch_lock);
 	pthread_mutex_destroy(&s->ns_lock);
+	pthread_mutex_destroy(&s->pin_lock);
+	pthread_mutex_destroy(&s->model_lock);
+	pthread_mutex_destroy(&s->report_lock);
+	pthread_mutex_destroy(&s->move_lock);
 	pthread_mutex_destroy(&s->bg_lock);
 	pthread_cond_destroy(&s->bg_cond);
+	pthread_cond_destroy(&s->placer_cond);
+	free(s->pins);
 	free(s);
 }
 
@@ -766,6 +839,11 @@ int store_put_begin(struct store *s, const char *ns, unsigned n_parts, struct st
 	snprintf(p->ns, sizeof(p->ns), "%s", ns);
 	*out = p;
 	return 0;
+}
+
+static struct store *s_of(struct store_put *p)
+{
+	return p->s;
 }
 
 static int tier_full_msg(struct store *s, unsigned t, uint64_t need, char *err, size_t errlen)
@@ -812,6 +890,8 @@ int store_put_part(struct store_put *p, int part, uint64_t size, char *err, size
 		return KVTIER_E_INVALID;
 	}
 	rc = tier_writer_open(s->tiers[0], size, &p->w[part]);
+	if (rc == KVTIER_E_FULL && placement_make_room(s, 0, size) == 0)
+		rc = tier_writer_open(s->tiers[0], size, &p->w[part]);
 	if (rc == KVTIER_E_FULL)
 		return tier_full_msg(s, 0, size, err, errlen);
 	if (rc) {
@@ -883,6 +963,21 @@ int store_put_write(struct store_put *p, const void *buf, size_t len, char *err,
 	}
 	p->crc[part] = crc32c(p->crc[part], buf, len);
 	rc = tier_writer_write(p->w[part], buf, len);
+	if (rc == -ENOSPC) {
+		/* The file system is smaller than the configured capacity:
+		 * make room and try once more. */
+		atomic_fetch_add(&s_of(p)->place[0].enospc, 1);
+		if (placement_make_room(s_of(p), 0, p->size[part] - p->written[part]) == 0 &&
+		    strcmp(tier_kind(s_of(p)->tiers[0]), "tmpfs") == 0)
+			rc = tier_writer_write(p->w[part], buf, len); /* positional: no state lost */
+	}
+	if (rc == -ENOSPC) {
+		set_err(err, errlen, "tier 0 (%s) ran out of space on its file system before its "
+			"configured capacity; blobs were evicted to make room, retry the upload, and "
+			"set --tier to a capacity the file system can hold",
+			tier_path(p->s->tiers[0]));
+		return KVTIER_E_FULL;
+	}
 	if (rc) {
 		set_err(err, errlen, "writing part \"%s\" to tier 0 failed: %s",
 			blob_part_suffix[part], kvtier_strerror(rc));
@@ -933,6 +1028,15 @@ static int writer_crc(struct tier_writer *w, uint64_t size, uint32_t *crc)
 	}
 	free(buf);
 	return rc;
+}
+
+static void remove_parts(struct store *s, unsigned tier, const struct key *id, uint32_t parts);
+
+void store_remove_parts(struct store *s, unsigned tier, const struct blob_meta *m)
+{
+	remove_parts(s, tier, &m->id, m->parts);
+	atomic_fetch_sub(&s->place[tier].raw_bytes, blob_raw_bytes(m));
+	atomic_fetch_sub(&s->place[tier].stored_bytes, m->stored_size);
 }
 
 static void remove_parts(struct store *s, unsigned tier, const struct key *id, uint32_t parts)
@@ -1016,7 +1120,7 @@ int store_put_finish(struct store_put *p, struct store_put_result *res, char *er
 	keys_root(p->ns, strlen(p->ns), &h0);
 	keys_chain(&h0, tokens, info.n_tokens, s->block, chain);
 	memset(&meta, 0, sizeof(meta));
-	meta.rec_version = 1;
+	meta.rec_version = 2;
 	keys_blob_id(&h0, chain, tokens, info.n_tokens, s->block, &meta.id);
 	meta.n_tokens = info.n_tokens;
 	meta.version = info.version;
@@ -1024,9 +1128,13 @@ int store_put_finish(struct store_put *p, struct store_put_result *res, char *er
 	meta.parts = p->parts;
 	for (int i = 0; i < PART_COUNT; i++) {
 		meta.part_size[i] = p->size[i];
+		meta.part_stored[i] = p->size[i];
 		meta.part_crc[i] = p->crc[i];
 		meta.stored_size += p->size[i];
 	}
+	meta.ratio = 1;
+	meta.compression = CODEC_RAW;
+	meta.gdsf_base = placement_base(s, 0);
 	meta.created_ms = meta.last_access_ms = now_ms();
 	key_hex(&meta.id, hex);
 
@@ -1076,11 +1184,13 @@ int store_put_finish(struct store_put *p, struct store_put_result *res, char *er
 	for (size_t i = 0; i < ipr->n_superseded; i++) {
 		const struct blob_meta *old = &ipr->superseded[i];
 		char ohex[KEY_HEX_LEN + 1];
-		remove_parts(s, old->tier, &old->id, old->parts);
+		store_remove_parts(s, old->tier, old);
 		res->superseded[res->n_superseded++] = old->id;
 		klog(LOG_INFO, "event=supersede blob=%s by=%s ns=\"%s\"", key_hex(&old->id, ohex),
 		     hex, p->ns);
 	}
+	atomic_fetch_add(&s->place[0].raw_bytes, meta.stored_size);
+	atomic_fetch_add(&s->place[0].stored_bytes, meta.stored_size);
 	atomic_fetch_add(&s->supersessions, ipr->n_superseded);
 	atomic_fetch_add(&s->puts, 1);
 	atomic_fetch_add(&s->put_bytes, meta.stored_size);
@@ -1093,6 +1203,8 @@ out:
 		remove_parts(s, 0, &meta.id, committed);
 	if (locked)
 		pthread_mutex_unlock(&s->commit_lock);
+	if (rc == 0 && !res->deduplicated)
+		placement_kick(s);
 	if (rc)
 		atomic_fetch_add(&s->refused, 1);
 	free(tokens);
@@ -1186,6 +1298,8 @@ int store_adopt(struct store *s, const char *ns, const char *path, int keep_sour
 			goto fail;
 		}
 		rc = tier_writer_from_file(s->tiers[0], src, keep_source, &size, &p->w[i]);
+		if (rc == KVTIER_E_FULL && placement_make_room(s, 0, (uint64_t)st.st_size) == 0)
+			rc = tier_writer_from_file(s->tiers[0], src, keep_source, &size, &p->w[i]);
 		if (rc == KVTIER_E_FULL) {
 			rc = tier_full_msg(s, 0, (uint64_t)st.st_size, err, errlen);
 			goto fail;
@@ -1221,18 +1335,6 @@ fail:
 }
 
 /* ---- lookup, fetch ---- */
-
-static double est_restore(struct store *s, unsigned tier, uint64_t bytes)
-{
-	struct tier_stats st;
-
-	if (tier >= s->n_tiers)
-		return 0;
-	tier_get_stats(s->tiers[tier], &st);
-	if (st.read_bytes < (1u << 20) || st.read_seconds <= 0)
-		return 0;
-	return (double)bytes / ((double)st.read_bytes / st.read_seconds);
-}
 
 int store_lookup(struct store *s, const char *ns, const int32_t *tokens, size_t n,
 		 struct store_match *out, char *err, size_t errlen)
@@ -1274,81 +1376,174 @@ int store_lookup(struct store *s, const char *ns, const int32_t *tokens, size_t 
 	out->meta = m.meta;
 	out->matched = m.matched;
 	out->tier_kind = m.meta.tier < s->n_tiers ? tier_kind(s->tiers[m.meta.tier]) : "?";
-	out->est_restore_s = est_restore(s, m.meta.tier, m.meta.stored_size);
-	touch_blob(s, &m.meta.id);
+	out->est_restore_s = placement_restore_s(s, m.meta.tier, blob_raw_bytes(&m.meta));
+	{
+		struct ns_rec rec;
+		struct prefill_model pm = {0};
+		if (index_ns_get(s->ix, ns, &rec) == 0)
+			prefill_from_words(&pm, rec.pf);
+		out->est_prefill_s = prefill_seconds(&pm, m.matched, s->cfg.assumed_prefill_tps);
+	}
+	touch_blob(s, &m.meta.id, m.meta.tier);
 	return 0;
+}
+
+/* ---- reading parts (fetch, stage copies, migrations) ---- */
+
+static ssize_t part_src_stored(void *ctx, void *buf, size_t len)
+{
+	struct part_src *src = ctx;
+	ssize_t n = tier_reader_read(src->r, buf, len, src->stored_off);
+
+	if (n > 0)
+		src->stored_off += (uint64_t)n;
+	return n;
+}
+
+int part_src_open(struct store *s, const struct blob_meta *m, int p, struct part_src *src)
+{
+	char name[KEY_HEX_LEN + 32];
+	uint64_t size;
+	int rc;
+
+	memset(src, 0, sizeof(*src));
+	part_name(&m->id, p, name, sizeof(name));
+	rc = tier_reader_open(s->tiers[m->tier], name, &src->r, &size);
+	if (rc)
+		return rc;
+	if (size != m->part_stored[p]) {
+		part_src_close(src);
+		return KVTIER_E_CORRUPT;
+	}
+	if (m->compression != CODEC_RAW) {
+		rc = codec_dec_new((int)m->compression, m->part_size[p], part_src_stored, src,
+				   &src->dec);
+		if (rc) {
+			part_src_close(src);
+			return rc;
+		}
+	}
+	return 0;
+}
+
+ssize_t part_src_read(struct part_src *src, void *buf, size_t len, uint64_t off)
+{
+	ssize_t n;
+
+	if (!src->dec)
+		return tier_reader_read(src->r, buf, len, off);
+	/* An encoded part decodes in sequence only (the way everything reads). */
+	if (off != src->pos)
+		return KVTIER_E_INVALID;
+	n = codec_dec_read(src->dec, buf, len);
+	if (n > 0)
+		src->pos += (uint64_t)n;
+	return n;
+}
+
+void part_src_close(struct part_src *src)
+{
+	if (src->dec)
+		codec_dec_free(src->dec);
+	if (src->r)
+		tier_reader_close(src->r);
+	memset(src, 0, sizeof(*src));
 }
 
 int store_fetch_open(struct store *s, const struct key *id, struct store_fetch **out,
 		     struct blob_meta *meta, char *err, size_t errlen)
 {
 	struct store_fetch *f;
-	char hex[KEY_HEX_LEN + 1], name[KEY_HEX_LEN + 32];
+	char hex[KEY_HEX_LEN + 1];
+	double t0 = store_mono();
 	int rc;
 
 	*out = NULL;
+	f = calloc(1, sizeof(*f));
+	if (!f)
+		return -ENOMEM;
+	f->s = s;
+	/* Pinned before the record is read: no move starts after this, and a
+	 * move already past its index switch has left the record naming the
+	 * new files. (A move in the middle of its copy keeps the old files
+	 * until after the switch, and our descriptors keep them readable.) */
+	store_pin(s, id);
+	f->pinned = 1;
+	f->meta.id = *id;
 	rc = index_get(s->ix, id, meta, NULL, 0);
 	if (rc) {
 		set_err(err, errlen, "no blob %s", key_hex(id, hex));
+		store_fetch_close(f);
 		return rc;
 	}
 	if (meta->tier >= s->n_tiers) {
 		set_err(err, errlen, "blob %s is on tier %u, which is not configured",
 			key_hex(id, hex), meta->tier);
+		store_fetch_close(f);
 		return KVTIER_E_INTERNAL;
 	}
-	f = calloc(1, sizeof(*f));
-	if (!f)
-		return -ENOMEM;
-	f->s = s;
 	f->meta = *meta;
 	for (int p = 0; p < PART_COUNT; p++) {
-		uint64_t size;
 		if (!(meta->parts & (1u << p)))
 			continue;
-		part_name(id, p, name, sizeof(name));
-		rc = tier_reader_open(s->tiers[meta->tier], name, &f->r[p], &size);
-		if (rc == 0 && size != meta->part_size[p]) {
-			rc = KVTIER_E_CORRUPT;
+		rc = part_src_open(s, meta, p, &f->src[p]);
+		if (rc == KVTIER_E_NOTFOUND) {
+			/* Deleted or superseded meanwhile is a miss; a file missing
+			 * under a record that still names it is damage. */
+			struct blob_meta now;
+			rc = index_get(s->ix, id, &now, NULL, 0) == 0 && now.tier == meta->tier
+				     ? KVTIER_E_CORRUPT
+				     : KVTIER_E_NOTFOUND;
 		}
 		if (rc) {
+			char name[KEY_HEX_LEN + 32];
+			part_name(id, p, name, sizeof(name));
 			set_err(err, errlen,
-				"blob %s: file %s is missing or has the wrong size (%s); run kvtier fsck",
-				key_hex(id, hex), name, kvtier_strerror(rc));
+				"blob %s: file %s on tier %u is missing or has the wrong size (%s); "
+				"run kvtier fsck", key_hex(id, hex), name, meta->tier,
+				kvtier_strerror(rc));
 			store_fetch_close(f);
-			return rc == KVTIER_E_NOTFOUND ? KVTIER_E_CORRUPT : rc;
+			return rc;
 		}
 	}
+	f->io_s = store_mono() - t0;
+	f->opened = 1;
 	atomic_fetch_add(&s->fetches, 1);
-	touch_blob(s, id);
+	touch_blob(s, id, meta->tier);
 	*out = f;
 	return 0;
 }
 
 /* A stored part whose bytes do not match their checksum is never served:
  * the blob is dropped (metadata, then files) and counted. */
-static void fetch_corrupt(struct store_fetch *f, int part)
+void store_drop_corrupt(struct store *s, const struct blob_meta *bad, int part, const char *during)
 {
-	struct store *s = f->s;
 	char hex[KEY_HEX_LEN + 1];
 	struct blob_meta m;
 
 	atomic_fetch_add(&s->checksum_failures, 1);
-	klog(LOG_ERROR, "event=checksum_mismatch blob=%s part=\"%s\" tier=%u action=dropped",
-	     key_hex(&f->meta.id, hex), blob_part_suffix[part], f->meta.tier);
+	klog(LOG_ERROR, "event=checksum_mismatch blob=%s part=\"%s\" tier=%u during=%s "
+	     "action=dropped", key_hex(&bad->id, hex), blob_part_suffix[part], bad->tier, during);
 	pthread_mutex_lock(&s->commit_lock);
-	if (index_delete(s->ix, &f->meta.id, &m) == 0)
-		remove_parts(s, m.tier, &m.id, m.parts);
+	if (index_get(s->ix, &bad->id, &m, NULL, 0) == 0 && m.tier == bad->tier &&
+	    index_delete(s->ix, &bad->id, &m) == 0)
+		store_remove_parts(s, m.tier, &m);
 	pthread_mutex_unlock(&s->commit_lock);
 }
 
 ssize_t store_fetch_read(struct store_fetch *f, int part, void *buf, size_t len, uint64_t off)
 {
+	double t0 = store_mono();
 	ssize_t n;
 
-	if (part < 0 || part >= PART_COUNT || !f->r[part])
+	if (part < 0 || part >= PART_COUNT || !f->src[part].r)
 		return KVTIER_E_INVALID;
-	n = tier_reader_read(f->r[part], buf, len, off);
+	n = part_src_read(&f->src[part], buf, len, off);
+	if (n == KVTIER_E_CORRUPT) {
+		/* An encoded stream that does not decode is a checksum failure too. */
+		store_drop_corrupt(f->s, &f->meta, part, "fetch");
+		return n;
+	}
 	if (n <= 0)
 		return n;
 	atomic_fetch_add(&f->s->fetch_bytes, (uint64_t)n);
@@ -1359,21 +1554,104 @@ ssize_t store_fetch_read(struct store_fetch *f, int part, void *buf, size_t len,
 		f->crc_off[part] += (uint64_t)n;
 		if (f->crc_off[part] == f->meta.part_size[part] &&
 		    f->crc[part] != f->meta.part_crc[part]) {
-			fetch_corrupt(f, part);
+			store_drop_corrupt(f->s, &f->meta, part, "fetch");
 			return KVTIER_E_CORRUPT;
 		}
 	}
+	f->io_s += store_mono() - t0;
 	return n;
 }
 
 void store_fetch_close(struct store_fetch *f)
 {
+	int complete = 1;
+
 	if (!f)
 		return;
-	for (int p = 0; p < PART_COUNT; p++)
-		if (f->r[p])
-			tier_reader_close(f->r[p]);
+	for (int p = 0; p < PART_COUNT; p++) {
+		if (f->src[p].r)
+			part_src_close(&f->src[p]);
+		if ((f->meta.parts & (1u << p)) && f->crc_off[p] != f->meta.part_size[p])
+			complete = 0;
+	}
+	if (f->pinned)
+		store_unpin(f->s, &f->meta.id);
+	/* A whole blob read is one restore: it teaches the tier's cost model,
+	 * and a hit on a lower tier asks the policy about a promotion. */
+	if (complete && f->opened) {
+		placement_observe_read(f->s, f->meta.tier, blob_raw_bytes(&f->meta), f->io_s);
+		if (f->meta.tier > 0)
+			placement_want_promote(f->s, &f->meta.id);
+	}
 	free(f);
+}
+
+int store_copy_out(struct store *s, const struct blob_meta *m, int p, int dirfd, const char *dst,
+		   double *seconds)
+{
+	struct part_src src;
+	char tmp[64], rnd[17];
+	uint8_t *buf = NULL;
+	uint64_t off = 0;
+	uint32_t crc = 0;
+	double t0 = store_mono();
+	int rc, fd = -1;
+
+	*seconds = 0;
+	rc = part_src_open(s, m, p, &src);
+	if (rc)
+		return rc;
+	buf = malloc(STORE_COPY_CHUNK);
+	rc = buf ? random_hex(rnd, 8) : -ENOMEM;
+	if (rc)
+		goto out;
+	snprintf(tmp, sizeof(tmp), ".kvtier-tmp-%s", rnd);
+	fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0640);
+	if (fd < 0) {
+		rc = -errno;
+		goto out;
+	}
+	while (off < m->part_size[p]) {
+		ssize_t n = part_src_read(&src, buf, STORE_COPY_CHUNK, off);
+		if (n == 0)
+			n = KVTIER_E_CORRUPT; /* shorter than recorded */
+		if (n < 0) {
+			rc = (int)n;
+			break;
+		}
+		crc = crc32c(crc, buf, (size_t)n);
+		for (ssize_t w = 0; w < n;) {
+			ssize_t k = write(fd, buf + w, (size_t)(n - w));
+			if (k < 0 && errno == EINTR)
+				continue;
+			if (k < 0) {
+				rc = -errno;
+				break;
+			}
+			w += k;
+		}
+		if (rc)
+			break;
+		off += (uint64_t)n;
+	}
+	if (rc == 0 && crc != m->part_crc[p])
+		rc = KVTIER_E_CORRUPT;
+	if (rc == 0 && fchmod(fd, 0440))
+		rc = -errno;
+	*seconds = store_mono() - t0;
+	if (rc == 0 && renameat2(dirfd, tmp, dirfd, dst, RENAME_NOREPLACE))
+		rc = errno == EEXIST ? KVTIER_E_EXISTS : -errno;
+	if (rc == KVTIER_E_CORRUPT)
+		store_drop_corrupt(s, m, p, "stage");
+out:
+	if (fd >= 0) {
+		close(fd);
+		if (rc)
+			unlinkat(dirfd, tmp, 0);
+	}
+	free(buf);
+	part_src_close(&src);
+	return rc;
 }
 
 /* ---- stage / release ---- */
@@ -1406,23 +1684,37 @@ int store_stage(struct store *s, const struct key *id, const char *dir, unsigned
 			dir ? dir : "(null)", dir ? dir : "DIR");
 		return KVTIER_E_DENIED;
 	}
+	/* Pinned from here on (the lease keeps the pin): no move or eviction
+	 * takes the files away between reading the record and linking them.
+	 * Only our own promotion may move it (placement_promote_for_stage). */
+	store_pin(s, id);
 	rc = index_get(s->ix, id, &meta, NULL, 0);
 	if (rc) {
 		set_err(err, errlen, "no blob %s", key_hex(id, hex));
-		return rc;
+		goto fail;
 	}
 	if (meta.tier >= s->n_tiers) {
 		set_err(err, errlen, "blob is on an unconfigured tier %u", meta.tier);
-		return KVTIER_E_INTERNAL;
+		rc = KVTIER_E_INTERNAL;
+		goto fail;
 	}
 	if (atomic_load(&s->active_leases) >= STORE_MAX_LEASES) {
 		set_err(err, errlen, "too many active leases (%d): release the ones you no longer "
 			"need (kvtier release), or wait for them to expire", STORE_MAX_LEASES);
-		return KVTIER_E_FULL;
+		rc = KVTIER_E_FULL;
+		goto fail;
 	}
+	/* A blob on a lower tier is promoted first when the policy says so
+	 * (then it is linked like any tmpfs blob), else copied out below. */
+	if (meta.tier > 0)
+		placement_promote_for_stage(s, &meta);
 	l = calloc(1, sizeof(*l));
-	if (!l)
-		return -ENOMEM;
+	if (!l) {
+		rc = -ENOMEM;
+		goto fail;
+	}
+	l->blob = *id;
+	double io_s = 0;
 	for (int attempt = 0;; attempt++) {
 		rc = random_hex(rnd, 16);
 		if (rc)
@@ -1435,7 +1727,15 @@ int store_stage(struct store *s, const struct key *id, const char *dir, unsigned
 				continue;
 			part_name(id, p, src, sizeof(src));
 			snprintf(dst, sizeof(dst), "%s%s", l->name, blob_part_suffix[p]);
-			rc = tier_link_out(s->tiers[meta.tier], src, s->slot_fd[d], dst, &copied);
+			if (meta.compression == CODEC_RAW && meta.tier == 0) {
+				rc = tier_link_out(s->tiers[meta.tier], src, s->slot_fd[d], dst,
+						   &copied);
+			} else {
+				double sec = 0;
+				rc = store_copy_out(s, &meta, p, s->slot_fd[d], dst, &sec);
+				io_s += sec;
+				copied = 1;
+			}
 			if (rc)
 				break;
 			l->parts |= 1u << p;
@@ -1471,14 +1771,17 @@ int store_stage(struct store *s, const struct key *id, const char *dir, unsigned
 	s->leases = l;
 	pthread_mutex_unlock(&s->lease_lock);
 	atomic_fetch_add(&s->active_leases, 1);
+	if (meta.tier > 0)
+		placement_observe_read(s, meta.tier, blob_raw_bytes(&meta), io_s);
 	atomic_fetch_add(&s->stages, 1);
 	if (copied_any)
 		atomic_fetch_add(&s->stage_copies, 1);
-	touch_blob(s, id);
+	touch_blob(s, id, meta.tier);
 	klog(LOG_INFO, "event=stage blob=%s dir=%s name=%s lease=%s seconds=%u copied=%d",
 	     key_hex(id, hex), s->slot_real[d], l->name, l->id, lease_s, copied_any);
 	return 0;
 fail:
+	store_unpin(s, id);
 	free(l);
 	return rc;
 }
@@ -1501,6 +1804,7 @@ int store_release(struct store *s, const char *lease, char *err, size_t errlen)
 		return KVTIER_E_NOTFOUND;
 	}
 	lease_unlink(s, l);
+	store_unpin(s, &l->blob);
 	atomic_fetch_sub(&s->active_leases, 1);
 	atomic_fetch_add(&s->releases, 1);
 	free(l);
@@ -1518,7 +1822,7 @@ int store_delete(struct store *s, const struct key *id, char *err, size_t errlen
 	pthread_mutex_lock(&s->commit_lock);
 	rc = index_delete(s->ix, id, &m);
 	if (rc == 0)
-		remove_parts(s, m.tier, id, m.parts);
+		store_remove_parts(s, m.tier, &m);
 	pthread_mutex_unlock(&s->commit_lock);
 	if (rc) {
 		set_err(err, errlen, rc == KVTIER_E_NOTFOUND ? "no blob %s" : "deleting %s failed",
@@ -1554,8 +1858,8 @@ int store_quarantine(struct store *s, const struct key *id, char *err, size_t er
 	return 0;
 }
 
-int store_report_prefill(struct store *s, const char *ns, uint32_t tokens, double ms, char *err,
-			 size_t errlen)
+int store_report_prefill(struct store *s, const char *ns, uint32_t prefix, uint32_t tokens,
+			 double ms, char *err, size_t errlen)
 {
 	int rc = ns_valid(ns, err, errlen);
 
@@ -1566,7 +1870,25 @@ int store_report_prefill(struct store *s, const char *ns, uint32_t tokens, doubl
 			tokens, ms);
 		return KVTIER_E_INVALID;
 	}
+	/* One report at a time: the model is read, refitted and written back
+	 * (its own lock: model_lock is a leaf never held around I/O). */
+	pthread_mutex_lock(&s->report_lock);
 	rc = index_ns_report_prefill(s->ix, ns, tokens / (ms / 1000.0), 0.2);
+	if (rc == 0) {
+		struct ns_rec rec;
+		struct prefill_model pm;
+		double w[8];
+		rc = index_ns_get(s->ix, ns, &rec);
+		if (rc == 0) {
+			prefill_from_words(&pm, rec.pf);
+			prefill_observe(&pm, prefix, tokens, ms / 1000.0);
+			prefill_to_words(&pm, w);
+			rc = index_ns_set_model(s->ix, ns, w);
+			klog(LOG_DEBUG, "event=prefill_report ns=\"%s\" prefix=%u tokens=%u ms=%.3f "
+			     "a=%.3g b=%.3g", ns, prefix, tokens, ms, pm.a, pm.b);
+		}
+	}
+	pthread_mutex_unlock(&s->report_lock);
 	if (rc == KVTIER_E_NOTFOUND)
 		set_err(err, errlen, "unknown namespace \"%s\" (no blob was ever stored in it)", ns);
 	else if (rc)
@@ -1619,6 +1941,7 @@ void store_get_stats(struct store *s, struct store_stats *o)
 	o->deletes = atomic_load(&s->deletes);
 	o->quarantined = atomic_load(&s->quarantined);
 	o->checksum_failures = atomic_load(&s->checksum_failures);
+	o->promotions_declined = atomic_load(&s->promotions_declined);
 	o->active_leases = atomic_load(&s->active_leases);
 	o->reconcile_removed_files = s->reconcile_files;
 	o->reconcile_removed_blobs = s->reconcile_blobs;
@@ -1638,8 +1961,40 @@ void store_get_stats(struct store *s, struct store_stats *o)
 		ts->read_seconds = st.read_seconds;
 		ts->write_seconds = st.write_seconds;
 		ts->blobs = atomic_load(&s->tier_blobs[t]);
-		if (st.read_bytes >= (1u << 20) && st.read_seconds > 0)
-			ts->read_bytes_per_s = (double)st.read_bytes / st.read_seconds;
+		ts->io = tier_io_desc(s->tiers[t]);
+		ts->io_fallback = tier_io_fallback_reason(s->tiers[t]);
+		ts->read_ops = st.read_ops;
+		ts->write_ops = st.write_ops;
+		memcpy(ts->read_hist, st.read_hist, sizeof(ts->read_hist));
+		memcpy(ts->write_hist, st.write_hist, sizeof(ts->write_hist));
+		ts->read_hist_sum = st.read_hist_sum;
+		ts->write_hist_sum = st.write_hist_sum;
+		const struct store_tier_config *tc = &s->cfg.tiers[t];
+		ts->high = floor(tc->high * (double)st.capacity);
+		ts->low = floor(tc->low * (double)st.capacity);
+		struct tier_place *pl = &s->place[t];
+		pthread_mutex_lock(&s->model_lock);
+		ts->read_bytes_per_s = pl->model.bytes_per_s;
+		ts->read_fixed_s = pl->model.fixed_s;
+		ts->model_samples = pl->model.samples;
+		ts->gdsf_base = pl->L;
+		pthread_mutex_unlock(&s->model_lock);
+		ts->raw_bytes = atomic_load(&pl->raw_bytes);
+		ts->stored_bytes = atomic_load(&pl->stored_bytes);
+		for (int r = 0; r < STORE_EVICT_REASONS; r++)
+			ts->evictions[r] = atomic_load(&pl->evictions[r]);
+		ts->moved_in = atomic_load(&pl->moved_in);
+		ts->moved_out = atomic_load(&pl->moved_out);
+		ts->moved_in_bytes = atomic_load(&pl->moved_in_bytes);
+		ts->enospc = atomic_load(&pl->enospc);
+		ts->compression_ratio = ts->stored_bytes ? (double)ts->raw_bytes /
+								   (double)ts->stored_bytes
+							 : 1;
+		ts->evicted_capacity = ts->evictions[EVICT_CAPACITY];
+		ts->evicted_not_worth = ts->evictions[EVICT_NOT_WORTH];
+		ts->evicted_lower_full = ts->evictions[EVICT_LOWER_FULL];
+		for (unsigned k = 0; k < s->n_tiers; k++)
+			o->migrations[t][k] = atomic_load(&s->migrations[t][k]);
 		o->blobs += ts->blobs;
 		o->bytes += st.used;
 	}
@@ -1677,6 +2032,11 @@ static int ns_walk_ns(void *ctx, const char *name, const struct ns_rec *r)
 	snprintf(t->st.ns, sizeof(t->st.ns), "%s", name);
 	t->id = r->id;
 	t->st.prefill_tps = r->prefill_tps;
+	struct prefill_model pm;
+	prefill_from_words(&pm, r->pf);
+	t->st.prefill_a = pm.a;
+	t->st.prefill_b = pm.b;
+	t->st.prefill_samples = pm.samples;
 	return 0;
 }
 
@@ -1716,4 +2076,33 @@ int store_ns_stats(struct store *s, int (*cb)(void *ctx, const struct store_ns_s
 	}
 	free(w.t);
 	return rc;
+}
+
+struct models_ctx {
+	int (*cb)(void *ctx, const struct store_ns_stats *n);
+	void *ctx;
+};
+
+static int models_one(void *ctx, const char *name, const struct ns_rec *r)
+{
+	struct models_ctx *c = ctx;
+	struct store_ns_stats n;
+	struct prefill_model pm;
+
+	memset(&n, 0, sizeof(n));
+	snprintf(n.ns, sizeof(n.ns), "%s", name);
+	prefill_from_words(&pm, r->pf);
+	n.prefill_tps = r->prefill_tps;
+	n.prefill_a = pm.a;
+	n.prefill_b = pm.b;
+	n.prefill_samples = pm.samples;
+	return c->cb(c->ctx, &n);
+}
+
+int store_ns_models(struct store *s, int (*cb)(void *ctx, const struct store_ns_stats *n),
+		    void *ctx)
+{
+	struct models_ctx c = {cb, ctx};
+
+	return index_ns_list(s->ix, models_one, &c);
 }

@@ -17,16 +17,27 @@
 
 #include "index.h"
 #include "keys.h"
+#include "tier.h"
 
 #define STORE_MAX_TIERS 4
 #define STORE_MAX_SLOT_DIRS 8
 #define STORE_STAGE_PREFIX "kvtier-"   /* names Stage creates in slot dirs */
 
 struct store_tier_config {
-	char kind[16];        /* "tmpfs" */
+	char kind[16];        /* "tmpfs" or "disk" */
 	char path[4096];
 	uint64_t capacity;    /* bytes */
+	double high, low;     /* watermarks, shares of capacity (0: the global ones) */
 };
+
+/* Why a blob left a tier other than by promotion or demotion. */
+enum store_evict_reason {
+	EVICT_CAPACITY = 0,   /* the last tier passed its high watermark: deleted */
+	EVICT_NOT_WORTH,      /* restoring from the next tier costs more than prefill */
+	EVICT_LOWER_FULL,     /* the next tier had no room even after its own eviction */
+	STORE_EVICT_REASONS
+};
+extern const char *const store_evict_reason_name[STORE_EVICT_REASONS];
 
 struct store_config {
 	char data_dir[4096];
@@ -39,6 +50,15 @@ struct store_config {
 	uint64_t max_blob_bytes;      /* per part; larger uploads are refused */
 	unsigned lease_default_s, lease_max_s;
 	uint64_t map_size;            /* LMDB map size, 0 = default */
+	/* placement (docs/policy.md) */
+	double high_watermark, low_watermark;  /* shares of each tier's capacity */
+	double compress_min_saving;   /* store raw when LZ4 saves less (0.10); >= 1: never */
+	int shuffle;                  /* 0 never, 1 always, 2 auto */
+	double assumed_prefill_tps;   /* prefill speed of a namespace with no reports */
+	uint64_t probe_bytes;         /* size of the start-up probe per tier, 0 = none */
+	int io_mode;                  /* enum tier_io_mode */
+	unsigned io_depth;            /* requests in flight per disk stream */
+	uint64_t io_request_bytes;    /* bytes per disk request */
 };
 
 struct store;
@@ -108,7 +128,8 @@ struct store_match {
 	struct blob_meta meta;
 	uint32_t matched;
 	const char *tier_kind;   /* static string */
-	double est_restore_s;
+	double est_restore_s;    /* the tier's cost model for this blob */
+	double est_prefill_s;    /* the namespace's prefill model for the matched tokens */
 };
 
 /* Longest-prefix lookup (see index_lookup) plus counters. No blob I/O. */
@@ -158,9 +179,11 @@ int store_delete(struct store *s, const struct key *id, char *err, size_t errlen
  * lookup). */
 int store_quarantine(struct store *s, const struct key *id, char *err, size_t errlen);
 
-/* Records prefill timings reported by a client (EMA per namespace). */
-int store_report_prefill(struct store *s, const char *ns, uint32_t tokens, double ms,
-			 char *err, size_t errlen);
+/* Records prefill timings reported by a client: `tokens` prefilled after
+ * `prefix` tokens already in the context took `ms` (policy.h: the namespace's
+ * prefill model). */
+int store_report_prefill(struct store *s, const char *ns, uint32_t prefix, uint32_t tokens,
+			 double ms, char *err, size_t errlen);
 
 /* Walks blobs like index_list, adding each blob's tier kind. */
 int store_list(struct store *s, const char *ns, const struct key *after, size_t limit,
@@ -174,13 +197,28 @@ struct store_tier_stats {
 	uint64_t capacity, used, reserved, blobs;
 	uint64_t read_bytes, write_bytes;
 	double read_seconds, write_seconds;
-	double read_bytes_per_s, read_fixed_s;  /* measured model; 0 = unknown */
+	double read_bytes_per_s, read_fixed_s;  /* restore cost model */
+	uint64_t model_samples;
+	const char *io;                  /* tier_io_desc() */
+	const char *io_fallback;         /* why not io_uring+O_DIRECT ("" if it is) */
+	double high, low;                /* watermarks in bytes */
+	double gdsf_base;                /* GDSF inflation value L */
+	uint64_t raw_bytes, stored_bytes; /* blobs on the tier, served vs stored */
+	uint64_t evictions[STORE_EVICT_REASONS];
+	uint64_t moved_in, moved_out, moved_in_bytes, enospc;
+	uint64_t read_ops, write_ops;
+	uint64_t read_hist[TIER_HIST_BUCKETS + 1], write_hist[TIER_HIST_BUCKETS + 1];
+	double read_hist_sum, write_hist_sum;
+	double compression_ratio;        /* raw_bytes / stored_bytes (1 when empty) */
+	uint64_t evicted_capacity, evicted_not_worth, evicted_lower_full;
 };
 
 struct store_ns_stats {
 	char ns[INDEX_NS_MAX + 1];
 	uint64_t blobs, bytes, lookups, hits, matched_tokens;
-	double prefill_tps;
+	double prefill_tps;           /* EMA of reported prefill speeds */
+	double prefill_a, prefill_b;  /* model: seconds per token, extra per token of depth */
+	double prefill_samples;       /* reports fitted (decayed count is in the fit) */
 };
 
 struct store_stats {
@@ -190,6 +228,8 @@ struct store_stats {
 	uint64_t fetches, fetch_bytes, stages, stage_copies, releases, lease_expiries, deletes;
 	uint64_t quarantined, active_leases;
 	uint64_t checksum_failures;   /* parts that failed their CRC on read: dropped */
+	uint64_t promotions_declined; /* hits on a lower tier the policy left there */
+	uint64_t migrations[STORE_MAX_TIERS][STORE_MAX_TIERS]; /* [from][to] */
 	uint64_t reconcile_removed_files, reconcile_removed_blobs;
 	unsigned n_tiers;
 	struct store_tier_stats tiers[STORE_MAX_TIERS];
@@ -202,6 +242,11 @@ void store_get_stats(struct store *s, struct store_stats *out);
  * index, lookups/hits since start). */
 int store_ns_stats(struct store *s, int (*cb)(void *ctx, const struct store_ns_stats *n),
 		   void *ctx);
+
+/* Calls cb for each namespace with its prefill model only (cheap: no blob
+ * walk; blobs/bytes/lookups are 0). */
+int store_ns_models(struct store *s, int (*cb)(void *ctx, const struct store_ns_stats *n),
+		    void *ctx);
 
 /* Configuration as running (Info). */
 const struct store_config *store_config(const struct store *s);

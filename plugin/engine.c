@@ -1134,7 +1134,10 @@ static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_tick
 		       slack = n / 10.0 > VERIFY_SLACK_MIN ? n / 10.0 : VERIFY_SLACK_MIN;
 		struct kvtier_report rep = {.ns = b.ns,
 		                            .prompt_tokens = pn > 0 ? (uint32_t)pn : 0,
-		                            .prompt_ms = j->side.prompt_ms};
+		                            .prompt_ms = j->side.prompt_ms,
+		                            .cached_tokens = pn > 0 && (double)n > pn
+		                                                 ? (uint32_t)((double)n - pn)
+		                                                 : 0};
 		int ignored = 0;
 
 		if (rs.ok) {

@@ -113,6 +113,7 @@ struct tier {
 	double read_seconds, write_seconds;
 	uint64_t read_ops, write_ops;
 	uint64_t read_hist[TIER_HIST_BUCKETS + 1], write_hist[TIER_HIST_BUCKETS + 1];
+	double read_hist_sum, write_hist_sum; /* seconds observed */
 	/* How bytes move; fixed at tier_open. */
 	int move;            /* enum tier_move */
 	unsigned depth;      /* disk: requests in flight per stream */
@@ -192,6 +193,7 @@ static void tier_observe_read(struct tier *t, double seconds)
 {
 	tier_lock(t);
 	t->read_ops++;
+	t->read_hist_sum += seconds;
 	tier_hist_add_locked(t->read_hist, seconds);
 	tier_unlock(t);
 }
@@ -1771,6 +1773,8 @@ void tier_get_stats(const struct tier *t, struct tier_stats *out)
 	out->write_seconds = t->write_seconds;
 	out->read_ops = t->read_ops;
 	out->write_ops = t->write_ops;
+	out->read_hist_sum = t->read_hist_sum;
+	out->write_hist_sum = t->write_hist_sum;
 	memcpy(out->read_hist, t->read_hist, sizeof(out->read_hist));
 	memcpy(out->write_hist, t->write_hist, sizeof(out->write_hist));
 	tier_unlock(t);
@@ -2109,6 +2113,7 @@ int tier_writer_commit(struct tier_writer *w, const char *name)
 	t->used += w->written;
 	t->files++;
 	t->write_ops++;
+	t->write_hist_sum += w->seconds + (tier_now() - t0);
 	tier_hist_add_locked(t->write_hist, w->seconds + (tier_now() - t0));
 	tier_unlock(t);
 	w->reserved = 0; /* now usage: tier_writer_free must not release it */

@@ -60,9 +60,11 @@ struct tier_stats {
 	 * the seconds spent writing it plus making it durable). Per-bucket
 	 * counts, not cumulative: hist[i] counts observations with
 	 * tier_hist_le[i-1] < seconds <= tier_hist_le[i]; hist[TIER_HIST_BUCKETS]
-	 * those above the last bound. The sum of a histogram is its *_ops. */
+	 * those above the last bound. The count of a histogram is its *_ops, its
+	 * sum *_hist_sum. */
 	uint64_t read_ops, write_ops;
 	uint64_t read_hist[TIER_HIST_BUCKETS + 1], write_hist[TIER_HIST_BUCKETS + 1];
+	double read_hist_sum, write_hist_sum; /* seconds of all observations */
 };
 
 /* How a disk tier moves bytes (tier_options.io_mode). */

@@ -1,0 +1,102 @@
+/* test_policy.c: the placement arithmetic (daemon/policy.c). */
+#include <math.h>
+#include <string.h>
+
+#include "check.h"
+#include "policy.h"
+
+#define NEAR(a, b, rel) (fabs((double)(a) - (double)(b)) <= (rel)*fabs((double)(b)))
+
+static void test_cost_model(void)
+{
+	struct cost_model m;
+
+	cost_model_init(&m, 0.001, 1e9);
+	CHECK(NEAR(cost_model_time(&m, 1000000000), 1.001, 1e-9));
+	/* Large reads at 500 MB/s pull the throughput towards it. */
+	for (int i = 0; i < 60; i++)
+		cost_model_observe(&m, 64u << 20, 0.001 + (64u << 20) / 5e8);
+	CHECK(NEAR(m.bytes_per_s, 5e8, 0.01));
+	/* Small reads of 4 KiB taking 0.2 ms set the fixed cost. */
+	for (int i = 0; i < 60; i++)
+		cost_model_observe(&m, 4096, 0.0002 + 4096 / 5e8);
+	CHECK(NEAR(m.fixed_s, 0.0002, 0.01));
+	CHECK_EQ_INT(m.samples, 120);
+	/* Reads in between teach nothing; garbage is ignored. */
+	cost_model_observe(&m, 512u << 10, 5.0);
+	cost_model_observe(&m, 64u << 20, NAN);
+	cost_model_observe(&m, 64u << 20, -1);
+	CHECK_EQ_INT(m.samples, 120);
+	/* Bad starting values fall back to something usable. */
+	cost_model_init(&m, -1, 0);
+	CHECK(m.fixed_s == 0 && m.bytes_per_s > 0);
+}
+
+static void test_prefill_fit(void)
+{
+	struct prefill_model m;
+	double w[8];
+	const double a = 2e-4, b = 1e-8;
+
+	memset(&m, 0, sizeof(m));
+	CHECK(!prefill_known(&m));
+	CHECK(NEAR(prefill_seconds(&m, 1000, 500), 2.0, 1e-12)); /* the assumed speed */
+	CHECK(prefill_tps_at(&m, 0) == 0);
+	/* Reports at several depths: T = a k + b (p k + k^2 / 2). */
+	for (int i = 0; i < 40; i++) {
+		uint32_t p = (uint32_t)(i % 8) * 2048, k = 256 + (uint32_t)(i % 5) * 512;
+		double t = a * k + b * ((double)p * k + (double)k * k / 2);
+		prefill_observe(&m, p, k, t);
+	}
+	CHECK(prefill_known(&m));
+	CHECK(NEAR(m.a, a, 1e-6));
+	CHECK(NEAR(m.b, b, 1e-6));
+	CHECK(NEAR(prefill_seconds(&m, 8192, 500), a * 8192 + b * 8192.0 * 8192 / 2, 1e-6));
+	CHECK(prefill_tps_at(&m, 0) > prefill_tps_at(&m, 32768)); /* slower when deep */
+	/* The model survives the trip through the namespace record. */
+	prefill_to_words(&m, w);
+	struct prefill_model m2;
+	prefill_from_words(&m2, w);
+	CHECK(memcmp(&m, &m2, sizeof(m)) == 0);
+
+	/* One depth only: a constant cost per token. */
+	memset(&m, 0, sizeof(m));
+	for (int i = 0; i < 5; i++)
+		prefill_observe(&m, 0, 1000, 0.5);
+	CHECK(NEAR(m.a, 0.5 / 1000, 0.05));
+	CHECK(m.b >= 0);
+	/* Nonsense reports are ignored. */
+	prefill_observe(&m, 0, 0, 1);
+	prefill_observe(&m, 0, 10, -1);
+	prefill_observe(&m, 0, 10, INFINITY);
+	CHECK(NEAR(m.samples, 5, 1e-12));
+	/* A speed that changes: recent reports weigh more. */
+	for (int i = 0; i < 100; i++)
+		prefill_observe(&m, 0, 1000, 0.05);
+	CHECK(NEAR(m.a, 0.05 / 1000, 0.05));
+}
+
+static void test_gdsf(void)
+{
+	/* Same value per byte: more hits rank higher; a higher base (later
+	 * access) ranks higher; negative value ranks below the base. */
+	double cold = gdsf_priority(0, 0, 1.0, 1 << 20);
+	double hot = gdsf_priority(0, 5, 1.0, 1 << 20);
+	double recent = gdsf_priority(1e-3, 0, 1.0, 1 << 20);
+	double big = gdsf_priority(0, 0, 1.0, 64 << 20);
+	double useless = gdsf_priority(0, 10, -0.5, 1 << 20);
+
+	CHECK(hot > cold);
+	CHECK(recent > cold);
+	CHECK(big < cold);
+	CHECK(useless < 0);
+	CHECK(gdsf_priority(0, 0, 1.0, 0) > 0); /* no division by zero */
+}
+
+int main(void)
+{
+	test_cost_model();
+	test_prefill_fit();
+	test_gdsf();
+	return 0;
+}
