@@ -41,14 +41,44 @@
 
 /* ---- models ---- */
 
-static uint64_t tier_mark(struct store *s, unsigned t, int high)
+/* The capacity the watermarks apply to: the configured one, or less when
+ * the file system filled up first (placement_note_enospc). */
+uint64_t placement_capacity(struct store *s, unsigned t)
 {
-	const struct store_tier_config *tc = &s->cfg.tiers[t];
+	uint64_t limit = atomic_load(&s->place[t].fs_limit);
 	struct tier_stats st;
 
 	tier_get_stats(s->tiers[t], &st);
+	return limit && limit < st.capacity ? limit : st.capacity;
+}
+
+static uint64_t tier_mark(struct store *s, unsigned t, int high)
+{
+	const struct store_tier_config *tc = &s->cfg.tiers[t];
+
 	/* store_open resolved each tier's pair with low < high. */
-	return (uint64_t)((high ? tc->high : tc->low) * (double)st.capacity);
+	return (uint64_t)((high ? tc->high : tc->low) * (double)placement_capacity(s, t));
+}
+
+void placement_note_enospc(struct store *s, unsigned t)
+{
+	struct tier_stats st;
+	uint64_t held, old;
+
+	atomic_fetch_add(&s->place[t].enospc, 1);
+	tier_get_stats(s->tiers[t], &st);
+	held = st.used + st.reserved;
+	old = atomic_load(&s->place[t].fs_limit);
+	/* What was committed and reserved when the file system said no is what
+	 * it holds for us: the watermarks follow that from now on, so the tier
+	 * sheds before the next write fails instead of after. */
+	if (held && (old == 0 || held < old)) {
+		atomic_store(&s->place[t].fs_limit, held);
+		klog(LOG_WARN, "event=tier_fs_full tier=%u path=%s configured=%llu effective=%llu "
+		     "hint=\"the file system holds less than --tier's SIZE: lower it\"", t,
+		     tier_path(s->tiers[t]), (unsigned long long)st.capacity,
+		     (unsigned long long)held);
+	}
 }
 
 static uint64_t tier_load(struct store *s, unsigned t)
@@ -508,7 +538,7 @@ undo:
 		     "event=migrate_failed blob=%s from=%u to=%u err=\"%s\"", hex, from, to,
 		     kvtier_strerror(rc));
 	if (rc == -ENOSPC)
-		atomic_fetch_add(&s->place[to].enospc, 1);
+		placement_note_enospc(s, to);
 	return rc;
 }
 
@@ -557,6 +587,11 @@ static int demote_or_delete(struct store *s, const struct ns_models *nm, const s
 		evict_delete(s, m, EVICT_NOT_WORTH, blob_value(s, nm, m, t + 1));
 		return 1;
 	}
+	/* Room first where the file system is known to be smaller than the
+	 * tier's capacity: a failed write costs a whole copy. */
+	uint64_t load = tier_load(s, t + 1), cap = placement_capacity(s, t + 1);
+	if (depth < 2 && load + m->part_size[PART_MAIN] > cap)
+		evict_tier(s, t + 1, load + m->part_size[PART_MAIN] - cap, depth + 1);
 	rc = move_blob(s, m, t + 1, 0);
 	if ((rc == KVTIER_E_FULL || rc == -ENOSPC) && depth < 2) {
 		evict_tier(s, t + 1, m->stored_size + m->stored_size / 8 + (1u << 16), depth + 1);

@@ -966,7 +966,7 @@ int store_put_write(struct store_put *p, const void *buf, size_t len, char *err,
 	if (rc == -ENOSPC) {
 		/* The file system is smaller than the configured capacity:
 		 * make room and try once more. */
-		atomic_fetch_add(&s_of(p)->place[0].enospc, 1);
+		placement_note_enospc(s_of(p), 0);
 		if (placement_make_room(s_of(p), 0, p->size[part] - p->written[part]) == 0 &&
 		    strcmp(tier_kind(s_of(p)->tiers[0]), "tmpfs") == 0)
 			rc = tier_writer_write(p->w[part], buf, len); /* positional: no state lost */
@@ -1970,8 +1970,8 @@ void store_get_stats(struct store *s, struct store_stats *o)
 		ts->read_hist_sum = st.read_hist_sum;
 		ts->write_hist_sum = st.write_hist_sum;
 		const struct store_tier_config *tc = &s->cfg.tiers[t];
-		ts->high = floor(tc->high * (double)st.capacity);
-		ts->low = floor(tc->low * (double)st.capacity);
+		ts->high = floor(tc->high * (double)placement_capacity(s, t));
+		ts->low = floor(tc->low * (double)placement_capacity(s, t));
 		struct tier_place *pl = &s->place[t];
 		pthread_mutex_lock(&s->model_lock);
 		ts->read_bytes_per_s = pl->model.bytes_per_s;

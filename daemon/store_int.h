@@ -59,6 +59,7 @@ struct tier_place {
 	_Atomic uint64_t moved_in, moved_out; /* migrations into / out of the tier */
 	_Atomic uint64_t moved_in_bytes;
 	_Atomic uint64_t enospc;
+	_Atomic uint64_t fs_limit;     /* bytes the file system held at the last ENOSPC; 0 none */
 };
 
 struct store {
@@ -189,6 +190,12 @@ void placement_want_promote(struct store *s, const struct key *id);
  * lowest-priority blobs (below the low watermark if it can). Returns 0 when
  * something was freed, KVTIER_E_FULL when nothing could be. */
 int placement_make_room(struct store *s, unsigned t, uint64_t need);
+/* A write to tier t failed with ENOSPC: counts it, and caps the capacity
+ * its watermarks apply to at what the tier holds now. */
+void placement_note_enospc(struct store *s, unsigned t);
+/* The capacity tier t's watermarks apply to (configured, or less after an
+ * ENOSPC). */
+uint64_t placement_capacity(struct store *s, unsigned t);
 /* Feeds the tier's cost model with a real read. */
 void placement_observe_read(struct store *s, unsigned t, uint64_t bytes, double seconds);
 /* Estimated restore seconds of `bytes` from tier t. */
