@@ -13,9 +13,10 @@
  *
  * This file must never hold a blob whole in memory: Put reads the file in
  * WIRE_CHUNK pieces straight into send buffers framed by hand (wire.h), one
- * message in flight while the next is read; Fetch writes each received slice
- * straight to a temporary file and renames the parts into place only after
- * the daemon's final OK. gRPC status codes become KVTIER_E_* codes only in
+ * message in flight while the next is read; Fetch hands each received slice
+ * to a sink without copying it: kvtier_fetch's is the caller's callback,
+ * kvtier_fetch_file's writes a temporary file and renames the parts into
+ * place only after the daemon's final OK. gRPC status codes become KVTIER_E_* codes only in
  * rc_of_status().
  */
 #include "kvtier.h"
@@ -1212,73 +1213,35 @@ out:
 
 /* ---- Fetch ---- */
 
-/* One part being received. */
-struct fetch_part {
-	char *final; /* path + suffix */
-	char *tmp;   /* temporary beside it; NULL until created */
-	int fd;
-	int seen; /* its header arrived */
-	uint64_t size, got;
-};
-
+/* One Fetch stream. The parts of a blob arrive in order, each announced by a
+ * header with its size, and their bytes go to a sink: kvtier_fetch's sink is
+ * the caller's callback, kvtier_fetch_file's writes temporary files that are
+ * renamed into place after the daemon's final OK. */
 struct fetch {
 	kvtier_client *c;
 	const char *blob;
 	int cur; /* part being received, -1 before the first header */
-	struct fetch_part part[PART_COUNT];
+	struct {
+		int seen;           /* its header arrived */
+		uint64_t size, got; /* bytes announced and received */
+	} part[PART_COUNT];
+	/* Called with (part, NULL, 0) when a part begins, then with its bytes
+	 * in order (never with len 0). Returns 0, or a negative code with the
+	 * handle's message set, which cancels the call. */
+	int (*sink)(void *ctx, int part, const void *buf, size_t len);
+	void *ctx;
 };
-
-/* Creates a temporary file in the directory of p->final, named so it cannot
- * collide with another writer (O_EXCL; hidden; short, so a long final name
- * does not make it too long). */
-static int fetch_tmp_create(struct fetch *f, struct fetch_part *p)
-{
-	static atomic_uint seq;
-	const char *slash = strrchr(p->final, '/');
-	int dirlen = slash ? (int)(slash - p->final) : -1;
-	int rc = -EEXIST;
-
-	for (int tries = 0; tries < 100 && rc == -EEXIST; tries++) {
-		unsigned n = atomic_fetch_add(&seq, 1);
-		int r;
-
-		if (dirlen < 0)
-			r = asprintf(&p->tmp, ".kvtier-%ld-%u.tmp", (long)getpid(), n);
-		else
-			r = asprintf(&p->tmp, "%.*s/.kvtier-%ld-%u.tmp", dirlen, p->final,
-			             (long)getpid(), n);
-		if (r < 0) {
-			p->tmp = NULL;
-			rc = -ENOMEM;
-			set_err(f->c, "out of memory");
-			goto out;
-		}
-		p->fd = open(p->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-		if (p->fd >= 0) {
-			rc = 0;
-			goto out;
-		}
-		rc = -errno;
-		free(p->tmp);
-		p->tmp = NULL;
-	}
-	set_err(f->c, "cannot create a temporary file beside %s: %s", p->final,
-	        kvtier_strerror(rc));
-out:
-	return rc;
-}
 
 /* Checks that the part being received got all its announced bytes. */
 static int fetch_part_done(struct fetch *f)
 {
-	struct fetch_part *p = f->cur < 0 ? NULL : &f->part[f->cur];
 	int rc = 0;
 
-	if (p && p->got != p->size) {
+	if (f->cur >= 0 && f->part[f->cur].got != f->part[f->cur].size) {
 		rc = KVTIER_E_INTERNAL;
 		set_err(f->c, "blob %s part \"%s\": kvtierd announced %llu bytes but sent %llu",
-		        f->blob, part_suffix[f->cur], (unsigned long long)p->size,
-		        (unsigned long long)p->got);
+		        f->blob, part_suffix[f->cur], (unsigned long long)f->part[f->cur].size,
+		        (unsigned long long)f->part[f->cur].got);
 	}
 	return rc;
 }
@@ -1305,49 +1268,49 @@ static int fetch_part_begin(struct fetch *f, const Kvtier__V1__PartHeader *ph)
 	f->part[part].seen = 1;
 	f->part[part].size = ph->size;
 	f->part[part].got = 0;
-	rc = fetch_tmp_create(f, &f->part[part]);
+	rc = f->sink(f->ctx, part, NULL, 0);
 out:
 	return rc;
 }
 
-/* Writes received bytes of the current part (wire_data_walk's sink). */
-static int fetch_sink(void *ctx, const uint8_t *data, size_t n)
+/* Hands received bytes of the current part to the sink (wire_data_walk's
+ * sink), after checking they are within what the part announced. */
+static int fetch_data(void *ctx, const uint8_t *data, size_t n)
 {
 	struct fetch *f = ctx;
-	struct fetch_part *p = f->cur < 0 ? NULL : &f->part[f->cur];
 	int rc = 0;
 
-	if (!p) {
+	if (f->cur < 0) {
 		rc = KVTIER_E_INTERNAL;
 		set_err(f->c, "kvtierd sent data before any part header");
 		goto out;
 	}
-	if (n > p->size - p->got) {
+	if (n > f->part[f->cur].size - f->part[f->cur].got) {
 		rc = KVTIER_E_INTERNAL;
 		set_err(f->c,
 		        "blob %s part \"%s\": kvtierd sent more than the %llu bytes it announced",
-		        f->blob, part_suffix[f->cur], (unsigned long long)p->size);
+		        f->blob, part_suffix[f->cur], (unsigned long long)f->part[f->cur].size);
 		goto out;
 	}
-	rc = write_full(p->fd, data, n);
-	if (rc) {
-		set_err(f->c, "writing %s failed: %s", p->tmp, kvtier_strerror(rc));
+	if (n == 0)
 		goto out;
-	}
-	p->got += n;
+	rc = f->sink(f->ctx, f->cur, data, n);
+	if (rc)
+		goto out;
+	f->part[f->cur].got += n;
 out:
 	return rc;
 }
 
-/* Handles one received message: data-only messages go straight to the file,
+/* Handles one received message: data-only messages go straight to the sink,
  * anything else is a Chunk (a part header, maybe with data). */
 static int fetch_message(struct fetch *f, grpc_byte_buffer *bb)
 {
 	Kvtier__V1__Chunk *ch = NULL;
-	int rc = wire_data_walk(bb, fetch_sink, f);
+	int rc = wire_data_walk(bb, fetch_data, f);
 
 	if (rc != 0) {
-		rc = rc < 0 ? rc : 0; /* 1: it was data, and it is written */
+		rc = rc < 0 ? rc : 0; /* 1: it was data, and the sink has it */
 		goto out;
 	}
 	ch = (Kvtier__V1__Chunk *)wire_unpack(&kvtier__v1__chunk__descriptor, bb);
@@ -1359,126 +1322,29 @@ static int fetch_message(struct fetch *f, grpc_byte_buffer *bb)
 	if (ch->part)
 		rc = fetch_part_begin(f, ch->part);
 	if (rc == 0 && ch->data.len)
-		rc = fetch_sink(f, ch->data.data, ch->data.len);
+		rc = fetch_data(f, ch->data.data, ch->data.len);
 out:
 	if (ch)
 		protobuf_c_message_free_unpacked(&ch->base, NULL);
 	return rc;
 }
 
-/* Makes the received parts durable and renames them into place: sidecars
- * first, then the slot file, so a reader that sees the new slot file also
- * sees its sidecars. A sidecar of an earlier file at `path` that this blob
- * does not have is removed, so it cannot be paired with the new slot file. */
-static int fetch_commit(struct fetch *f)
-{
-	int rc = fetch_part_done(f);
-
-	if (rc)
-		goto out;
-	if (!f->part[0].seen) {
-		rc = KVTIER_E_INTERNAL;
-		set_err(f->c, "kvtierd ended blob %s without its slot file", f->blob);
-		goto out;
-	}
-	for (int i = 0; i < PART_COUNT; i++) {
-		struct fetch_part *p = &f->part[i];
-
-		if (!p->seen)
-			continue;
-		rc = fdatasync(p->fd) < 0 ? -errno : 0;
-		if (close(p->fd) < 0 && !rc)
-			rc = -errno;
-		p->fd = -1;
-		if (rc) {
-			set_err(f->c, "writing %s failed: %s", p->tmp, kvtier_strerror(rc));
-			goto out;
-		}
-	}
-	for (int j = 1; j <= PART_COUNT; j++) {
-		int i = j % PART_COUNT; /* 1, 2, then 0: the slot file last */
-		struct fetch_part *p = &f->part[i];
-
-		if (!p->seen) {
-			if (unlink(p->final) < 0 && errno != ENOENT) {
-				rc = -errno;
-				set_err(f->c, "cannot remove the stale sidecar %s: %s", p->final,
-				        kvtier_strerror(rc));
-				goto out;
-			}
-			continue;
-		}
-		if (rename(p->tmp, p->final) < 0) {
-			rc = -errno;
-			set_err(f->c, "cannot rename %s to %s: %s", p->tmp, p->final,
-			        kvtier_strerror(rc));
-			goto out;
-		}
-		free(p->tmp);
-		p->tmp = NULL;
-	}
-out:
-	return rc;
-}
-
-/* Refuses target names that could not be renamed over (a directory, a
- * name ending in '/') before anything is received or renamed: otherwise
- * the sidecars, renamed first, could land while the slot file fails. */
-static int fetch_check_targets(struct fetch *f)
-{
-	struct stat st;
-	int rc = 0;
-
-	for (int i = 0; i < PART_COUNT && rc == 0; i++) {
-		const char *name = f->part[i].final;
-		size_t len = strlen(name);
-
-		if (name[len - 1] == '/' || (lstat(name, &st) == 0 && S_ISDIR(st.st_mode))) {
-			rc = -EISDIR;
-			set_err(f->c, "%s is a directory: give the name of the file to write",
-			        name);
-		}
-	}
-	return rc;
-}
-
-KVTIER_API int kvtier_fetch_file(kvtier_client *c, const char *blob, const char *path,
-                                 uint64_t *size_out)
+/* Runs the Fetch call for f->blob, handing every part to f->sink. Returns 0
+ * only when the daemon ended the stream with OK, every announced byte
+ * arrived and the slot file was among the parts. */
+static int fetch_stream(struct fetch *f)
 {
 	Kvtier__V1__FetchRequest q = KVTIER__V1__FETCH_REQUEST__INIT;
-	struct fetch f;
+	kvtier_client *c = f->c;
 	struct kcall k;
 	grpc_byte_buffer *req = NULL, *cur = NULL, *next = NULL;
 	grpc_op ops[4];
-	int rc = 0, begun = 0, w;
+	int rc, w;
 
-	memset(&f, 0, sizeof(f));
-	f.c = c;
-	f.blob = blob;
-	f.cur = -1;
-	for (int i = 0; i < PART_COUNT; i++)
-		f.part[i].fd = -1;
-	if (!c || !blob || !path || !path[0]) {
-		rc = arg_missing(c, "missing blob id or path");
-		goto out;
-	}
-	if (size_out)
-		*size_out = 0;
-	for (int i = 0; i < PART_COUNT; i++)
-		if (asprintf(&f.part[i].final, "%s%s", path, part_suffix[i]) < 0) {
-			f.part[i].final = NULL;
-			rc = -ENOMEM;
-			set_err(c, "out of memory");
-			goto out;
-		}
-	rc = fetch_check_targets(&f);
-	if (rc)
-		goto out;
 	rc = call_begin(&k, c, M_FETCH, 1);
-	begun = 1;
 	if (rc)
 		goto out;
-	q.blob = (char *)blob;
+	q.blob = (char *)f->blob;
 	req = wire_pack(&q.base);
 	if (!req) {
 		rc = -ENOMEM;
@@ -1500,7 +1366,8 @@ KVTIER_API int kvtier_fetch_file(kvtier_client *c, const char *blob, const char 
 		goto out;
 	}
 	/* Receive one message ahead: the next is asked for before this one is
-	 * written out. A failed send (w == 1) shows up as the end of the stream. */
+	 * handed to the sink. A failed send (w == 1) shows up as the end of the
+	 * stream. */
 	memset(ops, 0, sizeof(ops));
 	ops[1].op = GRPC_OP_RECV_MESSAGE;
 	ops[1].data.recv_message.recv_message = &cur;
@@ -1514,7 +1381,7 @@ KVTIER_API int kvtier_fetch_file(kvtier_client *c, const char *blob, const char 
 		rc = call_start(&k, ops, 1, TAG_RECV);
 		if (rc)
 			break;
-		rc = fetch_message(&f, cur);
+		rc = fetch_message(f, cur);
 		grpc_byte_buffer_destroy(cur);
 		cur = NULL;
 		if (rc)
@@ -1530,29 +1397,248 @@ KVTIER_API int kvtier_fetch_file(kvtier_client *c, const char *blob, const char 
 	rc = call_status(&k, NULL);
 	if (rc)
 		goto out;
-	rc = fetch_commit(&f);
-	if (rc)
-		goto out;
-	if (size_out)
-		*size_out = f.part[0].size;
+	rc = fetch_part_done(f);
+	if (rc == 0 && !f->part[0].seen) {
+		rc = KVTIER_E_INTERNAL;
+		set_err(c, "kvtierd ended blob %s without its slot file", f->blob);
+	}
 out:
-	if (begun)
-		call_end(&k);
+	call_end(&k);
 	if (cur)
 		grpc_byte_buffer_destroy(cur);
 	if (next)
 		grpc_byte_buffer_destroy(next);
 	if (req)
 		grpc_byte_buffer_destroy(req);
-	for (int i = 0; i < PART_COUNT; i++) {
-		struct fetch_part *p = &f.part[i];
+	return rc;
+}
 
-		if (p->fd >= 0)
-			close(p->fd);
-		if (p->tmp)
-			unlink(p->tmp); /* best effort: the error already reported matters more */
-		free(p->tmp);
-		free(p->final);
+/* kvtier_fetch's sink: the caller's callback, whose non-zero return stops
+ * the stream. */
+struct fetch_cb {
+	kvtier_client *c;
+	int (*cb)(void *ctx, int part, const void *buf, size_t len);
+	void *ctx;
+	int stopped; /* cb's non-zero return, or 0 */
+};
+
+static int fetch_cb_sink(void *ctx, int part, const void *buf, size_t len)
+{
+	struct fetch_cb *u = ctx;
+	int r = u->cb(u->ctx, part, buf, len);
+
+	if (r == 0)
+		return 0;
+	u->stopped = r;
+	set_err(u->c, "the fetch was stopped by its callback (it returned %d)", r);
+	return -ECANCELED;
+}
+
+KVTIER_API int kvtier_fetch(kvtier_client *c, const char *blob,
+                            int (*cb)(void *ctx, int part, const void *buf, size_t len),
+                            void *ctx)
+{
+	struct fetch_cb u = {.c = c, .cb = cb, .ctx = ctx};
+	struct fetch f;
+	int rc;
+
+	if (!c || !blob || !cb) {
+		rc = arg_missing(c, "missing blob id or callback");
+		goto out;
+	}
+	memset(&f, 0, sizeof(f));
+	f.c = c;
+	f.blob = blob;
+	f.cur = -1;
+	f.sink = fetch_cb_sink;
+	f.ctx = &u;
+	rc = fetch_stream(&f);
+	if (u.stopped)
+		rc = u.stopped;
+out:
+	return rc;
+}
+
+/* kvtier_fetch_file's sink: one temporary file per part. */
+struct fetch_file {
+	kvtier_client *c;
+	struct {
+		char *final; /* path + suffix */
+		char *tmp;   /* temporary beside it; NULL until created */
+		int fd;
+	} part[PART_COUNT];
+};
+
+/* Creates the temporary file of part i in the directory of its final name,
+ * named so it cannot collide with another writer (O_EXCL; hidden; short, so a
+ * long final name does not make it too long). */
+static int fetch_tmp_create(struct fetch_file *ff, int i)
+{
+	static atomic_uint seq;
+	const char *final = ff->part[i].final;
+	const char *slash = strrchr(final, '/');
+	int dirlen = slash ? (int)(slash - final) : -1;
+	int rc = -EEXIST;
+
+	for (int tries = 0; tries < 100 && rc == -EEXIST; tries++) {
+		unsigned n = atomic_fetch_add(&seq, 1);
+		char *tmp;
+		int r;
+
+		if (dirlen < 0)
+			r = asprintf(&tmp, ".kvtier-%ld-%u.tmp", (long)getpid(), n);
+		else
+			r = asprintf(&tmp, "%.*s/.kvtier-%ld-%u.tmp", dirlen, final,
+			             (long)getpid(), n);
+		if (r < 0) {
+			rc = -ENOMEM;
+			set_err(ff->c, "out of memory");
+			goto out;
+		}
+		ff->part[i].fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+		if (ff->part[i].fd >= 0) {
+			ff->part[i].tmp = tmp;
+			rc = 0;
+			goto out;
+		}
+		rc = -errno;
+		free(tmp);
+	}
+	set_err(ff->c, "cannot create a temporary file beside %s: %s", final,
+	        kvtier_strerror(rc));
+out:
+	return rc;
+}
+
+static int fetch_file_sink(void *ctx, int part, const void *buf, size_t len)
+{
+	struct fetch_file *ff = ctx;
+	int rc;
+
+	if (!buf)
+		return fetch_tmp_create(ff, part); /* the part begins */
+	rc = write_full(ff->part[part].fd, buf, len);
+	if (rc)
+		set_err(ff->c, "writing %s failed: %s", ff->part[part].tmp, kvtier_strerror(rc));
+	return rc;
+}
+
+/* Makes the received parts durable and renames them into place: sidecars
+ * first, then the slot file, so a reader that sees the new slot file also
+ * sees its sidecars. A sidecar of an earlier file at `path` that this blob
+ * does not have is removed, so it cannot be paired with the new slot file. */
+static int fetch_commit(struct fetch *f, struct fetch_file *ff)
+{
+	int rc = 0;
+
+	for (int i = 0; i < PART_COUNT; i++) {
+		if (!f->part[i].seen)
+			continue;
+		rc = fdatasync(ff->part[i].fd) < 0 ? -errno : 0;
+		if (close(ff->part[i].fd) < 0 && !rc)
+			rc = -errno;
+		ff->part[i].fd = -1;
+		if (rc) {
+			set_err(f->c, "writing %s failed: %s", ff->part[i].tmp, kvtier_strerror(rc));
+			goto out;
+		}
+	}
+	for (int j = 1; j <= PART_COUNT; j++) {
+		int i = j % PART_COUNT; /* 1, 2, then 0: the slot file last */
+		const char *final = ff->part[i].final;
+
+		if (!f->part[i].seen) {
+			if (unlink(final) < 0 && errno != ENOENT) {
+				rc = -errno;
+				set_err(f->c, "cannot remove the stale sidecar %s: %s", final,
+				        kvtier_strerror(rc));
+				goto out;
+			}
+			continue;
+		}
+		if (rename(ff->part[i].tmp, final) < 0) {
+			rc = -errno;
+			set_err(f->c, "cannot rename %s to %s: %s", ff->part[i].tmp, final,
+			        kvtier_strerror(rc));
+			goto out;
+		}
+		free(ff->part[i].tmp);
+		ff->part[i].tmp = NULL;
+	}
+out:
+	return rc;
+}
+
+/* Refuses target names that could not be renamed over (a directory, a
+ * name ending in '/') before anything is received or renamed: otherwise
+ * the sidecars, renamed first, could land while the slot file fails. */
+static int fetch_check_targets(struct fetch_file *ff)
+{
+	struct stat st;
+	int rc = 0;
+
+	for (int i = 0; i < PART_COUNT && rc == 0; i++) {
+		const char *name = ff->part[i].final;
+		size_t len = strlen(name);
+
+		if (name[len - 1] == '/' || (lstat(name, &st) == 0 && S_ISDIR(st.st_mode))) {
+			rc = -EISDIR;
+			set_err(ff->c, "%s is a directory: give the name of the file to write",
+			        name);
+		}
+	}
+	return rc;
+}
+
+KVTIER_API int kvtier_fetch_file(kvtier_client *c, const char *blob, const char *path,
+                                 uint64_t *size_out)
+{
+	struct fetch_file ff;
+	struct fetch f;
+	int rc = 0;
+
+	memset(&ff, 0, sizeof(ff));
+	ff.c = c;
+	for (int i = 0; i < PART_COUNT; i++)
+		ff.part[i].fd = -1;
+	if (!c || !blob || !path || !path[0]) {
+		rc = arg_missing(c, "missing blob id or path");
+		goto out;
+	}
+	if (size_out)
+		*size_out = 0;
+	for (int i = 0; i < PART_COUNT; i++)
+		if (asprintf(&ff.part[i].final, "%s%s", path, part_suffix[i]) < 0) {
+			ff.part[i].final = NULL;
+			rc = -ENOMEM;
+			set_err(c, "out of memory");
+			goto out;
+		}
+	rc = fetch_check_targets(&ff);
+	if (rc)
+		goto out;
+	memset(&f, 0, sizeof(f));
+	f.c = c;
+	f.blob = blob;
+	f.cur = -1;
+	f.sink = fetch_file_sink;
+	f.ctx = &ff;
+	rc = fetch_stream(&f);
+	if (rc)
+		goto out;
+	rc = fetch_commit(&f, &ff);
+	if (rc)
+		goto out;
+	if (size_out)
+		*size_out = f.part[0].size;
+out:
+	for (int i = 0; i < PART_COUNT; i++) {
+		if (ff.part[i].fd >= 0)
+			close(ff.part[i].fd);
+		if (ff.part[i].tmp)
+			unlink(ff.part[i].tmp); /* best effort: the error already reported matters more */
+		free(ff.part[i].tmp);
+		free(ff.part[i].final);
 	}
 	return rc;
 }

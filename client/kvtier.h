@@ -179,6 +179,37 @@ KVTIER_API int kvtier_adopt(kvtier_client *c, const char *ns, const char *path,
 KVTIER_API int kvtier_fetch_file(kvtier_client *c, const char *blob, const char *path,
 				 uint64_t *size_out);
 
+/* The parts of a blob, in the order kvtier_fetch delivers them. */
+enum kvtier_part {
+	KVTIER_PART_SLOT = 0,        /* the slot file */
+	KVTIER_PART_TOKENS_JSON = 1, /* sidecar <slot file>.tokens.json (ik_llama.cpp) */
+	KVTIER_PART_CHECKPOINTS = 2  /* sidecar <slot file>.checkpoints (ik_llama.cpp) */
+};
+
+/* Streams blob `blob` to the callback `cb` instead of a file, for a caller
+ * that forwards, checks or discards the bytes and needs no temporary file.
+ * The parts come in order, the slot file first (KVTIER_PART_SLOT), then the
+ * sidecars the blob has. For each part cb is called once with buf NULL and
+ * len 0 when the part begins (so an empty sidecar is seen too), then with the
+ * part's bytes in order, in pieces of no fixed size and never of length 0.
+ * `buf` points into gRPC's receive buffer (no copy is made) and is valid only
+ * during that call of cb. `ctx` is passed to cb unchanged. cb runs on the
+ * calling thread and must not close `c`.
+ *
+ * The library checks that each part gets exactly the bytes the daemon
+ * announced for it. Returns 0 only when the daemon ended the stream with OK
+ * after every byte; after any other return the bytes already given to cb are
+ * not a whole blob and must be discarded. A non-zero return from cb cancels
+ * the call and is returned as it is. Other errors: KVTIER_E_INVALID (c, blob
+ * or cb missing), KVTIER_E_NOTFOUND (no such blob), KVTIER_E_CORRUPT (the
+ * stored bytes failed their checksum; the daemon drops the blob),
+ * KVTIER_E_TIMEOUT (no message for the handle's timeout), KVTIER_E_UNAVAILABLE,
+ * KVTIER_E_INTERNAL (the daemon sent more or fewer bytes than it announced,
+ * or an unknown part), -ENOMEM. */
+KVTIER_API int kvtier_fetch(kvtier_client *c, const char *blob,
+			    int (*cb)(void *ctx, int part, const void *buf, size_t len),
+			    void *ctx);
+
 struct kvtier_stage {
 	char lease[64];
 	char filename[256];   /* the name inside the directory */
