@@ -57,6 +57,29 @@ grpc_byte_buffer *wire_buf_message(struct wire_buf *b, size_t len)
 	return bb;
 }
 
+grpc_byte_buffer *wire_ext_message(const uint8_t *data, size_t len, void (*release)(void *),
+				   void *ud)
+{
+	uint8_t head[WIRE_HEADROOM];
+	size_t n = 0, v = len;
+	grpc_slice s[2];
+
+	head[n++] = 0x0a; /* field 1, wire type 2 */
+	while (v >= 0x80) {
+		head[n++] = (uint8_t)(v | 0x80);
+		v >>= 7;
+	}
+	head[n++] = (uint8_t)v;
+	s[0] = grpc_slice_from_copied_buffer((const char *)head, n);
+	/* gRPC keeps the data slice until the bytes are on the wire, then calls
+	 * release(ud): the caller's memory must live until then. */
+	s[1] = grpc_slice_new_with_user_data((void *)data, len, release, ud);
+	grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(s, 2);
+	grpc_slice_unref(s[0]);
+	grpc_slice_unref(s[1]);
+	return bb;
+}
+
 grpc_byte_buffer *wire_pack(const struct ProtobufCMessage *msg)
 {
 	size_t n = protobuf_c_message_get_packed_size(msg);

@@ -17,6 +17,7 @@
 #include <grpc/byte_buffer.h>
 
 #define WIRE_CHUNK (1u << 20)   /* data bytes per message */
+#define WIRE_MAP_CHUNK (4u << 20) /* per message sent from a mapped file (no buffer) */
 #define WIRE_HEADROOM 8         /* room for tag + varint before the data */
 #define WIRE_MAX_MESSAGE (16u << 20) /* receive limit on both sides */
 
@@ -36,6 +37,13 @@ void wire_buf_free(struct wire_buf *b);
  * a byte buffer that owns b's memory (b is emptied; do not free it). NULL on
  * allocation failure (b is left intact). */
 grpc_byte_buffer *wire_buf_message(struct wire_buf *b, size_t len);
+
+/* Frames len bytes at data, which the caller keeps valid until gRPC calls
+ * release(ud) (when the message has been written, or dropped), as a
+ * data-only message without copying them: a small header slice plus a slice
+ * pointing at data. */
+grpc_byte_buffer *wire_ext_message(const uint8_t *data, size_t len, void (*release)(void *),
+				   void *ud);
 
 /* Packs a protobuf-c message into a new byte buffer. NULL on failure. */
 struct ProtobufCMessage;

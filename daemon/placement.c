@@ -115,11 +115,14 @@ void placement_init(struct store *s)
 			     pl->model.fixed_s * 1e3, pl->model.bytes_per_s / 1e6,
 			     (unsigned long long)probe);
 		else
-			klog(LOG_WARN,
-			     "event=tier_probe_skipped tier=%u err=\"%s\" fixed_ms=%.3f "
+			klog(rc == -ENOSYS ? LOG_INFO : LOG_WARN,
+			     "event=tier_probe_skipped tier=%u reason=\"%s\" fixed_ms=%.3f "
 			     "MBps=%.0f hint=\"the model starts from a guess; real reads correct "
 			     "it\"",
-			     t, kvtier_strerror(rc), fixed * 1e3, bps / 1e6);
+			     t,
+			     rc == -ENOSYS ? "--probe-size 0, or a tier too small to probe"
+					   : kvtier_strerror(rc),
+			     fixed * 1e3, bps / 1e6);
 		if (tier_io_fallback_reason(s->tiers[t])[0])
 			klog(LOG_WARN, "event=tier_io_fallback tier=%u io=\"%s\" reason=\"%s\"", t,
 			     tier_io_desc(s->tiers[t]), tier_io_fallback_reason(s->tiers[t]));

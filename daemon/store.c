@@ -16,6 +16,8 @@
 #include <limits.h>
 #include <math.h>
 #include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -1560,6 +1562,117 @@ ssize_t store_fetch_read(struct store_fetch *f, int part, void *buf, size_t len,
 	}
 	f->io_s += store_mono() - t0;
 	return n;
+}
+
+/* ---- zero-copy fetch of tmpfs parts ---- */
+
+struct store_map {
+	struct tier_map m;
+};
+
+const uint8_t *store_map_data(const struct store_map *m)
+{
+	return m->m.data;
+}
+
+void store_map_release(void *p)
+{
+	struct store_map *m = p;
+
+	if (m) {
+		tier_unmap(&m->m);
+		free(m);
+	}
+}
+
+/* SIGBUS while reading a mapping (its file was truncated by someone with
+ * write access to it) jumps back to the guarded read instead of killing the
+ * daemon. Any other SIGBUS keeps its default action. */
+static __thread sigjmp_buf *store_bus_jmp;
+
+static void store_on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+	(void)si;
+	(void)uc;
+	if (store_bus_jmp)
+		siglongjmp(*store_bus_jmp, 1);
+	signal(sig, SIG_DFL);
+	raise(sig);
+}
+
+static void store_bus_install(void)
+{
+	struct sigaction sa;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_sigaction = store_on_sigbus;
+	sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGBUS, &sa, NULL);
+}
+
+static int guarded_crc(uint32_t *crc, const uint8_t *p, size_t n)
+{
+	static pthread_once_t once = PTHREAD_ONCE_INIT;
+	sigjmp_buf jb;
+	volatile uint32_t c = *crc;
+
+	pthread_once(&once, store_bus_install);
+	if (sigsetjmp(jb, 1)) {
+		store_bus_jmp = NULL;
+		return -EFAULT;
+	}
+	store_bus_jmp = &jb;
+	c = crc32c(c, p, n);
+	store_bus_jmp = NULL;
+	*crc = c;
+	return 0;
+}
+
+int store_fetch_map(struct store_fetch *f, int part, uint64_t off, size_t len,
+		    struct store_map **out)
+{
+	struct part_src *src;
+	struct store_map *m;
+	double t0 = store_mono(), dt;
+	uint32_t crc;
+	int rc;
+
+	*out = NULL;
+	if (part < 0 || part >= PART_COUNT || !f->src[part].r)
+		return KVTIER_E_INVALID;
+	src = &f->src[part];
+	if (src->dec)
+		return -ENOTSUP;
+	if (off != f->crc_off[part] || len > f->meta.part_size[part] - off)
+		return KVTIER_E_INVALID;
+	m = calloc(1, sizeof(*m));
+	if (!m)
+		return -ENOMEM;
+	rc = tier_reader_map(src->r, off, len, &m->m);
+	if (rc) {
+		free(m);
+		return rc;
+	}
+	crc = f->crc[part];
+	if (guarded_crc(&crc, m->m.data, len)) {
+		store_map_release(m);
+		store_drop_corrupt(f->s, &f->meta, part, "fetch_truncated_file");
+		return KVTIER_E_CORRUPT;
+	}
+	dt = store_mono() - t0;
+	f->crc[part] = crc;
+	f->crc_off[part] += len;
+	f->io_s += dt;
+	tier_reader_account(src->r, len, dt);
+	atomic_fetch_add(&f->s->fetch_bytes, len);
+	if (f->crc_off[part] == f->meta.part_size[part] && crc != f->meta.part_crc[part]) {
+		store_map_release(m);
+		store_drop_corrupt(f->s, &f->meta, part, "fetch");
+		return KVTIER_E_CORRUPT;
+	}
+	*out = m;
+	return 0;
 }
 
 void store_fetch_close(struct store_fetch *f)

@@ -152,6 +152,21 @@ ssize_t store_fetch_read(struct store_fetch *f, int part, void *buf, size_t len,
 
 void store_fetch_close(struct store_fetch *f);
 
+/* Zero-copy reading of a raw part on a memory tier (tmpfs): len bytes at
+ * off, mapped read-only, checked in sequence like store_fetch_read (the
+ * piece that completes a part whose CRC-32C does not match is refused with
+ * KVTIER_E_CORRUPT and the blob dropped: do not send it). The map lives on
+ * after the fetch is closed until store_map_release (a gRPC slice release
+ * fits). Returns 0 and *out, -ENOTSUP when the part
+ * cannot be mapped (encoded, on a disk tier, empty: read it with
+ * store_fetch_read), KVTIER_E_INVALID out of sequence, KVTIER_E_CORRUPT (also
+ * for a file truncated under the mapping: SIGBUS is caught, not fatal). */
+struct store_map;
+int store_fetch_map(struct store_fetch *f, int part, uint64_t off, size_t len,
+		    struct store_map **out);
+const uint8_t *store_map_data(const struct store_map *m);
+void store_map_release(void *m);
+
 struct store_stage_result {
 	char lease[33];
 	char filename[256];

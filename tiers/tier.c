@@ -2205,6 +2205,41 @@ ssize_t tier_reader_read(struct tier_reader *r, void *buf, size_t len, uint64_t 
 	return n;
 }
 
+int tier_reader_map(struct tier_reader *r, uint64_t off, size_t len, struct tier_map *m)
+{
+	long page = sysconf(_SC_PAGESIZE);
+	uint64_t start = off - off % (uint64_t)(page > 0 ? page : 4096);
+	void *p;
+
+	memset(m, 0, sizeof(*m));
+	/* Only where the bytes are memory already: mapping a disk file would
+	 * trade the O_DIRECT pipeline for page faults. */
+	if (r->t->ops != &tier_ops_tmpfs || len == 0)
+		return -ENOTSUP;
+	p = mmap(NULL, (size_t)(off - start) + len, PROT_READ, MAP_SHARED, r->fd, (off_t)start);
+	if (p == MAP_FAILED)
+		return -errno;
+	m->base = p;
+	m->base_len = (size_t)(off - start) + len;
+	m->data = (const uint8_t *)p + (off - start);
+	m->len = len;
+	return 0;
+}
+
+void tier_unmap(struct tier_map *m)
+{
+	if (m->base)
+		munmap(m->base, m->base_len);
+	memset(m, 0, sizeof(*m));
+}
+
+void tier_reader_account(struct tier_reader *r, uint64_t bytes, double seconds)
+{
+	r->seconds += seconds;
+	r->bytes += bytes;
+	tier_count_read(r->t, bytes, seconds);
+}
+
 /* Closes without counting (tier_probe). */
 static void tier_reader_free(struct tier_reader *r)
 {

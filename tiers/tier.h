@@ -202,6 +202,26 @@ int tier_reader_open(struct tier *t, const char *name, struct tier_reader **out,
  * the blocks it needs. */
 ssize_t tier_reader_read(struct tier_reader *r, void *buf, size_t len, uint64_t off);
 
+/* A read-only view of part of a tier file. */
+struct tier_map {
+	const uint8_t *data; /* the bytes asked for */
+	size_t len;
+	void *base;          /* the mapping (page-aligned) */
+	size_t base_len;
+};
+
+/* Maps len bytes at off of reader r's file read-only, on tiers whose bytes
+ * are memory already (tmpfs): a zero-copy read. Map pieces, not whole
+ * files: mapped pages count in the process's RSS while mapped. The mapping
+ * outlives the reader and the file's name; release it with tier_unmap.
+ * Accessing it after the file was truncated (only its owner or root can)
+ * raises SIGBUS: guard the accesses. Bytes used through the mapping are
+ * counted with tier_reader_account. Returns 0, -ENOTSUP (another kind, or
+ * len 0) or -errno. */
+int tier_reader_map(struct tier_reader *r, uint64_t off, size_t len, struct tier_map *m);
+void tier_unmap(struct tier_map *m);
+void tier_reader_account(struct tier_reader *r, uint64_t bytes, double seconds);
+
 /* Closes the reader (NULL is fine) and counts it in the read histogram. */
 void tier_reader_close(struct tier_reader *r);
 
