@@ -145,9 +145,10 @@ static void codec_deinterleave(uint8_t *restrict lo, uint8_t *restrict hi,
 			hb[k] = sb[2 * k + 1];
 		}
 	}
-	for (; i < pairs; i++) {
-		lo[i] = s[2 * i];
-		hi[i] = s[2 * i + 1];
+	/* A walking pointer, not s[2 * i]: gcc -O3 warns that 2 * i could wrap. */
+	for (const uint8_t *sp = s + 2 * i; i < pairs; i++, sp += 2) {
+		lo[i] = sp[0];
+		hi[i] = sp[1];
 	}
 }
 
@@ -176,9 +177,9 @@ static void codec_interleave(uint8_t *restrict d, const uint8_t *restrict lo,
 			db[2 * k + 1] = hb[k];
 		}
 	}
-	for (; i < pairs; i++) {
-		d[2 * i] = lo[i];
-		d[2 * i + 1] = hi[i];
+	for (uint8_t *dp = d + 2 * i; i < pairs; i++, dp += 2) {
+		dp[0] = lo[i];
+		dp[1] = hi[i];
 	}
 }
 
