@@ -701,8 +701,15 @@ KVTIER_API int kvtier_lookup(kvtier_client *c, const char *ns, const int32_t *to
 	}
 	memset(out, 0, sizeof(*out));
 	q.namespace_ = (char *)ns;
+	/* Fixed-width little-endian tokens: packing 32K varints cost the client
+	 * (and unpacking them the daemon) more than the lookup itself. */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+	q.tokens_le32.len = n * sizeof(int32_t);
+	q.tokens_le32.data = (uint8_t *)tokens;
+#else
 	q.n_tokens = n;
 	q.tokens = (int32_t *)tokens;
+#endif
 	rc = call_unary(c, M_LOOKUP, &q.base, &kvtier__v1__lookup_reply__descriptor,
 	                (ProtobufCMessage **)&r);
 	if (rc)

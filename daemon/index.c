@@ -957,8 +957,33 @@ static int lookup_depth(struct index *ix, MDB_txn *txn, MDB_cursor *cur, const u
 	return mrc == MDB_NOTFOUND ? 0 : mrc;
 }
 
-int index_lookup(struct index *ix, const char *ns, const int32_t *tokens, size_t n,
-		 const struct key *chain, size_t n_chain, struct index_match *out)
+/* Where a lookup takes its chain keys from: all given (index_lookup), or
+ * computed block by block as deep as the search goes (index_lookup_tokens:
+ * a 32K-token prompt that matches 300 tokens hashes 8 blocks, not 512). */
+struct chain_src {
+	const struct key *given;  /* NULL: lazy */
+	const struct key *h0;
+	const int32_t *tokens;
+	uint32_t block;
+	struct key *keys;         /* lazy: computed so far */
+	size_t done;
+};
+
+static const struct key *chain_at(struct chain_src *cs, size_t d)
+{
+	if (cs->given)
+		return &cs->given[d - 1];
+	if (d > cs->done) {
+		keys_chain(cs->done ? &cs->keys[cs->done - 1] : cs->h0,
+			   cs->tokens + cs->done * cs->block, (d - cs->done) * cs->block, cs->block,
+			   cs->keys + cs->done);
+		cs->done = d;
+	}
+	return &cs->keys[d - 1];
+}
+
+static int lookup_run(struct index *ix, const char *ns, const int32_t *tokens, size_t n,
+		      struct chain_src *cs, size_t n_chain, struct index_match *out)
 {
 	MDB_txn *txn = NULL;
 	MDB_cursor *cur = NULL;
@@ -970,7 +995,7 @@ int index_lookup(struct index *ix, const char *ns, const int32_t *tokens, size_t
 
 	memset(out, 0, sizeof(*out));
 	ns_len = ns_len_valid(ns);
-	if (!ns_len || (n && !tokens) || (n_chain && !chain)) {
+	if (!ns_len || (n && !tokens)) {
 		rc = KVTIER_E_INVALID;
 		goto out;
 	}
@@ -999,20 +1024,39 @@ int index_lookup(struct index *ix, const char *ns, const int32_t *tokens, size_t
 	memcpy(&nsid, v.mv_data, sizeof(nsid)); /* id is the first field */
 
 	/* Deepest block present. Presence is monotone: a blob holding block d
-	 * holds blocks 1..d-1 under the same keys (the chain). */
+	 * holds blocks 1..d-1 under the same keys (the chain). Depths 1, 2, 4,
+	 * ... first, so the keys computed follow the match, not the query; then
+	 * a binary search between the last present and the first absent. */
 	lo = 0;
-	hi = n_chain;
-	while (lo < hi) {
-		size_t mid = lo + (hi - lo + 1) / 2;
+	hi = n_chain + 1;
+	for (size_t p = 1;; p = p * 2 > n_chain && p < n_chain ? n_chain : p * 2) {
+		pkey(kb, nsid, chain_at(cs, p));
+		k.mv_size = PKEY_LEN;
+		k.mv_data = kb;
+		mrc = mdb_get(txn, ix->prefix, &k, &v);
+		if (mrc == 0) {
+			lo = p;
+		} else if (mrc == MDB_NOTFOUND) {
+			hi = p;
+			break;
+		} else {
+			rc = index_fail(mrc, "lookup: reading the prefix index", NULL, 0);
+			goto out;
+		}
+		if (p == n_chain)
+			break;
+	}
+	while (hi - lo > 1) {
+		size_t mid = lo + (hi - lo) / 2;
 
-		pkey(kb, nsid, &chain[mid - 1]);
+		pkey(kb, nsid, chain_at(cs, mid));
 		k.mv_size = PKEY_LEN;
 		k.mv_data = kb;
 		mrc = mdb_get(txn, ix->prefix, &k, &v);
 		if (mrc == 0) {
 			lo = mid;
 		} else if (mrc == MDB_NOTFOUND) {
-			hi = mid - 1;
+			hi = mid;
 		} else {
 			rc = index_fail(mrc, "lookup: reading the prefix index", NULL, 0);
 			goto out;
@@ -1028,7 +1072,7 @@ int index_lookup(struct index *ix, const char *ns, const int32_t *tokens, size_t
 	/* Blobs at the deepest depth beat any shallower one; go shallower only
 	 * when none there is usable (quarantined, damaged). */
 	for (size_t d = lo; d >= 1 && !out->found; d--) {
-		pkey(kb, nsid, &chain[d - 1]);
+		pkey(kb, nsid, chain_at(cs, d));
 		mrc = lookup_depth(ix, txn, cur, kb, d, tokens, n, out);
 		if (mrc) {
 			rc = index_fail(mrc, "lookup: reading candidates", NULL, 0);
@@ -1041,6 +1085,38 @@ out:
 		mdb_cursor_close(cur);
 	if (txn)
 		mdb_txn_abort(txn);
+	return rc;
+}
+
+int index_lookup(struct index *ix, const char *ns, const int32_t *tokens, size_t n,
+		 const struct key *chain, size_t n_chain, struct index_match *out)
+{
+	struct chain_src cs = {.given = chain};
+
+	if (n_chain && !chain) {
+		memset(out, 0, sizeof(*out));
+		return KVTIER_E_INVALID;
+	}
+	return lookup_run(ix, ns, tokens, n, &cs, n_chain, out);
+}
+
+int index_lookup_tokens(struct index *ix, const char *ns, const int32_t *tokens, size_t n,
+			struct index_match *out)
+{
+	struct key h0, stack_keys[64];
+	size_t n_chain = ix->block ? n / ix->block : 0;
+	struct chain_src cs = {.h0 = &h0, .tokens = tokens, .block = ix->block, .keys = stack_keys};
+	int rc;
+
+	if (n_chain > 64) {
+		cs.keys = malloc(n_chain * sizeof(*cs.keys));
+		if (!cs.keys)
+			return -ENOMEM;
+	}
+	keys_root(ns ? ns : "", ns ? strlen(ns) : 0, &h0);
+	rc = lookup_run(ix, ns, tokens, n, &cs, n_chain, out);
+	if (cs.keys != stack_keys)
+		free(cs.keys);
 	return rc;
 }
 

@@ -150,6 +150,11 @@ struct index_match {
 int index_lookup(struct index *ix, const char *ns, const int32_t *tokens, size_t n,
 		 const struct key *chain, size_t n_chain, struct index_match *out);
 
+/* index_lookup computing the query's chain keys itself, only as deep as the
+ * search needs them (exponential then binary search over depths). */
+int index_lookup_tokens(struct index *ix, const char *ns, const int32_t *tokens, size_t n,
+			struct index_match *out);
+
 /* Copies the record of blob `id`; ns (may be NULL) receives its namespace
  * name (ns_cap >= INDEX_NS_MAX + 1). Returns 0 or KVTIER_E_NOTFOUND. */
 int index_get(struct index *ix, const struct key *id, struct blob_meta *out, char *ns,

@@ -417,10 +417,34 @@ static void handle_lookup(struct rpc_call *c)
 	char err[RPC_ERR_MAX] = "", hex[KEY_HEX_LEN + 1];
 	int rc;
 
+	const int32_t *tokens = q ? q->tokens : NULL;
+	size_t n = q ? q->n_tokens : 0;
+	int32_t *conv = NULL;
+
 	if (!q)
 		return;
-	rc = store_lookup(c->srv->store, q->namespace_, q->tokens, q->n_tokens, &m, err,
-			  sizeof(err));
+	if (q->tokens_le32.len) {
+		if (q->n_tokens || q->tokens_le32.len % 4) {
+			call_fail(c, KVTIER_E_INVALID,
+				  "tokens_le32 must hold whole 4-byte tokens (%zu bytes) and comes "
+				  "instead of tokens, not with them", q->tokens_le32.len);
+			goto out;
+		}
+		n = q->tokens_le32.len / 4;
+		/* protobuf-c copies bytes into their own allocation: aligned. */
+		tokens = (const int32_t *)(const void *)q->tokens_le32.data;
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+		conv = malloc(n * sizeof(*conv));
+		if (!conv) {
+			call_fail(c, -ENOMEM, "out of memory");
+			goto out;
+		}
+		for (size_t i = 0; i < n; i++)
+			conv[i] = (int32_t)__builtin_bswap32(((const uint32_t *)tokens)[i]);
+		tokens = conv;
+#endif
+	}
+	rc = store_lookup(c->srv->store, q->namespace_, tokens, n, &m, err, sizeof(err));
 	if (rc) {
 		call_fail(c, rc, "%s", err);
 		goto out;
@@ -438,6 +462,7 @@ static void handle_lookup(struct rpc_call *c)
 	}
 	call_reply(c, &r.base);
 out:
+	free(conv);
 	protobuf_c_message_free_unpacked(&q->base, NULL);
 }
 

@@ -1341,9 +1341,7 @@ fail:
 int store_lookup(struct store *s, const char *ns, const int32_t *tokens, size_t n,
 		 struct store_match *out, char *err, size_t errlen)
 {
-	struct key h0, stack_chain[64], *chain = stack_chain;
 	struct index_match m;
-	size_t n_chain = n / s->block;
 	int rc = ns_valid(ns, err, errlen);
 
 	memset(out, 0, sizeof(*out));
@@ -1354,16 +1352,8 @@ int store_lookup(struct store *s, const char *ns, const int32_t *tokens, size_t 
 			SLOT_MAX_TOKENS);
 		return KVTIER_E_INVALID;
 	}
-	if (n_chain > 64) {
-		chain = malloc(n_chain * sizeof(*chain));
-		if (!chain)
-			return -ENOMEM;
-	}
-	keys_root(ns, strlen(ns), &h0);
-	keys_chain(&h0, tokens, n, s->block, chain);
-	rc = index_lookup(s->ix, ns, tokens, n, chain, n_chain, &m);
-	if (chain != stack_chain)
-		free(chain);
+	/* The index hashes the query's blocks only as deep as the match goes. */
+	rc = index_lookup_tokens(s->ix, ns, tokens, n, &m);
 	if (rc) {
 		set_err(err, errlen, "index lookup failed: %s", kvtier_strerror(rc));
 		return rc;

@@ -83,6 +83,12 @@ static void lookup(struct index *ix, const char *ns, const int32_t *tok, size_t 
 	keys_root(ns, strlen(ns), &h0);
 	CHECK_EQ_INT(keys_chain(&h0, tok, n, B, chain), n / B);
 	CHECK_EQ_INT(index_lookup(ix, ns, tok, n, chain, n / B, m), 0);
+	/* The lazy chain (exponential then binary search) finds the same. */
+	struct index_match lazy;
+	CHECK_EQ_INT(index_lookup_tokens(ix, ns, tok, n, &lazy), 0);
+	CHECK_EQ_INT(lazy.found, m->found);
+	CHECK_EQ_INT(lazy.matched, m->matched);
+	CHECK(!m->found || memcmp(lazy.meta.id.b, m->meta.id.b, KEY_LEN) == 0);
 }
 
 static int same_id(const struct key *a, const struct key *b)
