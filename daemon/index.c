@@ -923,6 +923,21 @@ static int lookup_depth(struct index *ix, MDB_txn *txn, MDB_cursor *cur, const u
 			continue;
 		bk.mv_size = KEY_LEN;
 		bk.mv_data = v.mv_data;
+		/* Tokens first: a candidate that cannot beat the best so far costs
+		 * one read, not two. */
+		mrc = mdb_get(txn, ix->tokens, &bk, &tv);
+		if (mrc == MDB_NOTFOUND)
+			continue;
+		if (mrc)
+			return mrc;
+		nt = tv.mv_size / sizeof(int32_t);
+		if (nt < base)
+			continue;
+		/* The first d blocks are equal: their chain keys are. */
+		lim = nt < n ? nt : n;
+		matched = common_until(tokens, tv.mv_data, base, lim);
+		if (out->found && matched < out->matched)
+			continue;
 		mrc = mdb_get(txn, ix->blobs, &bk, &bv);
 		if (mrc == MDB_NOTFOUND)
 			continue;
@@ -932,19 +947,10 @@ static int lookup_depth(struct index *ix, MDB_txn *txn, MDB_cursor *cur, const u
 			continue;
 		if (m.flags & BLOB_F_QUARANTINED)
 			continue;
-		mrc = mdb_get(txn, ix->tokens, &bk, &tv);
-		if (mrc == MDB_NOTFOUND)
+		if (matched > m.n_tokens) /* a record shorter than its tokens: trust the record */
+			matched = m.n_tokens;
+		if (m.n_tokens < base)
 			continue;
-		if (mrc)
-			return mrc;
-		nt = tv.mv_size / sizeof(int32_t);
-		if (nt > m.n_tokens)
-			nt = m.n_tokens;
-		if (nt < base)
-			continue;
-		/* The first d blocks are equal: their chain keys are. */
-		lim = nt < n ? nt : n;
-		matched = common_until(tokens, tv.mv_data, base, lim);
 		if (!out->found || matched > out->matched ||
 		    (matched == out->matched &&
 		     (m.tier < out->meta.tier ||

@@ -35,7 +35,8 @@
 #define INDEX_DEFAULT_BLOCK 64
 #define INDEX_NS_MAX 255           /* bytes of a namespace name */
 #define INDEX_MAX_SUPERSEDED 64    /* per put; further ones stay */
-#define INDEX_LOOKUP_CANDIDATES 256 /* blobs compared at the deepest block */
+#define INDEX_LOOKUP_CANDIDATES 64 /* blobs compared at the deepest block: the rest can
+                                    * only add < one block of matched tokens */
 
 enum blob_part { PART_MAIN = 0, PART_TOKENS_JSON = 1, PART_CHECKPOINTS = 2, PART_COUNT = 3 };
 
