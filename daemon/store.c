@@ -466,6 +466,8 @@ static int is_stage_name(const char *name)
 	return blob_part_from_suffix(name + pre + 36) >= 0;
 }
 
+static void remove_stale_stages(struct store *s);
+
 static int reconcile(struct store *s, char *err, size_t errlen)
 {
 	struct reconcile_ctx rc = {.s = s};
@@ -505,7 +507,16 @@ static int reconcile(struct store *s, char *err, size_t errlen)
 			goto out;
 		}
 	}
-	/* Leases do not survive a restart: remove files staged by a previous run. */
+	remove_stale_stages(s);
+	r = 0;
+out:
+	free(rc.bad);
+	return r;
+}
+
+/* Leases do not survive a restart: remove files staged by a previous run. */
+static void remove_stale_stages(struct store *s)
+{
 	for (unsigned d = 0; d < s->cfg.n_slot_dirs; d++) {
 		int fd = openat(s->slot_fd[d], ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 		DIR *dir = fd >= 0 ? fdopendir(fd) : NULL;
@@ -523,10 +534,86 @@ static int reconcile(struct store *s, char *err, size_t errlen)
 			}
 		closedir(dir);
 	}
-	r = 0;
-out:
-	free(rc.bad);
-	return r;
+}
+
+/* ---- the clean-stop record: a start after a clean stop trusts the index ---- */
+
+#define CLEAN_VERSION 1
+
+struct clean_rec {
+	uint32_t version;          /* CLEAN_VERSION; 0: the last stop was not clean */
+	uint32_t n_tiers;
+	char boot_id[40];          /* a reboot empties tmpfs tiers: reconcile then */
+	uint64_t used[STORE_MAX_TIERS], files[STORE_MAX_TIERS], blobs[STORE_MAX_TIERS];
+	uint64_t raw[STORE_MAX_TIERS], stored[STORE_MAX_TIERS];
+	double base[STORE_MAX_TIERS];
+};
+
+static void read_boot_id(char *out, size_t cap)
+{
+	FILE *f = fopen("/proc/sys/kernel/random/boot_id", "re");
+
+	out[0] = '\0';
+	if (f) {
+		if (!fgets(out, (int)cap, f))
+			out[0] = '\0';
+		fclose(f);
+	}
+	out[strcspn(out, "\n")] = '\0';
+}
+
+/* Reads and invalidates the record (a crash from now on must reconcile).
+ * Returns 1 when the last stop was clean on this boot with these tiers and
+ * the counters were restored from it. */
+static int clean_start(struct store *s)
+{
+	struct clean_rec cr, none;
+	char boot[40];
+	size_t len = 0;
+	int ok;
+
+	ok = index_meta_get(s->ix, "clean", &cr, sizeof(cr), &len) == 0 && len == sizeof(cr) &&
+	     cr.version == CLEAN_VERSION && cr.n_tiers == s->n_tiers;
+	read_boot_id(boot, sizeof(boot));
+	ok = ok && boot[0] && strncmp(boot, cr.boot_id, sizeof(cr.boot_id)) == 0;
+	memset(&none, 0, sizeof(none));
+	if (index_meta_put(s->ix, "clean", &none, sizeof(none)))
+		return 0; /* cannot invalidate it: do not trust it either */
+	if (!ok || s->cfg.verify_on_start)
+		return 0;
+	for (unsigned t = 0; t < s->n_tiers; t++) {
+		tier_account(s->tiers[t], (int64_t)cr.used[t], (int)cr.files[t]);
+		atomic_store(&s->tier_blobs[t], cr.blobs[t]);
+		atomic_store(&s->place[t].raw_bytes, cr.raw[t]);
+		atomic_store(&s->place[t].stored_bytes, cr.stored[t]);
+		s->place[t].L = cr.base[t];
+	}
+	return 1;
+}
+
+/* After a clean stop (no writer open, background threads joined). */
+static void clean_stop(struct store *s)
+{
+	struct clean_rec cr;
+
+	memset(&cr, 0, sizeof(cr));
+	cr.version = CLEAN_VERSION;
+	cr.n_tiers = s->n_tiers;
+	read_boot_id(cr.boot_id, sizeof(cr.boot_id));
+	for (unsigned t = 0; t < s->n_tiers; t++) {
+		struct tier_stats st;
+		tier_get_stats(s->tiers[t], &st);
+		if (st.reserved)
+			return; /* a write still open: not clean */
+		cr.used[t] = st.used;
+		cr.files[t] = st.files;
+		cr.blobs[t] = atomic_load(&s->tier_blobs[t]);
+		cr.raw[t] = atomic_load(&s->place[t].raw_bytes);
+		cr.stored[t] = atomic_load(&s->place[t].stored_bytes);
+		cr.base[t] = s->place[t].L;
+	}
+	if (cr.boot_id[0] && index_meta_put(s->ix, "clean", &cr, sizeof(cr)) == 0)
+		klog(LOG_INFO, "event=clean_stop_recorded");
 }
 
 /* ---- open / close ---- */
@@ -737,11 +824,21 @@ int store_open(const struct store_config *cfg, struct store **out, char *err, si
 	}
 	/* Models first: reconcile's tallies and the first pass use them. */
 	placement_init(s);
-	rc = reconcile(s, err, errlen);
-	if (rc)
-		goto fail;
-	klog(LOG_INFO, "event=reconciled removed_files=%llu dropped_blobs=%llu",
-	     (unsigned long long)s->reconcile_files, (unsigned long long)s->reconcile_blobs);
+	if (clean_start(s)) {
+		/* Nothing was half-done at the last stop: the per-file check of
+		 * every blob (seconds, and the whole index paged in, at 10^6
+		 * blobs) is only needed after a crash or a reboot. */
+		remove_stale_stages(s);
+		klog(LOG_INFO, "event=start_after_clean_stop checked=stale_stages "
+		     "hint=\"kvtier fsck, or --verify-on-start, checks every file\"");
+	} else {
+		rc = reconcile(s, err, errlen);
+		if (rc)
+			goto fail;
+		klog(LOG_INFO, "event=reconciled removed_files=%llu dropped_blobs=%llu",
+		     (unsigned long long)s->reconcile_files,
+		     (unsigned long long)s->reconcile_blobs);
+	}
 	rc = pthread_create(&s->bg, NULL, bg_main, s);
 	if (rc) {
 		rc = -rc;
@@ -756,6 +853,7 @@ int store_open(const struct store_config *cfg, struct store **out, char *err, si
 		goto fail;
 	}
 	s->placer_started = 1;
+	s->opened = 1;
 	*out = s;
 	return 0;
 fail:
@@ -781,6 +879,8 @@ void store_close(struct store *s)
 	if (s->ix) {
 		leases_expire(s, 1);
 		touch_flush(s);
+		if (s->opened)
+			clean_stop(s);
 	}
 	for (unsigned d = 0; d < STORE_MAX_SLOT_DIRS; d++)
 		if (s->slot_fd[d] >= 0)

@@ -59,6 +59,7 @@ struct store_config {
 	int io_mode;                  /* enum tier_io_mode */
 	unsigned io_depth;            /* requests in flight per disk stream */
 	uint64_t io_request_bytes;    /* bytes per disk request */
+	int verify_on_start;          /* reconcile every file even after a clean stop */
 };
 
 struct store;

@@ -103,6 +103,7 @@ struct store {
 	int bg_stop;
 	int placer_kick;      /* under bg_lock: run a pass now */
 	_Atomic int stopping; /* store_close began: long passes stop early */
+	int opened;           /* store_open finished: a close records a clean stop */
 
 	_Atomic uint64_t lookups, hits, matched_tokens;
 	_Atomic uint64_t puts, put_bytes, adopts, dedups, supersessions, refused;

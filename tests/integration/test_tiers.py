@@ -252,11 +252,12 @@ def test_kill9_during_migrations(root, daemons):
         for blob, f in acked.items():
             check(blob in w, "acked blob %s survived the crash" % blob[:12])
             fetch_same(d, blob, f)
-        # Each blob's files on exactly one tier.
+        # Each blob's files on exactly one tier. Stopped first: a move running
+        # now has its new copy renamed in before the old one goes.
+        d.stop()
         names = [n for n in os.listdir(d.tier_dir) + os.listdir(dd) if not n.startswith(".")]
         eq(len(names), len(set(names)), "no blob file on two tiers")
         eq(sorted(set(n[:64] for n in names)), sorted(w), "files match the index")
-        d.stop()
         f = d.fsck()
         check(f.rc == 0, "fsck clean after the crash: %r" % f)
     finally:
