@@ -1449,44 +1449,6 @@ int index_ns_get(struct index *ix, const char *ns, struct ns_rec *out)
 	return mrc ? read_rc(mrc, "namespace", NULL, 0) : 0;
 }
 
-int index_ns_set_model(struct index *ix, const char *ns, const double pf[8])
-{
-	MDB_txn *txn = NULL;
-	struct ns_rec rec;
-	size_t ns_len = ns_len_valid(ns);
-	MDB_val k, v;
-	int rc = 0, mrc;
-
-	if (ix->readonly)
-		return index_readonly(ix, NULL, 0);
-	if (!ns_len)
-		return KVTIER_E_INVALID;
-	mrc = mdb_txn_begin(ix->env, NULL, 0, &txn);
-	if (mrc)
-		return index_fail(mrc, "namespace model: beginning a transaction", NULL, 0);
-	mrc = ns_read(ix, txn, ns, ns_len, &rec, NULL, 0);
-	if (mrc) {
-		rc = read_rc(mrc, "namespace model", NULL, 0);
-		goto out;
-	}
-	memcpy(rec.pf, pf, sizeof(rec.pf));
-	k.mv_size = ns_len;
-	k.mv_data = (void *)ns;
-	v.mv_size = sizeof(rec);
-	v.mv_data = &rec;
-	mrc = mdb_put(txn, ix->ns, &k, &v, 0);
-	if (!mrc) {
-		mrc = mdb_txn_commit(txn);
-		txn = NULL;
-	}
-	if (mrc)
-		rc = index_fail(mrc, "namespace model", NULL, 0);
-out:
-	if (txn)
-		mdb_txn_abort(txn);
-	return rc;
-}
-
 /* ---- walks ---- */
 
 int index_list(struct index *ix, const char *ns, const struct key *after, size_t limit,
@@ -1616,7 +1578,8 @@ out:
 	return rc;
 }
 
-int index_ns_report_prefill(struct index *ix, const char *ns, double tokens_per_s, double alpha)
+int index_ns_report_prefill(struct index *ix, const char *ns, double tokens_per_s, double alpha,
+			    const double pf[8])
 {
 	MDB_txn *txn = NULL;
 	struct ns_rec rec;
@@ -1648,6 +1611,8 @@ int index_ns_report_prefill(struct index *ix, const char *ns, double tokens_per_
 	else
 		rec.prefill_tps = alpha * tokens_per_s + (1 - alpha) * rec.prefill_tps;
 	rec.prefill_samples++;
+	if (pf)
+		memcpy(rec.pf, pf, sizeof(rec.pf));
 	k.mv_size = ns_len;
 	k.mv_data = (void *)ns;
 	v.mv_size = sizeof(rec);

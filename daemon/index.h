@@ -215,12 +215,11 @@ int index_ns_list(struct index *ix, int (*cb)(void *ctx, const char *name, const
 		  void *ctx);
 
 /* Updates a namespace's measured prefill speed (exponential moving average
- * with weight `alpha` for the new sample). KVTIER_E_NOTFOUND if unknown. */
-int index_ns_report_prefill(struct index *ix, const char *ns, double tokens_per_s, double alpha);
-
-/* Replaces the prefill model words (struct ns_rec.pf) of namespace ns.
+ * with weight `alpha` for the new sample) and, when pf is not NULL, replaces
+ * its prefill model words (struct ns_rec.pf), in one write transaction.
  * KVTIER_E_NOTFOUND if unknown. */
-int index_ns_set_model(struct index *ix, const char *ns, const double pf[8]);
+int index_ns_report_prefill(struct index *ix, const char *ns, double tokens_per_s, double alpha,
+			    const double pf[8]);
 
 /* Reads namespace ns's record. KVTIER_E_NOTFOUND if unknown. */
 int index_ns_get(struct index *ix, const char *ns, struct ns_rec *out);

@@ -37,19 +37,7 @@
 const char *const store_evict_reason_name[STORE_EVICT_REASONS] = {
 	"capacity", "not_worth_restoring", "lower_tier_full"};
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-	__attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (!err || !errlen)
-		return;
-	va_start(ap, fmt);
-	vsnprintf(err, errlen, fmt, ap);
-	va_end(ap);
-}
+#define set_err store_set_err
 
 void store_set_err(char *err, size_t errlen, const char *fmt, ...)
 {
@@ -2076,8 +2064,7 @@ int store_report_prefill(struct store *s, const char *ns, uint32_t prefix, uint3
 	/* One report at a time: the model is read, refitted and written back
 	 * (its own lock: model_lock is a leaf never held around I/O). */
 	pthread_mutex_lock(&s->report_lock);
-	rc = index_ns_report_prefill(s->ix, ns, tokens / (ms / 1000.0), 0.2);
-	if (rc == 0) {
+	{
 		struct ns_rec rec;
 		struct prefill_model pm;
 		double w[8];
@@ -2086,7 +2073,7 @@ int store_report_prefill(struct store *s, const char *ns, uint32_t prefix, uint3
 			prefill_from_words(&pm, rec.pf);
 			prefill_observe(&pm, prefix, tokens, ms / 1000.0);
 			prefill_to_words(&pm, w);
-			rc = index_ns_set_model(s->ix, ns, w);
+			rc = index_ns_report_prefill(s->ix, ns, tokens / (ms / 1000.0), 0.2, w);
 			klog(LOG_DEBUG, "event=prefill_report ns=\"%s\" prefix=%u tokens=%u ms=%.3f "
 			     "a=%.3g b=%.3g", ns, prefix, tokens, ms, pm.a, pm.b);
 		}

@@ -566,17 +566,23 @@ int main(void)
 	check_clean(ix);
 
 	/* Prefill speed: exponential moving average. */
-	CHECK_EQ_INT(index_ns_report_prefill(ix, "nsA", 100.0, 0.5), 0);
-	CHECK_EQ_INT(index_ns_report_prefill(ix, "nsA", 200.0, 0.5), 0);
-	CHECK_EQ_INT(index_ns_report_prefill(ix, "nsNone", 200.0, 0.5), KVTIER_E_NOTFOUND);
-	CHECK_EQ_INT(index_ns_report_prefill(ix, "nsA", -1.0, 0.5), KVTIER_E_INVALID);
+	const double model[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+	CHECK_EQ_INT(index_ns_report_prefill(ix, "nsA", 100.0, 0.5, NULL), 0);
+	CHECK_EQ_INT(index_ns_report_prefill(ix, "nsA", 200.0, 0.5, model), 0);
+	CHECK_EQ_INT(index_ns_report_prefill(ix, "nsNone", 200.0, 0.5, NULL), KVTIER_E_NOTFOUND);
+	CHECK_EQ_INT(index_ns_report_prefill(ix, "nsA", -1.0, 0.5, NULL), KVTIER_E_INVALID);
 	{
 		struct ns_find f = {.name = "nsA"};
+		struct ns_rec got;
 
 		CHECK_EQ_INT(index_ns_list(ix, ns_find_cb, &f), 0);
 		CHECK_EQ_INT(f.found, 1);
 		CHECK(f.rec.prefill_tps > 149.999 && f.rec.prefill_tps < 150.001);
 		CHECK_EQ_INT(f.rec.prefill_samples, 2);
+		/* The model words travel with the report, and come back. */
+		CHECK_EQ_INT(index_ns_get(ix, "nsA", &got), 0);
+		CHECK(memcmp(got.pf, model, sizeof(model)) == 0);
+		CHECK_EQ_INT(index_ns_get(ix, "nsNone", &got), KVTIER_E_NOTFOUND);
 	}
 
 	/* Meta values. */
