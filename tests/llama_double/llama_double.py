@@ -560,6 +560,10 @@ class Double:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes; without TCP_NODELAY a
+    # client that delays its ACKs waits 40 ms for the body (Nagle). A real
+    # llama-server (cpp-httplib) does not stall like that.
+    disable_nagle_algorithm = True
     server_version = "llama.cpp"
 
     def version_string(self):
