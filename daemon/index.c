@@ -1294,11 +1294,26 @@ out:
 	return rc;
 }
 
+/* Writes blob record m (as the current record version) and commits txn,
+ * which is NULL afterwards when the commit ran. Returns 0 or an LMDB code. */
+static int blob_put_commit(struct index *ix, MDB_txn **txn, struct blob_meta *m)
+{
+	MDB_val k = {KEY_LEN, m->id.b}, v = {sizeof(*m), m};
+	int mrc;
+
+	m->rec_version = BLOB_REC_VERSION;
+	mrc = mdb_put(*txn, ix->blobs, &k, &v, 0);
+	if (!mrc) {
+		mrc = mdb_txn_commit(*txn);
+		*txn = NULL;
+	}
+	return mrc;
+}
+
 int index_update(struct index *ix, const struct blob_meta *meta)
 {
 	MDB_txn *txn = NULL;
 	struct blob_meta m;
-	MDB_val k, v;
 	int rc = 0, mrc;
 
 	if (ix->readonly) {
@@ -1321,16 +1336,7 @@ int index_update(struct index *ix, const struct blob_meta *meta)
 		goto out;
 	}
 	m = *meta;
-	m.rec_version = BLOB_REC_VERSION;
-	k.mv_size = KEY_LEN;
-	k.mv_data = m.id.b;
-	v.mv_size = sizeof(m);
-	v.mv_data = &m;
-	mrc = mdb_put(txn, ix->blobs, &k, &v, 0);
-	if (!mrc) {
-		mrc = mdb_txn_commit(txn);
-		txn = NULL;
-	}
+	mrc = blob_put_commit(ix, &txn, &m);
 	if (mrc)
 		rc = index_fail(mrc, "update", NULL, 0);
 out:
@@ -1389,7 +1395,6 @@ int index_set_placement(struct index *ix, const struct index_placement *pl)
 {
 	MDB_txn *txn = NULL;
 	struct blob_meta m;
-	MDB_val k, v;
 	int rc = 0, mrc;
 
 	if (ix->readonly)
@@ -1416,15 +1421,7 @@ int index_set_placement(struct index *ix, const struct index_placement *pl)
 	}
 	m.ratio = pl->ratio;
 	m.gdsf_base = pl->gdsf_base;
-	k.mv_size = KEY_LEN;
-	k.mv_data = m.id.b;
-	v.mv_size = sizeof(m);
-	v.mv_data = &m;
-	mrc = mdb_put(txn, ix->blobs, &k, &v, 0);
-	if (!mrc) {
-		mrc = mdb_txn_commit(txn);
-		txn = NULL;
-	}
+	mrc = blob_put_commit(ix, &txn, &m);
 	if (mrc)
 		rc = index_fail(mrc, "placement", NULL, 0);
 out:
