@@ -29,7 +29,14 @@ def disk_dir(root):
     return base
 
 
-def cleanup_disk(root):
+def cleanup_disk(root, daemons):
+    """Stops the test's daemons first: a move in flight would write into the
+    directory while it is being removed."""
+    for d in daemons:
+        try:
+            d.kill9()
+        except Exception:
+            pass
     link = os.path.join(root, "disk-link")
     if os.path.islink(link):
         shutil.rmtree(os.readlink(link), ignore_errors=True)
@@ -163,7 +170,7 @@ def test_spill_fetch_promote(root, daemons):
         f = d.fsck()
         check(f.rc == 0, "fsck clean: %r" % f)
     finally:
-        cleanup_disk(root)
+        cleanup_disk(root, daemons)
 
 
 def test_admission_by_prefill_speed(root, daemons):
@@ -195,7 +202,7 @@ def test_admission_by_prefill_speed(root, daemons):
         check("fast" in models and models["fast"]["prefill_s_per_token"] < 1e-6,
               "the fast namespace's model is in Info: %r" % models)
     finally:
-        cleanup_disk(root)
+        cleanup_disk(root, daemons)
 
 
 def test_flipped_byte_on_disk(root, daemons):
@@ -221,7 +228,7 @@ def test_flipped_byte_on_disk(root, daemons):
         check(ids[0][:16] in d.read_log(), "the log names the blob")
         fetch_same(d, ids[1], files[1])   # the rest is served
     finally:
-        cleanup_disk(root)
+        cleanup_disk(root, daemons)
 
 
 def test_kill9_during_migrations(root, daemons):
@@ -261,7 +268,7 @@ def test_kill9_during_migrations(root, daemons):
         f = d.fsck()
         check(f.rc == 0, "fsck clean after the crash: %r" % f)
     finally:
-        cleanup_disk(root)
+        cleanup_disk(root, daemons)
 
 
 def test_disk_fs_smaller_than_capacity(root, daemons):
