@@ -992,6 +992,7 @@ static int lookup_run(struct index *ix, const char *ns, const int32_t *tokens, s
 		      struct chain_src *cs, size_t n_chain, struct index_match *out)
 {
 	MDB_txn *txn = NULL;
+	struct ns_rec nsrec;
 	MDB_cursor *cur = NULL;
 	uint8_t kb[PKEY_LEN];
 	MDB_val k, v;
@@ -1023,11 +1024,12 @@ static int lookup_run(struct index *ix, const char *ns, const int32_t *tokens, s
 		rc = index_fail(mrc, "lookup: reading the namespace", NULL, 0);
 		goto out;
 	}
-	if (v.mv_size != sizeof(struct ns_rec) && v.mv_size != NS_REC_V1_SIZE) {
+	if (ns_decode(&v, &nsrec)) {
 		rc = index_corrupt("namespace", v.mv_size, sizeof(struct ns_rec), NULL, 0);
 		goto out;
 	}
-	memcpy(&nsid, v.mv_data, sizeof(nsid)); /* id is the first field */
+	nsid = nsrec.id;
+	memcpy(out->ns_pf, nsrec.pf, sizeof(out->ns_pf));
 
 	/* Deepest block present. Presence is monotone: a blob holding block d
 	 * holds blocks 1..d-1 under the same keys (the chain). Depths 1, 2, 4,

@@ -141,6 +141,8 @@ struct index_match {
 	int found;
 	struct blob_meta meta;
 	uint32_t matched;                  /* tokens, token-exact */
+	double ns_pf[8];                   /* the namespace's prefill model words (ns_rec.pf),
+					    * read in the same transaction; 0 if unknown */
 };
 
 /* Finds the blob of namespace `ns` sharing the longest prefix with

@@ -979,6 +979,14 @@ int store_put_part(struct store_put *p, int part, uint64_t size, char *err, size
 			(unsigned long long)s->cfg.max_blob_bytes);
 		return KVTIER_E_INVALID;
 	}
+	/* Room first where the file system is known to hold less than the
+	 * tier's capacity (after an ENOSPC): the reservation alone would pass. */
+	{
+		struct tier_stats st;
+		tier_get_stats(s->tiers[0], &st);
+		if (st.used + st.reserved + size > placement_capacity(s, 0))
+			placement_make_room(s, 0, size);
+	}
 	rc = tier_writer_open(s->tiers[0], size, &p->w[part]);
 	if (rc == KVTIER_E_FULL && placement_make_room(s, 0, size) == 0)
 		rc = tier_writer_open(s->tiers[0], size, &p->w[part]);
@@ -1058,8 +1066,8 @@ int store_put_write(struct store_put *p, const void *buf, size_t len, char *err,
 		 * make room and try once more. */
 		placement_note_enospc(s_of(p), 0);
 		if (placement_make_room(s_of(p), 0, p->size[part] - p->written[part]) == 0 &&
-		    strcmp(tier_kind(s_of(p)->tiers[0]), "tmpfs") == 0)
-			rc = tier_writer_write(p->w[part], buf, len); /* positional: no state lost */
+		    tier_writer_can_retry(p->w[part]))
+			rc = tier_writer_write(p->w[part], buf, len);
 	}
 	if (rc == -ENOSPC) {
 		set_err(err, errlen, "tier 0 (%s) ran out of space on its file system before its "
@@ -1458,10 +1466,9 @@ int store_lookup(struct store *s, const char *ns, const int32_t *tokens, size_t 
 	out->tier_kind = m.meta.tier < s->n_tiers ? tier_kind(s->tiers[m.meta.tier]) : "?";
 	out->est_restore_s = placement_restore_s(s, m.meta.tier, blob_raw_bytes(&m.meta));
 	{
-		struct ns_rec rec;
-		struct prefill_model pm = {0};
-		if (index_ns_get(s->ix, ns, &rec) == 0)
-			prefill_from_words(&pm, rec.pf);
+		/* The model came with the lookup's own read of the namespace. */
+		struct prefill_model pm;
+		prefill_from_words(&pm, m.ns_pf);
 		out->est_prefill_s = prefill_seconds(&pm, m.matched, s->cfg.assumed_prefill_tps);
 	}
 	touch_blob(s, &m.meta.id, m.meta.tier);
@@ -2180,9 +2187,6 @@ void store_get_stats(struct store *s, struct store_stats *o)
 		ts->compression_ratio = ts->stored_bytes ? (double)ts->raw_bytes /
 								   (double)ts->stored_bytes
 							 : 1;
-		ts->evicted_capacity = ts->evictions[EVICT_CAPACITY];
-		ts->evicted_not_worth = ts->evictions[EVICT_NOT_WORTH];
-		ts->evicted_lower_full = ts->evictions[EVICT_LOWER_FULL];
 		for (unsigned k = 0; k < s->n_tiers; k++)
 			o->migrations[t][k] = atomic_load(&s->migrations[t][k]);
 		o->blobs += ts->blobs;

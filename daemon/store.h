@@ -226,7 +226,6 @@ struct store_tier_stats {
 	uint64_t read_hist[TIER_HIST_BUCKETS + 1], write_hist[TIER_HIST_BUCKETS + 1];
 	double read_hist_sum, write_hist_sum;
 	double compression_ratio;        /* raw_bytes / stored_bytes (1 when empty) */
-	uint64_t evicted_capacity, evicted_not_worth, evicted_lower_full;
 };
 
 struct store_ns_stats {

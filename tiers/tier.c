@@ -2122,6 +2122,11 @@ out:
 	return rc;
 }
 
+int tier_writer_can_retry(const struct tier_writer *w)
+{
+	return w->t->ops == &tier_ops_tmpfs;
+}
+
 void tier_writer_abort(struct tier_writer *w)
 {
 	if (w)

@@ -164,6 +164,11 @@ int tier_writer_open(struct tier *t, uint64_t size, struct tier_writer **out);
 int tier_writer_from_file(struct tier *t, const char *src_path, int force_copy, uint64_t *size,
 			  struct tier_writer **out);
 
+/* 1 when a tier_writer_write that failed (ENOSPC) may be called again with
+ * the same bytes: the kind writes positionally and keeps no error state
+ * (tmpfs). A disk writer's errors stick to the stream: 0. */
+int tier_writer_can_retry(const struct tier_writer *w);
+
 /* Appends len bytes. On disk the bytes may still be in flight when this
  * returns: a failed write shows up in a later call or in the commit, and
  * from then on every call fails with the same error. Returns 0, -EFBIG past

@@ -197,6 +197,11 @@ def test_admission_by_prefill_speed(root, daemons):
         check(on_disk["slow"], "slow-prefill blobs admitted to disk: %r" % on_disk)
         log = d.read_log()
         check("reason=not_worth_restoring" in log, "the reason is in the log")
+        # Lookup carries the model's estimate: one report of 100 tokens in 10 s
+        # at depth 0 gives 0.1 s per token, so a 256-token match costs 25.6 s.
+        m = d.lookup(slow[0], ns="slow")
+        eq(m["matched_tokens"], 256, "slow blob matched whole")
+        check(abs(m["est_prefill_s"] - 25.6) < 0.01, "prefill estimate from the model: %r" % m)
         info = d.cli("info", "--json").json()
         models = {m["namespace"]: m for m in info.get("namespaces", [])}
         check("fast" in models and models["fast"]["prefill_s_per_token"] < 1e-6,
