@@ -5,13 +5,16 @@
  *     /apply-template for chat, then /tokenize with add_special; a prompt of
  *     token ids is taken as is;
  *  2. a slot (slots_choose), waiting in its queue if it is busy;
- *  3. if the slot holds a tracked prefix and the backend has GET /slots, the
- *     slot's task id is checked: another id means someone else (or a restart)
- *     changed the slot, and the tracked prefix is dropped;
+ *  3. if the slot holds a tracked prefix, the backend has GET /slots and the
+ *     slot was last used --slot-check-ms ago or more, the slot's task id is
+ *     checked: another id means someone else (or a restart) changed the
+ *     slot, and the tracked prefix is dropped;
  *  4. kvtier's best match; a restore when it beats the slot's prefix by the
  *     break-even and its header passes (0 < n_tokens <= n_ctx);
  *  5. the forward, with id_slot and cache_prompt, streamed into the sink
- *     while the timings are picked out of the answer on the side;
+ *     while the timings are picked out of the answer on the side; the
+ *     client's answer ends with the backend's (sink on_end), so step 6 is
+ *     not on its path;
  *  6. verification, Report, the slot's new tokens, and a save job queued on
  *     the slot (the slot passes to the save, so it completes before anyone
  *     else uses the slot).
@@ -119,6 +122,8 @@ struct job {
 	long status;
 	int headers_passed;
 	int broken; /* the transfer broke after the headers went out */
+	/* Where the request's time went, in seconds (the request_timing log line). */
+	double t_tokenize, t_wait, t_check, t_lookup, t_restore, t_forward;
 	struct group groups[SLOTS_MAX_BACKENDS];
 	unsigned n_groups;
 	int group_of[SLOTS_MAX_BACKENDS];
@@ -1074,7 +1079,7 @@ static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_tick
 	size_t tracked, be = e->cfg.break_even, tracked_before;
 	int64_t recorded, task;
 	char *fwd = NULL;
-	double t_forward;
+	double t_forward, t0, t1, age_s;
 	int rc, ok, to_save = 0;
 	enum run_result rr = RUN_DONE;
 
@@ -1084,9 +1089,13 @@ static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_tick
 		slots_release(&e->t, tk, 0);
 		return RUN_RETRY;
 	}
-	tracked = slots_tracked_prefix(&e->t, bi, s, tokens, n, &recorded);
+	tracked = slots_tracked_prefix(&e->t, bi, s, tokens, n, &recorded, &age_s);
+	t0 = now_s();
+	/* A slot we used less than --slot-check-ms ago is taken as we left it:
+	 * the check waits for the server's decode loop, and a restart (seconds
+	 * of model loading) is seen by the health check. */
 	if (tracked && b.has_slots_api && recorded != SLOTS_NO_TASK &&
-	    !slot_unchanged(e, &b, s, recorded, &task)) {
+	    age_s * 1000 >= e->cfg.slot_check_ms && !slot_unchanged(e, &b, s, recorded, &task)) {
 		klog(LOG_INFO,
 		     "event=slot_changed url=%s slot=%u recorded_task=%" PRId64 " now_task=%" PRId64
 		     " action=forget",
@@ -1096,12 +1105,17 @@ static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_tick
 		tracked = 0;
 	}
 	tracked_before = tracked;
+	t1 = now_s();
+	j->t_check += t1 - t0;
 	if (b.ns[0] && n >= e->cfg.break_even) {
 		if (kvclient_lookup(e->kv, b.ns, tokens, n, &m) == 0)
 			be = kvclient_break_even(e->kv, b.ns, m.est_restore_s);
 		else
 			be = kvclient_break_even(e->kv, b.ns, -1);
+		t0 = now_s();
+		j->t_lookup += t0 - t1;
 		maybe_restore(e, bi, s, &b, tokens, n, &m, be, &tracked, &rs);
+		j->t_restore += now_s() - t0;
 	}
 
 	/* The forward: the client's body with our slot and prompt caching. */
@@ -1125,6 +1139,10 @@ static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_tick
 	if (rc && !res.headers_done)
 		forward_failed(j, rc, &res);
 	side_end(&j->side);
+	if (j->headers_passed && j->sink->on_end)
+		j->sink->on_end(j->sink->ctx, j->broken); /* the client's answer ends here */
+	t1 = now_s(); /* the forward's end: what follows is after_ms */
+	j->t_forward += t1 - t_forward;
 	/* A stream that ended without its final timings ended in an error event. */
 	ok = rc == 0 && j->status == 200 && (!j->side.sse || j->side.have_timings);
 
@@ -1213,6 +1231,11 @@ static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_tick
 	} else {
 		slots_set_tokens(&e->t, bi, s, NULL, 0, SLOTS_NO_TASK);
 	}
+	klog(LOG_DEBUG,
+	     "event=request_timing url=%s slot=%u n_prompt=%zu tokenize_ms=%.2f wait_ms=%.2f "
+	     "slot_check_ms=%.2f lookup_ms=%.2f restore_ms=%.2f forward_ms=%.2f after_ms=%.2f",
+	     b.url, s, n, j->t_tokenize * 1e3, j->t_wait * 1e3, j->t_check * 1e3,
+	     j->t_lookup * 1e3, j->t_restore * 1e3, j->t_forward * 1e3, (now_s() - t1) * 1e3);
 	/* The slot passes to the save before the save can run and hand it on. */
 	slots_release(&e->t, tk, to_save);
 	if (to_save && queue_save(e, bi, s, &b, n) != 0) {
@@ -1230,6 +1253,8 @@ static int managed(struct engine *e, const struct engine_request *rq,
 {
 	struct job *j = NULL;
 	struct prompt p;
+	unsigned n_tok;
+	double t0;
 	int rc = -1;
 
 	if (prompt_of(rq, body, &p))
@@ -1241,7 +1266,10 @@ static int managed(struct engine *e, const struct engine_request *rq,
 	j->rq = rq;
 	j->sink = sink;
 	revive(e);
-	if (tokenize_all(j, &p) == 0)
+	t0 = now_s();
+	n_tok = tokenize_all(j, &p);
+	j->t_tokenize = now_s() - t0;
+	if (n_tok == 0)
 		goto out; /* no backend could tokenize it: let one answer as it would */
 	metrics_request(rq->endpoint, METRICS_HANDLING_SLOT);
 	rc = 0;
@@ -1275,7 +1303,9 @@ static int managed(struct engine *e, const struct engine_request *rq,
 			          "no llama-server backend is available");
 			break;
 		}
+		t0 = now_s();
 		r = slots_wait(&e->t, &tk, e->cfg.timeout_ms);
+		j->t_wait += now_s() - t0;
 		if (r) {
 			job_error(j, 503, "unavailable_error",
 			          r == -ECANCELED

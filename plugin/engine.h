@@ -39,6 +39,7 @@ struct engine_config {
 	unsigned timeout_ms;      /* forwarded requests */
 	unsigned slot_timeout_ms; /* slot actions and the other short calls */
 	unsigned health_ms;       /* backend health poll interval */
+	unsigned slot_check_ms;   /* GET /slots before relying on a slot idle this long; 0 always */
 	unsigned save_workers;    /* threads running saves */
 };
 
@@ -53,6 +54,11 @@ struct engine_sink {
 	int (*on_data)(void *ctx, const char *data, size_t len);
 	/* Non-zero when the client is gone or the proxy is stopping. */
 	int (*should_abort)(void *ctx);
+	/* The backend's answer has been passed on whole (broken = 0) or broke
+	 * after its headers went out (broken = 1): the client's answer can end
+	 * now, while the engine reports and saves. Called at most once, only
+	 * after on_headers_done; nothing is passed on after it. May be NULL. */
+	void (*on_end)(void *ctx, int broken);
 	/* No backend answered: the proxy answers itself with this status and a
 	 * llama-server style error body. Called at most once, and only when no
 	 * header was passed on. */

@@ -49,6 +49,7 @@ enum opt_id {
 	OPT_TIMEOUT_MS,
 	OPT_SLOT_TIMEOUT_MS,
 	OPT_HEALTH_MS,
+	OPT_SLOT_CHECK_MS,
 	OPT_SAVE_WORKERS,
 	OPT_MAX_REQUEST_SIZE,
 	OPT_MAX_CONNECTIONS,
@@ -95,6 +96,11 @@ static const struct option_def options[] = {
      "short calls (at most 10000 for those). A restore that times out falls back to prefill."},
     {"health-interval-ms", OPT_HEALTH_MS, "MS", "1000",
      "How often backends are checked; a backend that stops answering has its slots forgotten."},
+    {"slot-check-ms", OPT_SLOT_CHECK_MS, "MS", "1000",
+     "Before relying on what a slot holds, read its task id with GET /slots (it changes when "
+     "another client or a restart used the slot) if the plugin last used the slot at least MS "
+     "ago; 0 checks before every request. A back-to-back turn skips the call, which waits for "
+     "the server's decode loop."},
     {"save-workers", OPT_SAVE_WORKERS, "N", "2", "Threads running slot saves (1..8)."},
     {"max-request-size", OPT_MAX_REQUEST_SIZE, "SIZE", "64M",
      "Largest request body accepted (K, M, G suffixes)."},
@@ -192,6 +198,7 @@ int main(int argc, char **argv)
 	ec.timeout_ms = 600000;
 	ec.slot_timeout_ms = 30000;
 	ec.health_ms = 1000;
+	ec.slot_check_ms = 1000;
 	ec.save_workers = 2;
 	pc.listen = "127.0.0.1:8081";
 	pc.max_request_bytes = 64u << 20;
@@ -285,6 +292,10 @@ int main(int argc, char **argv)
 		case OPT_HEALTH_MS:
 			if (options_parse_uint(optarg, 100, 60000, &ec.health_ms))
 				return die("--health-interval-ms %s: expected 100..60000", optarg);
+			break;
+		case OPT_SLOT_CHECK_MS:
+			if (options_parse_uint(optarg, 0, 3600000, &ec.slot_check_ms))
+				return die("--slot-check-ms %s: expected 0..3600000", optarg);
 			break;
 		case OPT_SAVE_WORKERS:
 			if (options_parse_uint(optarg, 1, 8, &ec.save_workers))

@@ -322,6 +322,20 @@ static void sink_error(void *ctx, int status, const char *type, const char *mess
 	free(body);
 }
 
+/* The engine is done passing the backend's answer on: the client's answer
+ * ends now (a streamed one gets its last chunk), not when the engine has
+ * also reported and saved. */
+static void sink_end(void *ctx, int broken)
+{
+	struct preq *r = ctx;
+
+	pthread_mutex_lock(&r->lock);
+	r->finished = 1;
+	r->broken = broken != 0;
+	pthread_cond_broadcast(&r->cond);
+	pthread_mutex_unlock(&r->lock);
+}
+
 /* The worker thread of one proxied request: runs the engine, then marks the
  * request finished (with a 502 answer if nothing at all came back). */
 static void *worker_main(void *arg)
@@ -333,6 +347,7 @@ static void *worker_main(void *arg)
 	                           .on_headers_done = sink_headers_done,
 	                           .on_data = sink_data,
 	                           .should_abort = sink_should_abort,
+	                           .on_end = sink_end,
 	                           .on_error = sink_error};
 	struct engine_request rq = {.endpoint = r->ep,
 	                            .method = r->method,

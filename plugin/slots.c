@@ -16,6 +16,14 @@
 #include <string.h>
 #include <time.h>
 
+static double mono_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
 int slots_init(struct slot_table *t, const char *const *urls, unsigned n)
 {
 	pthread_condattr_t ca;
@@ -294,12 +302,13 @@ void slots_set_tokens(struct slot_table *t, unsigned b, unsigned si, const int32
 	pthread_mutex_lock(&t->lock);
 	copy_tokens(&s->tokens, &s->n_tokens, tokens, n);
 	s->id_task = id_task;
+	s->set_at = mono_s();
 	settle_expect_locked(s);
 	pthread_mutex_unlock(&t->lock);
 }
 
 size_t slots_tracked_prefix(struct slot_table *t, unsigned b, unsigned si, const int32_t *tokens,
-                            size_t n, int64_t *id_task)
+                            size_t n, int64_t *id_task, double *age_s)
 {
 	struct slot *s = &t->b[b].slots[si];
 	size_t c;
@@ -308,6 +317,8 @@ size_t slots_tracked_prefix(struct slot_table *t, unsigned b, unsigned si, const
 	c = slots_common_prefix(s->tokens, s->n_tokens, tokens, n);
 	if (id_task)
 		*id_task = s->id_task;
+	if (age_s)
+		*age_s = mono_s() - s->set_at;
 	pthread_mutex_unlock(&t->lock);
 	return c;
 }

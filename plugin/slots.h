@@ -38,6 +38,7 @@ struct slot {
 	unsigned requests;               /* requests owning or waiting for it */
 	struct slot_waiter *head, *tail; /* FIFO of waiters */
 	int64_t id_task; /* /slots id_task after our last request, SLOTS_NO_TASK if unknown */
+	double set_at;   /* CLOCK_MONOTONIC seconds of the last slots_set_tokens */
 };
 
 struct slot_backend {
@@ -113,10 +114,11 @@ void slots_save_done(struct slot_table *t, unsigned b, unsigned s);
 void slots_set_tokens(struct slot_table *t, unsigned b, unsigned s, const int32_t *tokens, size_t n,
                       int64_t id_task);
 
-/* The prefix of tokens[0..n) slot s of backend b is believed to hold, and
- * its recorded task id in *id_task (may be NULL). */
+/* The prefix of tokens[0..n) slot s of backend b is believed to hold, its
+ * recorded task id in *id_task and the seconds since it was recorded in
+ * *age_s (either may be NULL). */
 size_t slots_tracked_prefix(struct slot_table *t, unsigned b, unsigned s, const int32_t *tokens,
-                            size_t n, int64_t *id_task);
+                            size_t n, int64_t *id_task, double *age_s);
 
 /* Forgets what every slot of backend b holds (it restarted or went away).
  * Owners keep their slots. Returns how many slots held something. */

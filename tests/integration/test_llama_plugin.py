@@ -61,7 +61,7 @@ def get_json(url, timeout=30):
 
 def stream_events(host, port, path, body, timeout=60):
     """POSTs body and reads the answer as it arrives. Returns (status, headers,
-    raw body, [(t, bytes read)])."""
+    raw body, [(t, bytes read)]); the last read is (t, b"") at the end of the body."""
     c = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         c.request("POST", path, body=json.dumps(body).encode(),
@@ -72,6 +72,7 @@ def stream_events(host, port, path, body, timeout=60):
         while time.time() < deadline:
             b = r.read1(65536) if hasattr(r, "read1") else r.read(1)
             if not b:
+                reads.append((time.monotonic(), b""))
                 break
             reads.append((time.monotonic(), b))
             raw += b
@@ -450,7 +451,10 @@ def test_backend_restart(root, procs):
         sub_procs = []
         procs.append(ProcGroup(sub_procs))
         extra = ["--slots"] if slots_api else []
-        d, (dbl,), p, slot_dir = setup(sub, sub_procs, double_extra=extra)
+        # A restart faster than the health check is seen through the slot's task id, read
+        # before every request here (by default only when the slot was idle >= 1 s).
+        d, (dbl,), p, slot_dir = setup(sub, sub_procs, double_extra=extra,
+                                       plugin_extra=["--slot-check-ms", "0"])
         a = conversation(0)
         turn(p, dbl, a, "first question")
         wait_saves(p, 1)
@@ -711,6 +715,61 @@ def test_streaming(root, procs):
        "pass-through counted")
 
 
+def test_slot_check(root, procs):
+    """--slot-check-ms: a slot idle that long or longer has its task id read (GET /slots)
+    before the plugin relies on it, so a slot another client used is noticed and restored
+    from kvtier; a slot used less than that long ago is taken as the plugin left it (no
+    GET /slots on the request's path), and a change is noticed afterwards from prompt_n.
+    A streamed answer ends with the backend's, not after the plugin's later calls."""
+    for window, noticed in (("0", True), ("600000", False)):
+        sub = os.path.join(root, "window-%s" % window)
+        os.makedirs(sub)
+        sub_procs = []
+        procs.append(ProcGroup(sub_procs))
+        d, (dbl,), p, slot_dir = setup(sub, sub_procs, double_extra=["--slots"],
+                                       plugin_extra=["--slot-check-ms", window])
+        a = conversation(0)
+        turn(p, dbl, a, "first question")
+        wait_saves(p, 1)
+        saved = slot_tokens(dbl)
+        # Another client takes the slot behind the plugin's back.
+        st, _ = post_json(dbl.url + "/completion",
+                          {"prompt": "someone else entirely " * 8, "id_slot": 0, "n_predict": 2})
+        eq(st, 200, "a completion straight to the double")
+        reads = dbl.state()["counters"]["slots_reads"]
+        r, toks, expected = turn(p, dbl, a, "second question", saved)
+        if noticed:
+            check(dbl.state()["counters"]["slots_reads"] > reads, "GET /slots before the request")
+            eq(p.m('kvtier_llama_slot_resets_total{reason="foreign"}'), 1,
+               "the foreign task id noticed before the request")
+            eq(dbl.state()["counters"]["restores"], 1, "the conversation restored from kvtier")
+            eq(r["timings"]["prompt_n"], expected, "and only its new tokens prefilled")
+        else:
+            eq(dbl.state()["counters"]["restores"], 0, "not checked, so not restored")
+            check(r["timings"]["prompt_n"] > expected + 64,
+                  "the whole prompt prefilled (%d, %d with a restore)" %
+                  (r["timings"]["prompt_n"], expected))
+            wait_for("the change noticed from prompt_n",
+                     lambda: p.m('kvtier_llama_slot_resets_total{reason="unexpected_prefill"}')
+                     == 1)
+            eq(p.m('kvtier_llama_slot_resets_total{reason="foreign"}'), 0, "no foreign check")
+            continue
+        # A busy server answers GET /slots late: the streamed answer does not wait for it.
+        wait_saves(p, 2)
+        dbl.config(slots_read_ms=3000)
+        a.append({"role": "user", "content": "third question, streamed"})
+        st, _, raw, reads = stream_events("127.0.0.1", p.port, "/v1/chat/completions",
+                                          {"messages": a, "max_tokens": 4, "stream": True})
+        eq(st, 200, "streamed status")
+        check(raw.rstrip().endswith(b"data: [DONE]"), "[DONE] passed")
+        last_data = max(t for t, b in reads if b.strip())
+        check(reads[-1][1] == b"" and reads[-1][0] - last_data < 0.5,
+              "the stream ended %.2f s after its last event (GET /slots takes 3 s)" %
+              (reads[-1][0] - last_data))
+        dbl.config(slots_read_ms=0)
+        wait_saves(p, 3)
+
+
 def test_remote_kvtierd(root, procs):
     """kvtierd over TCP with a token and no shared slot directory: blobs are streamed in
     for restores and out after saves; the round-robin test passes the same way."""
@@ -872,7 +931,7 @@ if __name__ == "__main__":
     tests = [test_round_robin, test_completion_endpoints, test_two_backends,
              test_backend_restart, test_fail_restore, test_save_fails_silently,
              test_hang_slot_actions, test_ignore_restore, test_never_send_bad_blobs,
-             test_streaming, test_remote_kvtierd, test_ik_flavor, test_namespaces,
+             test_streaming, test_slot_check, test_remote_kvtierd, test_ik_flavor, test_namespaces,
              test_concurrency, test_kvtierd_down]
     only = sys.argv[1:]
     if only:

@@ -418,6 +418,7 @@ class Double:
         "ignore_restore": bool, "kv_fragmented": bool, "verify_kv": bool,
         "prefill_ms_per_token": float, "gen_ms_per_token": float,
         "restore_bytes_per_ms": float, "save_bytes_per_ms": float, "wedged": bool,
+        "slots_read_ms": float,
     }
 
     def __init__(self, args):
@@ -443,12 +444,12 @@ class Double:
             "kv_fragmented": args.kv_fragmented, "verify_kv": not args.no_verify_kv,
             "prefill_ms_per_token": args.prefill_ms_per_token, "gen_ms_per_token": args.gen_ms_per_token,
             "restore_bytes_per_ms": args.restore_bytes_per_ms, "save_bytes_per_ms": args.save_bytes_per_ms,
-            "wedged": False,
+            "wedged": False, "slots_read_ms": 0.0,
         }
         self.counters = {k: 0 for k in (
             "requests", "completions", "prefilled_tokens", "generated_tokens", "saves",
             "saves_failed", "restores", "restores_failed", "erases", "slot_actions_hung",
-            "requests_hung")}
+            "requests_hung", "slots_reads")}
         self.ik_failed_actions = 0
         self.next_task = 0
         self.stopping = False
@@ -718,9 +719,13 @@ class Handler(BaseHTTPRequestHandler):
         d = self.d
         if not d.slots_endpoint:
             raise Failure(501, "This server does not support slots endpoint. Start it with `--slots`")
+        # llama-server answers GET /slots from its task loop, between two batches.
+        if d.cfg("slots_read_ms") > 0:
+            time.sleep(d.cfg("slots_read_ms") / 1e3)
         with d.cv:
             data = [d.slot_json(s) for s in d.slots]
             idle = sum(1 for s in d.slots if not s.busy)
+            d.counters["slots_reads"] += 1
         if "fail_on_no_slot" in q and idle == 0:
             raise Failure(503, "no slot available")
         self.send_json(200, data)

@@ -68,8 +68,10 @@ static void test_choice(void)
 	CHECK(slots_choose(&t, &q, &c) == 0 && c.b == 0 && c.s == 0 && c.expect_common == 100);
 	{
 		int64_t task;
+		double age = -1;
 
-		CHECK(slots_tracked_prefix(&t, 0, 0, x, 150, &task) == 100 && task == 7);
+		CHECK(slots_tracked_prefix(&t, 0, 0, x, 150, &task, &age) == 100 && task == 7);
+		CHECK(age >= 0 && age < 60); /* seconds since slots_set_tokens */
 	}
 	slots_release(&t, &c, 0);
 	/* A prefix under the break-even does not count: the LRU idle slot (b1 s1). */
@@ -85,7 +87,7 @@ static void test_choice(void)
 	CHECK(slots_choose(&t, &q, &c) == -ENOENT);
 	/* Forgetting a backend drops what its slots hold. */
 	CHECK(slots_forget_backend(&t, 0) == 1);
-	CHECK(slots_tracked_prefix(&t, 0, 0, x, 150, NULL) == 0);
+	CHECK(slots_tracked_prefix(&t, 0, 0, x, 150, NULL, NULL) == 0);
 	CHECK(slots_common_prefix(x, 10, x, 5) == 5 && slots_common_prefix(x, 10, y, 10) == 0 &&
 	      slots_common_prefix(NULL, 0, x, 3) == 0);
 	slots_destroy(&t);
