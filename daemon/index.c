@@ -35,7 +35,7 @@
 #define INDEX_MAX_DBS 8
 #define INDEX_MAX_READERS 126
 #define PKEY_LEN (4 + KEY_LEN) /* be32 ns id || chain key */
-#define BLOB_REC_VERSION 2
+#define BLOB_REC_VERSION 3
 
 const char *const blob_part_suffix[PART_COUNT] = {"", ".tokens.json", ".checkpoints"};
 
@@ -170,7 +170,8 @@ static size_t ns_len_valid(const char *ns)
  * that is neither. */
 static int blob_decode(const MDB_val *v, struct blob_meta *m)
 {
-	if (v->mv_size != sizeof(*m) && v->mv_size != BLOB_REC_V1_SIZE)
+	if (v->mv_size != sizeof(*m) && v->mv_size != BLOB_REC_V2_SIZE &&
+	    v->mv_size != BLOB_REC_V1_SIZE)
 		return -1;
 	memset(m, 0, sizeof(*m));
 	memcpy(m, v->mv_data, v->mv_size);
@@ -386,20 +387,21 @@ static int schema_check(struct index *ix, MDB_txn *txn, uint32_t block_size, cha
 		rc = index_fail(mrc, "reading the schema", err, errlen);
 		goto out;
 	}
-	if (schema == 1 && !ix->readonly) {
-		/* 0.1's schema: its records are read as they are (blob_decode,
-		 * ns_decode) and rewritten as version 2 when they change. The new
-		 * number makes a 0.1 binary refuse this index instead of taking
-		 * the longer records for damage. */
+	if (schema >= 1 && schema < INDEX_SCHEMA && !ix->readonly) {
+		/* An older schema: its records are read as they are (blob_decode,
+		 * ns_decode) and rewritten in the current version when they change.
+		 * The new number makes an older binary refuse this index instead of
+		 * taking the longer records for damage. */
 		mrc = meta_put_u32(ix, txn, "schema", INDEX_SCHEMA);
 		if (mrc) {
 			rc = index_fail(mrc, "upgrading the schema", err, errlen);
 			goto out;
 		}
-		klog(LOG_INFO, "event=index_upgraded from_schema=1 to_schema=%u", INDEX_SCHEMA);
+		klog(LOG_INFO, "event=index_upgraded from_schema=%u to_schema=%u", schema,
+		     INDEX_SCHEMA);
 		schema = INDEX_SCHEMA;
 	}
-	if (schema != INDEX_SCHEMA && !(schema == 1 && ix->readonly)) {
+	if (schema != INDEX_SCHEMA && !(schema >= 1 && schema < INDEX_SCHEMA && ix->readonly)) {
 		set_err(err, errlen,
 			"%s has index schema %u, this kvtierd knows only schema %u: %s", ix->path,
 			schema, INDEX_SCHEMA,
@@ -836,6 +838,12 @@ int index_put(struct index *ix, const char *ns, const uint8_t *layout, size_t la
 	m = *meta;
 	m.ns_id = rec.id;
 	m.rec_version = BLOB_REC_VERSION;
+	m.flags &= ~(uint32_t)BLOB_F_LAST_KEY;
+	memset(&m.last_key, 0, sizeof(m.last_key));
+	if (n_chain) {
+		m.last_key = chain[n_chain - 1];
+		m.flags |= BLOB_F_LAST_KEY;
+	}
 	if (supersede) {
 		mrc = put_supersede(ix, txn, rec.id, &m, tokens, chain, n_chain, res);
 		if (mrc) {
@@ -965,27 +973,116 @@ static int lookup_depth(struct index *ix, MDB_txn *txn, MDB_cursor *cur, const u
 
 /* Where a lookup takes its chain keys from: all given (index_lookup), or
  * computed block by block as deep as the search goes (index_lookup_tokens:
- * a 32K-token prompt that matches 300 tokens hashes 8 blocks, not 512). */
+ * a 32K-token prompt that matches 300 tokens hashes 8 blocks, not 512). A
+ * lazy chain may also be rebased: a depth's key taken from a blob's
+ * last_key, after which only the keys from that depth on are known. */
 struct chain_src {
 	const struct key *given;  /* NULL: lazy */
 	const struct key *h0;
 	const int32_t *tokens;
 	uint32_t block;
-	struct key *keys;         /* lazy: computed so far */
-	size_t done;
+	struct key *keys;         /* lazy: keys[d - 1] is known for base <= d <= done */
+	size_t base, done;
+	uint32_t hashed;          /* blocks hashed */
 };
 
 static const struct key *chain_at(struct chain_src *cs, size_t d)
 {
 	if (cs->given)
 		return &cs->given[d - 1];
+	if (d < cs->base) {
+		/* Below a rebase (only when the deepest blobs are unusable): hash
+		 * from the root. */
+		cs->base = 1;
+		cs->done = 0;
+	}
 	if (d > cs->done) {
 		keys_chain(cs->done ? &cs->keys[cs->done - 1] : cs->h0,
 			   cs->tokens + cs->done * cs->block, (d - cs->done) * cs->block, cs->block,
 			   cs->keys + cs->done);
+		cs->hashed += (uint32_t)(d - cs->done);
 		cs->done = d;
 	}
 	return &cs->keys[d - 1];
+}
+
+static void chain_rebase(struct chain_src *cs, size_t d, const struct key *k)
+{
+	cs->keys[d - 1] = *k;
+	cs->base = d;
+	cs->done = d;
+}
+
+/* Depth d is present under key kb. When at most INDEX_JUMP_CANDIDATES blobs
+ * hold it, returns the deepest full-block depth D > d (D <= n_chain) of one
+ * of them whose tokens equal the query's on all its full blocks, with that
+ * blob's last_key in *key: the query's chain key at D. Else 0. An LMDB
+ * error other than MDB_NOTFOUND goes to *mrc. */
+static size_t lookup_jump(struct index *ix, MDB_txn *txn, MDB_cursor *cur, const uint8_t *kb,
+			  size_t d, const int32_t *tokens, size_t n_chain, struct key *key, int *mrc)
+{
+	MDB_val k = {PKEY_LEN, (void *)kb}, v, bk, bv, tv;
+	struct blob_meta m;
+	size_t count = 0, best = 0;
+
+	*mrc = mdb_cursor_get(cur, &k, &v, MDB_SET_KEY);
+	if (!*mrc)
+		*mrc = mdb_cursor_count(cur, &count);
+	if (*mrc || count > INDEX_JUMP_CANDIDATES)
+		goto out;
+	for (; *mrc == 0; *mrc = mdb_cursor_get(cur, &k, &v, MDB_NEXT_DUP)) {
+		size_t full;
+
+		if (v.mv_size != KEY_LEN)
+			continue;
+		bk.mv_size = KEY_LEN;
+		bk.mv_data = v.mv_data;
+		*mrc = mdb_get(txn, ix->blobs, &bk, &bv);
+		if (*mrc == MDB_NOTFOUND)
+			continue;
+		if (*mrc)
+			goto out;
+		if (blob_decode(&bv, &m) || !(m.flags & BLOB_F_LAST_KEY))
+			continue;
+		full = m.n_tokens / ix->block;
+		if (full <= d || full <= best || full > n_chain)
+			continue;
+		*mrc = mdb_get(txn, ix->tokens, &bk, &tv);
+		if (*mrc == MDB_NOTFOUND)
+			continue;
+		if (*mrc)
+			goto out;
+		if (tv.mv_size / sizeof(int32_t) < full * ix->block)
+			continue;
+		/* The first d blocks are equal: their chain keys are. */
+		if (common_until(tokens, tv.mv_data, d * ix->block, full * ix->block) !=
+		    full * ix->block)
+			continue;
+		best = full;
+		*key = m.last_key;
+	}
+out:
+	if (*mrc == MDB_NOTFOUND)
+		*mrc = 0;
+	return *mrc ? 0 : best;
+}
+
+/* Is depth d present (a prefix entry for the query's key at d)? 1, 0, or
+ * -1 with the LMDB code in *mrc. kb receives the key. */
+static int depth_present(struct index *ix, MDB_txn *txn, uint32_t nsid, struct chain_src *cs,
+			 size_t d, uint8_t *kb, int *mrc)
+{
+	MDB_val k = {PKEY_LEN, kb}, v;
+
+	pkey(kb, nsid, chain_at(cs, d));
+	*mrc = mdb_get(txn, ix->prefix, &k, &v);
+	if (*mrc == 0)
+		return 1;
+	if (*mrc == MDB_NOTFOUND) {
+		*mrc = 0;
+		return 0;
+	}
+	return -1;
 }
 
 static int lookup_run(struct index *ix, const char *ns, const int32_t *tokens, size_t n,
@@ -996,9 +1093,9 @@ static int lookup_run(struct index *ix, const char *ns, const int32_t *tokens, s
 	MDB_cursor *cur = NULL;
 	uint8_t kb[PKEY_LEN];
 	MDB_val k, v;
-	size_t ns_len, lo, hi;
+	size_t ns_len, lo, hi, step;
 	uint32_t nsid;
-	int rc = 0, mrc;
+	int rc = 0, mrc, pr;
 
 	memset(out, 0, sizeof(*out));
 	ns_len = ns_len_valid(ns);
@@ -1030,65 +1127,76 @@ static int lookup_run(struct index *ix, const char *ns, const int32_t *tokens, s
 	}
 	nsid = nsrec.id;
 	memcpy(out->ns_pf, nsrec.pf, sizeof(out->ns_pf));
-
-	/* Deepest block present. Presence is monotone: a blob holding block d
-	 * holds blocks 1..d-1 under the same keys (the chain). Depths 1, 2, 4,
-	 * ... first, so the keys computed follow the match, not the query; then
-	 * a binary search between the last present and the first absent. */
-	lo = 0;
-	hi = n_chain + 1;
-	for (size_t p = 1;; p = p * 2 > n_chain && p < n_chain ? n_chain : p * 2) {
-		pkey(kb, nsid, chain_at(cs, p));
-		k.mv_size = PKEY_LEN;
-		k.mv_data = kb;
-		mrc = mdb_get(txn, ix->prefix, &k, &v);
-		if (mrc == 0) {
-			lo = p;
-		} else if (mrc == MDB_NOTFOUND) {
-			hi = p;
-			break;
-		} else {
-			rc = index_fail(mrc, "lookup: reading the prefix index", NULL, 0);
-			goto out;
-		}
-		if (p == n_chain)
-			break;
-	}
-	while (hi - lo > 1) {
-		size_t mid = lo + (hi - lo) / 2;
-
-		pkey(kb, nsid, chain_at(cs, mid));
-		k.mv_size = PKEY_LEN;
-		k.mv_data = kb;
-		mrc = mdb_get(txn, ix->prefix, &k, &v);
-		if (mrc == 0) {
-			lo = mid;
-		} else if (mrc == MDB_NOTFOUND) {
-			hi = mid;
-		} else {
-			rc = index_fail(mrc, "lookup: reading the prefix index", NULL, 0);
-			goto out;
-		}
-	}
-	if (lo == 0)
-		goto out;
 	mrc = mdb_cursor_open(txn, ix->prefix, &cur);
 	if (mrc) {
 		rc = index_fail(mrc, "lookup: opening a cursor", NULL, 0);
 		goto out;
+	}
+
+	/* Deepest block present. Presence is monotone: a blob holding block d
+	 * holds blocks 1..d-1 under the same keys (the chain). Galloping from
+	 * the deepest depth known present (lo) by steps 1, 2, 4, ..., so the
+	 * keys computed follow the match, not the query; a depth found present
+	 * with few blobs may hand over a deeper one (lookup_jump), after which
+	 * the steps start again at 1. Then a binary search between the last
+	 * present and the first absent depth. */
+	lo = 0;
+	hi = n_chain + 1;
+	step = 1;
+	while (lo < n_chain) {
+		size_t p = lo + step <= n_chain ? lo + step : n_chain, jd;
+		struct key jk;
+
+		pr = depth_present(ix, txn, nsid, cs, p, kb, &mrc);
+		if (pr < 0)
+			goto fail_prefix;
+		if (!pr) {
+			hi = p;
+			break;
+		}
+		lo = p;
+		step *= 2;
+		if (cs->given || p == n_chain)
+			continue;
+		jd = lookup_jump(ix, txn, cur, kb, p, tokens, n_chain, &jk, &mrc);
+		if (mrc)
+			goto fail_candidates;
+		if (jd > cs->done) {
+			chain_rebase(cs, jd, &jk);
+			out->jumps++;
+			lo = jd;
+			step = 1;
+		}
+	}
+	while (hi - lo > 1) {
+		size_t mid = lo + (hi - lo) / 2;
+
+		pr = depth_present(ix, txn, nsid, cs, mid, kb, &mrc);
+		if (pr < 0)
+			goto fail_prefix;
+		if (pr)
+			lo = mid;
+		else
+			hi = mid;
 	}
 	/* Blobs at the deepest depth beat any shallower one; go shallower only
 	 * when none there is usable (quarantined, damaged). */
 	for (size_t d = lo; d >= 1 && !out->found; d--) {
 		pkey(kb, nsid, chain_at(cs, d));
 		mrc = lookup_depth(ix, txn, cur, kb, d, tokens, n, out);
-		if (mrc) {
-			rc = index_fail(mrc, "lookup: reading candidates", NULL, 0);
-			memset(out, 0, sizeof(*out));
-			goto out;
-		}
+		if (mrc)
+			goto fail_candidates;
 	}
+	goto out;
+fail_prefix:
+	rc = index_fail(mrc, "lookup: reading the prefix index", NULL, 0);
+	memset(out, 0, sizeof(*out));
+	goto out;
+fail_candidates:
+	rc = index_fail(mrc, "lookup: reading candidates", NULL, 0);
+	memset(out, 0, sizeof(*out));
 out:
+	out->keys_hashed = cs->hashed;
 	if (cur)
 		mdb_cursor_close(cur);
 	if (txn)
@@ -1113,7 +1221,8 @@ int index_lookup_tokens(struct index *ix, const char *ns, const int32_t *tokens,
 {
 	struct key h0, stack_keys[64];
 	size_t n_chain = ix->block ? n / ix->block : 0;
-	struct chain_src cs = {.h0 = &h0, .tokens = tokens, .block = ix->block, .keys = stack_keys};
+	struct chain_src cs = {
+	    .h0 = &h0, .tokens = tokens, .block = ix->block, .keys = stack_keys, .base = 1};
 	int rc;
 
 	if (n_chain > 64) {
@@ -1693,7 +1802,7 @@ static int check_blob(struct check *c, MDB_cursor *pc, MDB_cursor *ec, const MDB
 	}
 	if (memcmp(m.id.b, id.b, KEY_LEN) != 0)
 		problem(c, "blob %s: record names another id", hex);
-	if (m.rec_version != BLOB_REC_VERSION && m.rec_version != 1)
+	if (m.rec_version < 1 || m.rec_version > BLOB_REC_VERSION)
 		problem(c, "blob %s: record version %u (expected %u)", hex, m.rec_version,
 			BLOB_REC_VERSION);
 	if (m.n_tokens < ix->block)
@@ -1749,6 +1858,8 @@ static int check_blob(struct check *c, MDB_cursor *pc, MDB_cursor *ec, const MDB
 		return mrc;
 	if (!present)
 		problem(c, "blob %s: ends entry (block %zu) missing", hex, nb);
+	if ((m.flags & BLOB_F_LAST_KEY) && memcmp(m.last_key.b, last.b, KEY_LEN) != 0)
+		problem(c, "blob %s: last_key is not the key of block %zu", hex, nb);
 	if (nt % ix->block)
 		keys_step(&h, *tbuf + nb * ix->block, nt % ix->block, &h);
 	if (memcmp(h.b, id.b, KEY_LEN) != 0)

@@ -31,12 +31,14 @@
 #include "keys.h"
 #include "slotfile.h"
 
-#define INDEX_SCHEMA 2          /* 2: blob records v2 (0.2); schema 1 is upgraded */
+#define INDEX_SCHEMA 3          /* 3: blob records v3; schemas 1 and 2 are upgraded */
 #define INDEX_DEFAULT_BLOCK 64
 #define INDEX_NS_MAX 255           /* bytes of a namespace name */
 #define INDEX_MAX_SUPERSEDED 64    /* per put; further ones stay */
 #define INDEX_LOOKUP_CANDIDATES 64 /* blobs compared at the deepest block: the rest can
                                     * only add < one block of matched tokens */
+#define INDEX_JUMP_CANDIDATES 8    /* a depth held by at most this many blobs is checked
+                                    * for one whose last_key spares hashing */
 
 enum blob_part { PART_MAIN = 0, PART_TOKENS_JSON = 1, PART_CHECKPOINTS = 2, PART_COUNT = 3 };
 
@@ -46,10 +48,13 @@ extern const char *const blob_part_suffix[PART_COUNT];
 /* Returns the part whose suffix is s, or -1. */
 int blob_part_from_suffix(const char *s);
 
-enum blob_flags { BLOB_F_QUARANTINED = 1u << 0 };
+enum blob_flags {
+	BLOB_F_QUARANTINED = 1u << 0,
+	BLOB_F_LAST_KEY = 1u << 1, /* last_key holds the chain key of the last full block */
+};
 
 struct blob_meta {
-	uint32_t rec_version;     /* 2 (1: written by 0.1, read as is) */
+	uint32_t rec_version;     /* 3 (1 and 2: written by older builds, read as they are) */
 	uint32_t ns_id;
 	struct key id;
 	uint32_t n_tokens;
@@ -69,8 +74,14 @@ struct blob_meta {
 	uint64_t part_stored[PART_COUNT]; /* bytes of each part on its tier (encoded) */
 	double gdsf_base;         /* its tier's GDSF inflation value at the last access */
 	double ratio;             /* raw / stored bytes of the main part (1 = raw) */
+	/* Record version 3 appends the chain key of the blob's last full block
+	 * (valid with BLOB_F_LAST_KEY): a lookup whose tokens cover the blob's
+	 * full blocks takes the query's key at that depth from here instead of
+	 * hashing up to it. Older records read without it. */
+	struct key last_key;
 };
 #define BLOB_REC_V1_SIZE offsetof(struct blob_meta, part_stored)
+#define BLOB_REC_V2_SIZE offsetof(struct blob_meta, last_key)
 
 /* Bytes of all parts as served (raw). */
 static inline uint64_t blob_raw_bytes(const struct blob_meta *m)
@@ -141,6 +152,8 @@ struct index_match {
 	int found;
 	struct blob_meta meta;
 	uint32_t matched;                  /* tokens, token-exact */
+	uint32_t keys_hashed;              /* blocks of the query hashed (index_lookup_tokens) */
+	uint32_t jumps;                    /* depths taken from a candidate's last_key */
 	double ns_pf[8];                   /* the namespace's prefill model words (ns_rec.pf),
 					    * read in the same transaction; 0 if unknown */
 };
@@ -154,7 +167,10 @@ int index_lookup(struct index *ix, const char *ns, const int32_t *tokens, size_t
 		 const struct key *chain, size_t n_chain, struct index_match *out);
 
 /* index_lookup computing the query's chain keys itself, only as deep as the
- * search needs them (exponential then binary search over depths). */
+ * search needs them (galloping then binary search over depths). At a depth
+ * with few blobs, a blob whose full blocks all equal the query's tokens
+ * hands over its last_key: the search goes on from that blob's depth
+ * without hashing the blocks below it. The answer is index_lookup's. */
 int index_lookup_tokens(struct index *ix, const char *ns, const int32_t *tokens, size_t n,
 			struct index_match *out);
 

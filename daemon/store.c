@@ -1217,8 +1217,7 @@ int store_put_finish(struct store_put *p, struct store_put_result *res, char *er
 	}
 	keys_root(p->ns, strlen(p->ns), &h0);
 	keys_chain(&h0, tokens, info.n_tokens, s->block, chain);
-	memset(&meta, 0, sizeof(meta));
-	meta.rec_version = 2;
+	memset(&meta, 0, sizeof(meta)); /* index_put sets rec_version and last_key */
 	keys_blob_id(&h0, chain, tokens, info.n_tokens, s->block, &meta.id);
 	meta.n_tokens = info.n_tokens;
 	meta.version = info.version;

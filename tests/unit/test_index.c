@@ -215,6 +215,201 @@ static void raw_edit(const char *dir, const char *db, const struct key *id, cons
 	mdb_env_close(env);
 }
 
+/* ---- lookups that jump (index_lookup_tokens and last_key) ---- */
+
+static void raw_blob_v2(const char *dir, const struct key *id);
+
+#define JT 8192 /* tokens of the longest query: 128 blocks */
+
+static uint32_t jseed = 777;
+
+static void fill_random(int32_t *t, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		jseed = jseed * 1103515245u + 12345u;
+		t[i] = (int32_t)((jseed >> 8) % 32000);
+	}
+}
+
+/* Puts tokens[0..n) in namespace ns without supersession. */
+static void jput(struct index *ix, const char *ns, const int32_t *tok, size_t n, struct key *id)
+{
+	static struct key chain[JT / B];
+	static struct index_put_result res;
+	struct blob_meta m;
+	struct key h0;
+	char err[256];
+
+	keys_root(ns, strlen(ns), &h0);
+	keys_chain(&h0, tok, n, B, chain);
+	memset(&m, 0, sizeof(m));
+	keys_blob_id(&h0, chain, tok, n, B, &m.id);
+	m.n_tokens = (uint32_t)n;
+	m.version = 2;
+	m.parts = 1;
+	m.part_size[PART_MAIN] = m.stored_size = 12 + 4 * n + 1000;
+	m.created_ms = m.last_access_ms = clock_ms++;
+	CHECK_EQ_INT(index_put(ix, ns, NULL, 0, &m, tok, chain, 0, &res, err, sizeof(err)), 0);
+	CHECK(res.stored.flags & BLOB_F_LAST_KEY);
+	CHECK(memcmp(res.stored.last_key.b, chain[n / B - 1].b, KEY_LEN) == 0);
+	if (id)
+		*id = m.id;
+}
+
+/* The lazy lookup (galloping, jumps) answers as the one given every key. */
+static void jlookup(struct index *ix, const char *ns, const int32_t *tok, size_t n,
+		    struct index_match *lazy)
+{
+	static struct key chain[JT / B];
+	struct index_match full;
+	struct key h0;
+
+	keys_root(ns, strlen(ns), &h0);
+	keys_chain(&h0, tok, n, B, chain);
+	CHECK_EQ_INT(index_lookup(ix, ns, tok, n, chain, n / B, &full), 0);
+	CHECK_EQ_INT(index_lookup_tokens(ix, ns, tok, n, lazy), 0);
+	CHECK_EQ_INT(lazy->found, full.found);
+	CHECK_EQ_INT(lazy->matched, full.matched);
+	CHECK(!full.found || same_id(&lazy->meta.id, &full.meta.id));
+}
+
+static void test_jumps(const char *dir)
+{
+	static int32_t sys[256], conv[3][JT], q[JT];
+	static const size_t turns[3] = {1000, 3000, 6000};
+	struct key conv_id[3][3], id;
+	struct index *ix = NULL;
+	struct index_match m;
+	struct blob_meta bm;
+	char err[256];
+
+	CHECK_EQ_INT(index_open(dir, 0, 0, 1ull << 30, &ix, err, sizeof(err)), 0);
+	/* 40 short chats share a 202-token system prompt (depths 1..3 have more
+	 * blobs than a jump looks at); 3 long conversations of 3 turns. */
+	fill_random(sys, 202);
+	for (int i = 0; i < 40; i++) {
+		memcpy(q, sys, 202 * sizeof(int32_t));
+		fill_random(q + 202, 100 + (size_t)i * 7);
+		jput(ix, "J", q, 302 + (size_t)i * 7, NULL);
+	}
+	for (int c = 0; c < 3; c++) {
+		memcpy(conv[c], sys, 202 * sizeof(int32_t));
+		fill_random(conv[c] + 202, JT - 202);
+		for (int t = 0; t < 3; t++)
+			jput(ix, "J", conv[c], turns[t], &conv_id[c][t]);
+	}
+	check_clean(ix);
+
+	/* A prompt extending the deepest turn: found, and most of its 93 full
+	 * blocks are taken from a blob rather than hashed. */
+	memcpy(q, conv[0], 6000 * sizeof(int32_t));
+	fill_random(q + 6000, JT - 6000);
+	jlookup(ix, "J", q, JT, &m);
+	CHECK(m.found && same_id(&m.meta.id, &conv_id[0][2]));
+	CHECK_EQ_INT(m.matched, 6000);
+	CHECK(m.jumps >= 1);
+	CHECK(m.keys_hashed < 40);
+	/* Diverging inside the deepest turn (token 4500): that turn, 4500. */
+	memcpy(q, conv[1], JT * sizeof(int32_t));
+	q[4500] += 1;
+	jlookup(ix, "J", q, JT, &m);
+	CHECK(m.found && same_id(&m.meta.id, &conv_id[1][2]));
+	CHECK_EQ_INT(m.matched, 4500);
+	/* Exactly a turn; a turn and one token; half a block past a turn. */
+	for (size_t extra = 0; extra <= 32; extra += 16) {
+		memcpy(q, conv[2], (3000 + extra) * sizeof(int32_t));
+		if (extra)
+			q[3000 + extra - 1] += 1; /* differs from the 6000-token turn there */
+		jlookup(ix, "J", q, 3000 + extra, &m);
+		CHECK(m.found);
+		CHECK_EQ_INT(m.matched, 3000 + (extra ? extra - 1 : 0));
+	}
+	/* The system prompt and then other tokens: one of the short chats. */
+	memcpy(q, sys, 202 * sizeof(int32_t));
+	fill_random(q + 202, JT - 202);
+	jlookup(ix, "J", q, JT, &m);
+	CHECK(m.found && m.matched >= 202 && m.matched < 202 + 64);
+	/* Every query length, on a conversation: the lazy answer is the full one. */
+	for (size_t n = 64; n <= JT; n += 61) {
+		memcpy(q, conv[0], n * sizeof(int32_t));
+		jlookup(ix, "J", q, n, &m);
+		CHECK(m.found);
+		CHECK_EQ_INT(m.matched, n < 6000 ? n : 6000);
+	}
+	/* The deepest turn quarantined: the search jumped to its depth, finds it
+	 * unusable and goes shallower (keys below the jump hashed afresh). */
+	CHECK_EQ_INT(index_get(ix, &conv_id[0][2], &bm, NULL, 0), 0);
+	bm.flags |= BLOB_F_QUARANTINED;
+	CHECK_EQ_INT(index_update(ix, &bm), 0);
+	memcpy(q, conv[0], 6000 * sizeof(int32_t));
+	fill_random(q + 6000, JT - 6000);
+	jlookup(ix, "J", q, JT, &m);
+	CHECK(m.found && same_id(&m.meta.id, &conv_id[0][1]));
+	CHECK_EQ_INT(m.matched, 3000);
+	/* A miss, and an unknown namespace. */
+	q[0] += 1;
+	jlookup(ix, "J", q, JT, &m);
+	CHECK_EQ_INT(m.found, 0);
+	jlookup(ix, "K", conv[0], JT, &m);
+	CHECK_EQ_INT(m.found, 0);
+	check_clean(ix);
+	index_close(ix);
+
+	/* An index of schema 2: its records (no last_key) read as they are, the
+	 * schema moves to 3, and lookups give the same answers (no jump from
+	 * the old record). */
+	raw_blob_v2(dir, &conv_id[2][2]);
+	raw_edit(dir, "meta", NULL, "schema", 2);
+	CHECK_EQ_INT(index_open(dir, 0, 0, 1ull << 30, &ix, err, sizeof(err)), 0);
+	{
+		uint32_t schema = 0;
+		size_t len = 0;
+
+		CHECK_EQ_INT(index_meta_get(ix, "schema", &schema, sizeof(schema), &len), 0);
+		CHECK_EQ_INT(schema, INDEX_SCHEMA);
+	}
+	CHECK_EQ_INT(index_get(ix, &conv_id[2][2], &bm, NULL, 0), 0);
+	CHECK_EQ_INT(bm.flags & BLOB_F_LAST_KEY, 0);
+	check_clean(ix);
+	memcpy(q, conv[2], 6000 * sizeof(int32_t));
+	fill_random(q + 6000, JT - 6000);
+	jlookup(ix, "J", q, JT, &m);
+	CHECK(m.found && same_id(&m.meta.id, &conv_id[2][2]));
+	CHECK_EQ_INT(m.matched, 6000);
+	(void)id;
+	index_close(ix);
+}
+
+/* Rewrites the record of blob id as a version 2 record (without last_key),
+ * as an older kvtierd wrote it. The index must be closed. */
+static void raw_blob_v2(const char *dir, const struct key *id)
+{
+	char path[4096];
+	struct blob_meta m;
+	MDB_env *env;
+	MDB_txn *txn;
+	MDB_dbi dbi;
+	MDB_val k = {KEY_LEN, (void *)id->b}, v;
+
+	snprintf(path, sizeof(path), "%s/index", dir);
+	CHECK_EQ_INT(mdb_env_create(&env), 0);
+	CHECK_EQ_INT(mdb_env_set_maxdbs(env, 8), 0);
+	CHECK_EQ_INT(mdb_env_set_mapsize(env, 1ull << 30), 0);
+	CHECK_EQ_INT(mdb_env_open(env, path, MDB_NOTLS, 0600), 0);
+	CHECK_EQ_INT(mdb_txn_begin(env, NULL, 0, &txn), 0);
+	CHECK_EQ_INT(mdb_dbi_open(txn, "blobs", 0, &dbi), 0);
+	CHECK_EQ_INT(mdb_get(txn, dbi, &k, &v), 0);
+	CHECK_EQ_INT(v.mv_size, sizeof(m));
+	memcpy(&m, v.mv_data, sizeof(m));
+	m.rec_version = 2;
+	m.flags &= ~(uint32_t)BLOB_F_LAST_KEY;
+	v.mv_size = BLOB_REC_V2_SIZE;
+	v.mv_data = &m;
+	CHECK_EQ_INT(mdb_put(txn, dbi, &k, &v, 0), 0);
+	CHECK_EQ_INT(mdb_txn_commit(txn), 0);
+	mdb_env_close(env);
+}
+
 int main(void)
 {
 	static struct blob a, b, c, d, e, a2, c2, e2, p[5], s1, s2, s3, small;
@@ -649,6 +844,13 @@ int main(void)
 
 	CHECK_EQ_INT(nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS), 0);
 	CHECK_EQ_INT(nftw(empty, rm_entry, 16, FTW_DEPTH | FTW_PHYS), 0);
+	{
+		char jdir[] = "/tmp/test_index_jumps.XXXXXX";
+
+		CHECK(mkdtemp(jdir) != NULL);
+		test_jumps(jdir);
+		CHECK_EQ_INT(nftw(jdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS), 0);
+	}
 	printf("test_index: ok\n");
 	return 0;
 }
