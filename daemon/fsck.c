@@ -295,9 +295,9 @@ static void fsck_blob(struct fsck *c, const struct blob_meta *m)
 
 	c->blobs++;
 	key_hex(&m->id, hex);
-	if (m->rec_version < 1 || m->rec_version > 3)
-		fsck_problem(c, "blob %s: record version %" PRIu32 ", this fsck knows 1 to 3", hex,
-			     m->rec_version);
+	if (m->rec_version < 1 || m->rec_version > BLOB_REC_VERSION)
+		fsck_problem(c, "blob %s: record version %" PRIu32 ", this fsck knows 1 to %d", hex,
+			     m->rec_version, BLOB_REC_VERSION);
 	if (m->compression > CODEC_LZ4_SHUFFLE)
 		fsck_problem(c, "blob %s: unknown compression %" PRIu32, hex, m->compression);
 	if (m->parts & ~((1u << PART_COUNT) - 1))

@@ -35,7 +35,6 @@
 #define INDEX_MAX_DBS 8
 #define INDEX_MAX_READERS 126
 #define PKEY_LEN (4 + KEY_LEN) /* be32 ns id || chain key */
-#define BLOB_REC_VERSION 3
 
 const char *const blob_part_suffix[PART_COUNT] = {"", ".tokens.json", ".checkpoints"};
 
@@ -1018,8 +1017,9 @@ static void chain_rebase(struct chain_src *cs, size_t d, const struct key *k)
  * of them whose tokens equal the query's on all its full blocks, with that
  * blob's last_key in *key: the query's chain key at D. Else 0. An LMDB
  * error other than MDB_NOTFOUND goes to *mrc. */
-static size_t lookup_jump(struct index *ix, MDB_txn *txn, MDB_cursor *cur, const uint8_t *kb,
-			  size_t d, const int32_t *tokens, size_t n_chain, struct key *key, int *mrc)
+static size_t lookup_jump(struct index *ix, MDB_txn *txn, MDB_cursor *cur, uint32_t nsid,
+			  const uint8_t *kb, size_t d, const int32_t *tokens, size_t n_chain,
+			  struct key *key, int *mrc)
 {
 	MDB_val k = {PKEY_LEN, (void *)kb}, v, bk, bv, tv;
 	struct blob_meta m;
@@ -1042,7 +1042,7 @@ static size_t lookup_jump(struct index *ix, MDB_txn *txn, MDB_cursor *cur, const
 			continue;
 		if (*mrc)
 			goto out;
-		if (blob_decode(&bv, &m) || !(m.flags & BLOB_F_LAST_KEY))
+		if (blob_decode(&bv, &m) || !(m.flags & BLOB_F_LAST_KEY) || m.ns_id != nsid)
 			continue;
 		full = m.n_tokens / ix->block;
 		if (full <= d || full <= best || full > n_chain)
@@ -1158,7 +1158,7 @@ static int lookup_run(struct index *ix, const char *ns, const int32_t *tokens, s
 		step *= 2;
 		if (cs->given || p == n_chain)
 			continue;
-		jd = lookup_jump(ix, txn, cur, kb, p, tokens, n_chain, &jk, &mrc);
+		jd = lookup_jump(ix, txn, cur, nsid, kb, p, tokens, n_chain, &jk, &mrc);
 		if (mrc)
 			goto fail_candidates;
 		if (jd > cs->done) {

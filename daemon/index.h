@@ -80,6 +80,7 @@ struct blob_meta {
 	 * hashing up to it. Older records read without it. */
 	struct key last_key;
 };
+#define BLOB_REC_VERSION 3 /* written by this build; 1 and 2 are read */
 #define BLOB_REC_V1_SIZE offsetof(struct blob_meta, part_stored)
 #define BLOB_REC_V2_SIZE offsetof(struct blob_meta, last_key)
 

@@ -1131,6 +1131,8 @@ static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_tick
 	j->side.enabled = 1;
 	rc = forward(j, b.url, fwd, strlen(fwd), &res);
 	free(fwd);
+	t1 = now_s(); /* the forward's end: what follows is after_ms */
+	j->t_forward += t1 - t_forward;
 	if (rc == -ECONNREFUSED && !res.headers_done) {
 		mark_down(e, bi, res.err);
 		slots_release(&e->t, tk, 0);
@@ -1139,10 +1141,12 @@ static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_tick
 	if (rc && !res.headers_done)
 		forward_failed(j, rc, &res);
 	side_end(&j->side);
-	if (j->headers_passed && j->sink->on_end)
-		j->sink->on_end(j->sink->ctx, j->broken); /* the client's answer ends here */
-	t1 = now_s(); /* the forward's end: what follows is after_ms */
-	j->t_forward += t1 - t_forward;
+	if (j->headers_passed && j->sink->on_end) {
+		/* The client's answer ends here, and its next turn may come at
+		 * once: it must find this slot, not another idle one. */
+		slots_finishing(&e->t, tk);
+		j->sink->on_end(j->sink->ctx, j->broken);
+	}
 	/* A stream that ended without its final timings ended in an error event. */
 	ok = rc == 0 && j->status == 200 && (!j->side.sse || j->side.have_timings);
 

@@ -359,8 +359,10 @@ static void *worker_main(void *arg)
 	int broken = engine_handle(p->engine, &rq, &sink);
 
 	pthread_mutex_lock(&r->lock);
-	r->finished = 1;
-	r->broken = broken != 0;
+	if (!r->finished) { /* else sink_end ended the answer already */
+		r->finished = 1;
+		r->broken = broken != 0;
+	}
 	if (!r->hdr_ready && !r->err_ready) {
 		r->err_ready = 1;
 		r->err_status = 502;

@@ -271,12 +271,25 @@ void slots_stop(struct slot_table *t)
 	pthread_mutex_unlock(&t->lock);
 }
 
+void slots_finishing(struct slot_table *t, struct slot_ticket *tk)
+{
+	struct slot *s = &t->b[tk->b].slots[tk->s];
+
+	pthread_mutex_lock(&t->lock);
+	if (!tk->finishing) {
+		tk->finishing = 1;
+		s->requests--; /* expect keeps this request's tokens: not settled */
+	}
+	pthread_mutex_unlock(&t->lock);
+}
+
 void slots_release(struct slot_table *t, struct slot_ticket *tk, int to_save)
 {
 	struct slot *s = &t->b[tk->b].slots[tk->s];
 
 	pthread_mutex_lock(&t->lock);
-	s->requests--;
+	if (!tk->finishing)
+		s->requests--;
 	if (to_save)
 		s->saving = 1;
 	else

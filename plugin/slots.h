@@ -75,6 +75,7 @@ struct slot_ticket {
 	unsigned b, s;        /* backend and slot chosen */
 	size_t expect_common; /* prefix shared with the slot's expected contents when chosen */
 	int queued;           /* had to wait behind other requests */
+	int finishing;        /* slots_finishing() was called */
 	struct slot_waiter w;
 };
 
@@ -101,6 +102,12 @@ int slots_wait(struct slot_table *t, struct slot_ticket *tk, unsigned timeout_ms
 
 /* Ends every wait in slots_wait() with -ECANCELED, now and later. */
 void slots_stop(struct slot_table *t);
+
+/* The request owning tk has answered its client and only reports and saves
+ * now: the slot stops counting it as a request, so slots_choose takes the
+ * slot as holding its expected tokens and queues a next turn there (as for
+ * a slot that is saving), but tk still owns it until slots_release. */
+void slots_finishing(struct slot_table *t, struct slot_ticket *tk);
 
 /* Gives up tk's slot. With to_save the slot passes to a save job, which
  * must call slots_save_done(); otherwise the next waiter gets it. */

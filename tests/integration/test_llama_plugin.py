@@ -726,8 +726,10 @@ def test_slot_check(root, procs):
         os.makedirs(sub)
         sub_procs = []
         procs.append(ProcGroup(sub_procs))
+        # A slot timeout above the 3 s GET /slots below: the plugin waits for it.
         d, (dbl,), p, slot_dir = setup(sub, sub_procs, double_extra=["--slots"],
-                                       plugin_extra=["--slot-check-ms", window])
+                                       plugin_extra=["--slot-check-ms", window,
+                                                     "--slot-timeout-ms", "10000"])
         a = conversation(0)
         turn(p, dbl, a, "first question")
         wait_saves(p, 1)
@@ -736,10 +738,8 @@ def test_slot_check(root, procs):
         st, _ = post_json(dbl.url + "/completion",
                           {"prompt": "someone else entirely " * 8, "id_slot": 0, "n_predict": 2})
         eq(st, 200, "a completion straight to the double")
-        reads = dbl.state()["counters"]["slots_reads"]
         r, toks, expected = turn(p, dbl, a, "second question", saved)
         if noticed:
-            check(dbl.state()["counters"]["slots_reads"] > reads, "GET /slots before the request")
             eq(p.m('kvtier_llama_slot_resets_total{reason="foreign"}'), 1,
                "the foreign task id noticed before the request")
             eq(dbl.state()["counters"]["restores"], 1, "the conversation restored from kvtier")
@@ -763,11 +763,48 @@ def test_slot_check(root, procs):
         eq(st, 200, "streamed status")
         check(raw.rstrip().endswith(b"data: [DONE]"), "[DONE] passed")
         last_data = max(t for t, b in reads if b.strip())
-        check(reads[-1][1] == b"" and reads[-1][0] - last_data < 0.5,
+        check(reads[-1][1] == b"" and reads[-1][0] - last_data < 1.0,
               "the stream ended %.2f s after its last event (GET /slots takes 3 s)" %
               (reads[-1][0] - last_data))
         dbl.config(slots_read_ms=0)
         wait_saves(p, 3)
+
+    # The threshold itself, with two slots: a turn right after the previous answer skips
+    # GET /slots and queues on its own slot while the plugin is still busy with the
+    # previous request (GET /slots after it takes 300 ms here), instead of taking the other,
+    # idle slot; a turn after 2.5 s idle reads GET /slots first.
+    sub = os.path.join(root, "window-2000")
+    os.makedirs(sub)
+    sub_procs = []
+    procs.append(ProcGroup(sub_procs))
+    d, (dbl,), p, slot_dir = setup(sub, sub_procs, parallel=2, double_extra=["--slots"],
+                                   plugin_extra=["--slot-check-ms", "2000"])
+    a = conversation(1)
+    turn(p, dbl, a, "first question")
+    wait_saves(p, 1)
+    dbl.config(slots_read_ms=300)
+    slot = [s["n_tokens"] > 0 for s in dbl.state()["slots"]].index(True)
+    saved = slot_tokens(dbl, slot)
+    reads = dbl.state()["counters"]["slots_reads"]
+    r, toks, expected = turn(p, dbl, a, "second question, at once", saved)
+    eq(dbl.state()["slots"][slot]["last_prompt_n"], r["timings"]["prompt_n"],
+       "the second turn ran on the first turn's slot")
+    eq(r["timings"]["prompt_n"], expected, "and prefilled only its new tokens")
+    r, toks, expected = turn(p, dbl, a, "third question, at once", slot_tokens(dbl, slot))
+    eq(r["timings"]["prompt_n"], expected, "the third turn too")
+    wait_saves(p, 3)
+    eq(dbl.state()["counters"]["slots_reads"], reads + 2,
+       "no GET /slots before a turn that follows at once (one after each answer)")
+    time.sleep(2.5)
+    reads = dbl.state()["counters"]["slots_reads"]
+    r, toks, expected = turn(p, dbl, a, "fourth question, after a pause",
+                             slot_tokens(dbl, slot))
+    eq(r["timings"]["prompt_n"], expected, "the fourth turn reuses the slot")
+    wait_saves(p, 4)
+    eq(dbl.state()["counters"]["slots_reads"], reads + 2,
+       "GET /slots before a turn that follows a pause (and one after its answer)")
+    eq(dbl.state()["counters"]["restores"], 0, "no restore was needed")
+    dbl.config(slots_read_ms=0)
 
 
 def test_remote_kvtierd(root, procs):

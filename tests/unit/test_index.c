@@ -307,8 +307,20 @@ static void test_jumps(const char *dir)
 	jlookup(ix, "J", q, JT, &m);
 	CHECK(m.found && same_id(&m.meta.id, &conv_id[0][2]));
 	CHECK_EQ_INT(m.matched, 6000);
-	CHECK(m.jumps >= 1);
-	CHECK(m.keys_hashed < 40);
+	/* Depths 1 and 3 are held by all 43 blobs; at 7 the 6000-token turn
+	 * (93 full blocks) gives its key; 94 is hashed to see it absent. */
+	CHECK_EQ_INT(m.jumps, 1);
+	CHECK_EQ_INT(m.keys_hashed, 8);
+	/* Equal to the 3000-token turn and 10 tokens more of its conversation,
+	 * then different: the jump is to the 3000-token turn's depth (46), the
+	 * 6000-token turn holds 47 (hashed from the jump's key), not 48. */
+	memcpy(q, conv[1], JT * sizeof(int32_t));
+	q[3010] += 1;
+	jlookup(ix, "J", q, JT, &m);
+	CHECK(m.found && same_id(&m.meta.id, &conv_id[1][2]));
+	CHECK_EQ_INT(m.matched, 3010);
+	CHECK_EQ_INT(m.jumps, 1);
+	CHECK_EQ_INT(m.keys_hashed, 10);
 	/* Diverging inside the deepest turn (token 4500): that turn, 4500. */
 	memcpy(q, conv[1], JT * sizeof(int32_t));
 	q[4500] += 1;
@@ -324,6 +336,15 @@ static void test_jumps(const char *dir)
 		CHECK(m.found);
 		CHECK_EQ_INT(m.matched, 3000 + (extra ? extra - 1 : 0));
 	}
+	/* A turn of exactly 32 blocks (its id is its last key). */
+	memcpy(q, conv[2], JT * sizeof(int32_t));
+	q[2048] += 1;
+	jput(ix, "J", q, 2048, &id);
+	q[2100] += 1;
+	jlookup(ix, "J", q, JT, &m);
+	CHECK(m.found && same_id(&m.meta.id, &id));
+	CHECK_EQ_INT(m.matched, 2048);
+	CHECK(m.jumps >= 1);
 	/* The system prompt and then other tokens: one of the short chats. */
 	memcpy(q, sys, 202 * sizeof(int32_t));
 	fill_random(q + 202, JT - 202);
@@ -376,7 +397,10 @@ static void test_jumps(const char *dir)
 	jlookup(ix, "J", q, JT, &m);
 	CHECK(m.found && same_id(&m.meta.id, &conv_id[2][2]));
 	CHECK_EQ_INT(m.matched, 6000);
-	(void)id;
+	/* At depth 7 the 3000-token turn gives depth 46; above it only the old
+	 * record holds the keys, so they are hashed: 7 + 47..109. */
+	CHECK_EQ_INT(m.jumps, 1);
+	CHECK_EQ_INT(m.keys_hashed, 70);
 	index_close(ix);
 }
 

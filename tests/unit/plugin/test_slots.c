@@ -164,10 +164,48 @@ static void test_queue_and_save(void)
 	slots_destroy(&t);
 }
 
+/* A request that answered its client and only reports and saves now: the
+ * next turn of its conversation queues on its slot although another slot is
+ * idle, and gets it when the request releases it. */
+static void test_finishing(void)
+{
+	struct slot_table t;
+	struct slot_query q;
+	struct slot_ticket a, next, other;
+	int32_t x[200], y[200];
+
+	for (int i = 0; i < 200; i++) {
+		x[i] = i;
+		y[i] = 5000 + i;
+	}
+	table(&t, 2, 0);
+	query(&q, x, 100, 64);
+	CHECK(slots_choose(&t, &q, &a) == 0 && a.w.granted);
+	slots_finishing(&t, &a);
+	slots_finishing(&t, &a); /* once only */
+	CHECK(t.b[0].slots[a.s].requests == 0 && t.b[0].slots[a.s].held);
+	query(&q, x, 150, 64);
+	CHECK(slots_choose(&t, &q, &next) == 0 && next.s == a.s && next.queued &&
+	      next.expect_common == 100);
+	/* Another conversation takes the idle slot, not the finishing one. */
+	query(&q, y, 100, 64);
+	CHECK(slots_choose(&t, &q, &other) == 0 && other.s != a.s && other.w.granted);
+	slots_set_tokens(&t, 0, a.s, x, 100, SLOTS_NO_TASK);
+	slots_release(&t, &a, 0);
+	CHECK(next.w.granted && slots_wait(&t, &next, 1000) == 0);
+	CHECK(t.b[0].slots[a.s].requests == 1);
+	slots_release(&t, &next, 0);
+	slots_release(&t, &other, 0);
+	CHECK(t.b[0].slots[0].requests == 0 && t.b[0].slots[1].requests == 0);
+	CHECK(!t.b[0].slots[0].held && !t.b[0].slots[1].held);
+	slots_destroy(&t);
+}
+
 int main(void)
 {
 	test_choice();
 	test_queue_and_save();
+	test_finishing();
 	if (failures) {
 		fprintf(stderr, "%d check(s) failed\n", failures);
 		return 1;
