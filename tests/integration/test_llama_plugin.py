@@ -769,40 +769,37 @@ def test_slot_check(root, procs):
         dbl.config(slots_read_ms=0)
         wait_saves(p, 3)
 
-    # The threshold itself, with two slots: a turn right after the previous answer skips
-    # GET /slots and queues on its own slot while the plugin is still busy with the
-    # previous request (GET /slots after it takes 300 ms here), instead of taking the other,
-    # idle slot; a turn after 2.5 s idle reads GET /slots first.
-    sub = os.path.join(root, "window-2000")
+    # With two slots: a turn sent as soon as the previous answer ends queues on its own
+    # slot while the plugin is still busy with the previous request (GET /slots after it
+    # takes 300 ms here) instead of taking the other, idle slot. Then the threshold itself
+    # (--slot-check-ms 5000): no GET /slots before a turn that follows at once, one before
+    # a turn after 6 s idle (the double counts them; one more follows every answer).
+    sub = os.path.join(root, "window-5000")
     os.makedirs(sub)
     sub_procs = []
     procs.append(ProcGroup(sub_procs))
     d, (dbl,), p, slot_dir = setup(sub, sub_procs, parallel=2, double_extra=["--slots"],
-                                   plugin_extra=["--slot-check-ms", "2000"])
+                                   plugin_extra=["--slot-check-ms", "5000"])
     a = conversation(1)
     turn(p, dbl, a, "first question")
     wait_saves(p, 1)
     dbl.config(slots_read_ms=300)
     slot = [s["n_tokens"] > 0 for s in dbl.state()["slots"]].index(True)
-    saved = slot_tokens(dbl, slot)
-    reads = dbl.state()["counters"]["slots_reads"]
-    r, toks, expected = turn(p, dbl, a, "second question, at once", saved)
-    eq(dbl.state()["slots"][slot]["last_prompt_n"], r["timings"]["prompt_n"],
-       "the second turn ran on the first turn's slot")
-    eq(r["timings"]["prompt_n"], expected, "and prefilled only its new tokens")
-    r, toks, expected = turn(p, dbl, a, "third question, at once", slot_tokens(dbl, slot))
-    eq(r["timings"]["prompt_n"], expected, "the third turn too")
+    for i, q in enumerate(("second question, at once", "third question, at once")):
+        r, toks, expected = turn(p, dbl, a, q, slot_tokens(dbl, slot))
+        eq(dbl.state()["slots"][slot]["last_prompt_n"], r["timings"]["prompt_n"],
+           "turn %d ran on the first turn's slot" % (i + 2))
+        eq(r["timings"]["prompt_n"], expected, "and prefilled only its new tokens")
     wait_saves(p, 3)
-    eq(dbl.state()["counters"]["slots_reads"], reads + 2,
-       "no GET /slots before a turn that follows at once (one after each answer)")
-    time.sleep(2.5)
-    reads = dbl.state()["counters"]["slots_reads"]
-    r, toks, expected = turn(p, dbl, a, "fourth question, after a pause",
-                             slot_tokens(dbl, slot))
-    eq(r["timings"]["prompt_n"], expected, "the fourth turn reuses the slot")
-    wait_saves(p, 4)
-    eq(dbl.state()["counters"]["slots_reads"], reads + 2,
-       "GET /slots before a turn that follows a pause (and one after its answer)")
+    for pause, checks in ((0, 0), (6, 1)):
+        time.sleep(pause)
+        reads = dbl.state()["counters"]["slots_reads"]
+        r, toks, expected = turn(p, dbl, a, "a question after %d s" % pause,
+                                 slot_tokens(dbl, slot))
+        eq(r["timings"]["prompt_n"], expected, "the slot reused after %d s" % pause)
+        wait_saves(p, 4 + (pause > 0))
+        eq(dbl.state()["counters"]["slots_reads"], reads + checks + 1,
+           "GET /slots before the turn after %d s: %d" % (pause, checks))
     eq(dbl.state()["counters"]["restores"], 0, "no restore was needed")
     dbl.config(slots_read_ms=0)
 
