@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -143,9 +144,22 @@ static size_t membuf_write(char *data, size_t size, size_t nmemb, void *ctx)
 	return n;
 }
 
-/* Runs a GET (body == NULL) or a JSON POST and fills r. */
+/* libcurl's progress callback of a call that another thread may end:
+ * returning non-zero aborts the transfer (CURLE_ABORTED_BY_CALLBACK). */
+static int stop_progress(void *ctx, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
+                         curl_off_t ulnow)
+{
+	(void)dltotal;
+	(void)dlnow;
+	(void)ultotal;
+	(void)ulnow;
+	return atomic_load((atomic_int *)ctx) != 0;
+}
+
+/* Runs a GET (body == NULL) or a JSON POST and fills r. With stop, the call
+ * ends with -EALREADY (within about a second) once *stop is non-zero. */
 static int json_call(const char *base, const char *path, const char *body, unsigned timeout_ms,
-                     struct backend_reply *r)
+                     atomic_int *stop, struct backend_reply *r)
 {
 	char url[2048], errbuf[CURL_ERROR_SIZE];
 	struct curl_slist *hdrs = NULL, *t;
@@ -187,13 +201,21 @@ static int json_call(const char *base, const char *path, const char *body, unsig
 	}
 	if (curl_easy_setopt(h, CURLOPT_HTTPHEADER, hdrs) != CURLE_OK ||
 	    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, membuf_write) != CURLE_OK ||
-	    curl_easy_setopt(h, CURLOPT_WRITEDATA, &b) != CURLE_OK) {
+	    curl_easy_setopt(h, CURLOPT_WRITEDATA, &b) != CURLE_OK ||
+	    (stop && (curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L) != CURLE_OK ||
+	              curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, stop_progress) != CURLE_OK ||
+	              curl_easy_setopt(h, CURLOPT_XFERINFODATA, stop) != CURLE_OK))) {
 		rc = -ENOMEM;
 		snprintf(r->err, sizeof(r->err), "out of memory");
 		goto out;
 	}
 	c = curl_easy_perform(h);
 	r->seconds = now_s() - t0;
+	if (c == CURLE_ABORTED_BY_CALLBACK && stop && atomic_load(stop)) {
+		rc = -EALREADY;
+		set_err(r->err, sizeof(r->err), "%s%s: no answer; its effect was seen", base, path);
+		goto out;
+	}
 	if (c != CURLE_OK) {
 		rc = rc_of(c);
 		if (b.overflow) {
@@ -225,7 +247,7 @@ out:
 int backend_get_json(const char *base, const char *path, unsigned timeout_ms,
                      struct backend_reply *r)
 {
-	return json_call(base, path, NULL, timeout_ms, r);
+	return json_call(base, path, NULL, timeout_ms, NULL, r);
 }
 
 int backend_post_json(const char *base, const char *path, const json_t *body, unsigned timeout_ms,
@@ -239,7 +261,7 @@ int backend_post_json(const char *base, const char *path, const json_t *body, un
 		snprintf(r->err, sizeof(r->err), "out of memory");
 		return -ENOMEM;
 	}
-	rc = json_call(base, path, s, timeout_ms, r);
+	rc = json_call(base, path, s, timeout_ms, NULL, r);
 	free(s);
 	return rc;
 }
@@ -330,13 +352,18 @@ int backend_filename_ok(const char *name)
 
 struct nudge {
 	const char *base;
+	const struct backend_probe *probe; /* may be NULL */
+	atomic_int seen;                   /* the probe saw the action done */
 	pthread_t thread;
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
 	int done;
 };
 
-/* Every NUDGE_MS until done: GET /slots, answer ignored. */
+/* Every NUDGE_MS until done: GET /slots (which wakes the server's task
+ * loop), then, when it was answered, the probe. An answer to a task posted
+ * after the action means the loop is past the action (it takes tasks in
+ * order), so what the probe sees then is the action's finished effect. */
 #define NUDGE_MS 250
 static void *nudge_main(void *arg)
 {
@@ -356,7 +383,9 @@ static void *nudge_main(void *arg)
 		pthread_mutex_unlock(&n->lock);
 		struct backend_reply b;
 		memset(&b, 0, sizeof(b));
-		backend_get_json(n->base, "/slots", 2000, &b);
+		if (backend_get_json(n->base, "/slots", 2000, &b) == 0 && b.status == 200 &&
+		    n->probe && n->probe->done(n->probe->ctx))
+			atomic_store(&n->seen, 1);
 		backend_reply_free(&b);
 		pthread_mutex_lock(&n->lock);
 	}
@@ -365,10 +394,12 @@ static void *nudge_main(void *arg)
 }
 
 int backend_slot_action(const char *base, unsigned id, const char *action, const char *filename,
-                        unsigned timeout_ms, struct backend_reply *r)
+                        unsigned timeout_ms, const struct backend_probe *probe,
+                        struct backend_reply *r)
 {
 	char path[128];
 	json_t *q;
+	char *body;
 	int rc;
 
 	if (!backend_filename_ok(filename)) {
@@ -378,23 +409,26 @@ int backend_slot_action(const char *base, unsigned id, const char *action, const
 	}
 	snprintf(path, sizeof(path), "/slots/%u?action=%s", id, action);
 	q = json_pack("{s:s}", "filename", filename);
-	if (!q) {
+	body = q ? json_dumps(q, JSON_COMPACT) : NULL;
+	json_decref(q);
+	if (!body) {
 		memset(r, 0, sizeof(*r));
 		snprintf(r->err, sizeof(r->err), "out of memory");
 		return -ENOMEM;
 	}
-	/* While the action is pending, nudge the server's task loop. Tried by
-	 * hand against ik_llama.cpp (8337e4cd3): a save or restore is sometimes
-	 * left in its task queue until some other task arrives (a lost wake-up:
-	 * plain curl, save/erase/restore on an idle slot, the restore answered
-	 * only when the next completion came), so it hung to our timeout and,
-	 * after a few, the server stopped answering. GET /slots is a task of
-	 * that loop; answering it is harmless on servers without the bug. */
-	struct nudge n = {.base = base};
+	/* While the action is pending, nudge the server's task loop and look
+	 * for the action's effect. ik_llama.cpp's slot-action handlers post the
+	 * task before they register for its result, and a result nobody waits
+	 * for is dropped: when the loop is quicker than the HTTP thread, the
+	 * action is done and never answered (docs/kvtier-llama.md). The probe
+	 * turns that into -EALREADY instead of a wait for timeout_ms. (The
+	 * nudge itself came first, for what looked like a lost wake-up.) */
+	struct nudge n = {.base = base, .probe = probe};
+	atomic_init(&n.seen, 0);
 	pthread_mutex_init(&n.lock, NULL);
 	pthread_cond_init(&n.cond, NULL);
 	int nudging = pthread_create(&n.thread, NULL, nudge_main, &n) == 0;
-	rc = backend_post_json(base, path, q, timeout_ms, r);
+	rc = json_call(base, path, body, timeout_ms, probe && nudging ? &n.seen : NULL, r);
 	if (nudging) {
 		pthread_mutex_lock(&n.lock);
 		n.done = 1;
@@ -404,7 +438,7 @@ int backend_slot_action(const char *base, unsigned id, const char *action, const
 	}
 	pthread_cond_destroy(&n.cond);
 	pthread_mutex_destroy(&n.lock);
-	json_decref(q);
+	free(body);
 	return rc;
 }
 

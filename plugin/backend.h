@@ -59,11 +59,23 @@ int backend_tokenize(const char *base, const char *content, unsigned timeout_ms,
 int backend_apply_template(const char *base, const json_t *chat, unsigned timeout_ms, char **prompt,
                            struct backend_reply *r);
 
+/* Tells whether a slot action's effect can be seen (a saved file complete
+ * and no longer growing): done(ctx) returns 1 then. It is called from
+ * another thread, after the server answered a task posted after the action. */
+struct backend_probe {
+	int (*done)(void *ctx);
+	void *ctx;
+};
+
 /* POST /slots/{id}?action={action} {"filename": filename}: always a JSON body,
  * since an empty POST hangs llama-server. `filename` must already be a safe
- * name (see backend_filename_ok). The reply is left in r (status, json). */
+ * name (see backend_filename_ok). The reply is left in r (status, json).
+ * With a probe (may be NULL), a call left unanswered whose effect the probe
+ * sees returns -EALREADY (r has no reply) instead of waiting for
+ * timeout_ms. */
 int backend_slot_action(const char *base, unsigned id, const char *action, const char *filename,
-                        unsigned timeout_ms, struct backend_reply *r);
+                        unsigned timeout_ms, const struct backend_probe *probe,
+                        struct backend_reply *r);
 
 /* 1 when name is acceptable to llama-server as a slot file name: 1..255
  * bytes, no '/', no "..", no ':', no control characters. */

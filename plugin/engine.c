@@ -29,6 +29,7 @@
 #include "engine.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <math.h>
 #include <pthread.h>
@@ -45,6 +46,7 @@
 
 #include "backend.h"
 #include "log.h"
+#include "slotfile.h"
 #include "slots.h"
 
 #define SAVE_QUEUE_MAX 1024
@@ -394,20 +396,61 @@ static void *health_main(void *arg)
 
 /* ---- saves ---- */
 
+/* The probe of a save (backend_probe): the file is there, parses as a slot
+ * file with tokens, and has the size it had at the previous look. */
+struct save_probe {
+	const char *path;
+	long long last_size; /* -1: not seen yet */
+};
+
+static int save_seen(void *ctx)
+{
+	struct save_probe *p = ctx;
+	struct slot_info si;
+	char why[256];
+	struct stat st;
+	int fd, ok = 0;
+
+	fd = open(p->path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 &&
+	    slot_parse_fd(fd, &si, NULL, why, sizeof(why)) == 0) {
+		ok = (long long)st.st_size == p->last_size;
+		p->last_size = (long long)st.st_size;
+	}
+	close(fd);
+	return ok;
+}
+
 static void run_save(struct engine *e, struct save_job *j)
 {
 	struct backend_reply r = {0};
 	struct kvtier_put_result pr;
 	char name[96], path[4096 + 100], err[512] = "";
+	struct save_probe sp = {.path = path, .last_size = -1};
+	const struct backend_probe probe = {.done = save_seen, .ctx = &sp};
 	const json_t *nw;
 	json_int_t n_written;
 	double t0 = now_s();
 	uint64_t bytes = 0;
 	struct stat st;
-	int rc;
+	int rc, lost = 0;
 
 	kvclient_new_name("save", name, sizeof(name));
-	rc = backend_slot_action(j->url, j->s, "save", name, e->cfg.slot_timeout_ms, &r);
+	snprintf(path, sizeof(path), "%s/%s", kvclient_slot_dir(e->kv), name);
+	rc = backend_slot_action(j->url, j->s, "save", name, e->cfg.slot_timeout_ms, &probe, &r);
+	if (rc == -EALREADY) {
+		/* Written, never answered: ik_llama.cpp's lost result. */
+		lost = 1;
+		rc = 0;
+		r.status = 200;
+		klog(LOG_WARN,
+		     "event=save_answer_lost url=%s slot=%u file=%s waited_ms=%.0f "
+		     "reason=\"the server wrote the file but never answered; one of its HTTP "
+		     "threads now waits forever (ik_llama.cpp: see docs/kvtier-llama.md)\"",
+		     j->url, j->s, name, (now_s() - t0) * 1000);
+	}
 	if (rc == -ETIMEDOUT) {
 		/* The server may still write the file later: the sweep removes it. */
 		metrics_save(METRICS_SAVE_TIMEOUT);
@@ -417,6 +460,8 @@ static void run_save(struct engine *e, struct save_job *j)
 	}
 	nw = json_object_get(r.json, "n_written");
 	n_written = json_is_integer(nw) ? json_integer_value(nw) : 0;
+	if (lost)
+		n_written = sp.last_size;
 	if (rc || r.status != 200 || n_written <= 0) {
 		metrics_save(METRICS_SAVE_FAILED);
 		klog(LOG_WARN, "event=save outcome=failed url=%s slot=%u reason=\"%s\"", j->url,
@@ -424,7 +469,6 @@ static void run_save(struct engine *e, struct save_job *j)
 		kvclient_discard(e->kv, name);
 		goto out;
 	}
-	snprintf(path, sizeof(path), "%s/%s", kvclient_slot_dir(e->kv), name);
 	if (stat(path, &st) < 0 || !S_ISREG(st.st_mode) || (json_int_t)st.st_size != n_written) {
 		metrics_save(METRICS_SAVE_FAILED);
 		klog(LOG_WARN,
@@ -444,7 +488,7 @@ static void run_save(struct engine *e, struct save_job *j)
 		     j->url, j->s, j->ns, err);
 		goto out;
 	}
-	metrics_save(METRICS_SAVE_OK);
+	metrics_save(lost ? METRICS_SAVE_ANSWER_LOST : METRICS_SAVE_OK);
 	metrics_bytes(METRICS_DIR_SAVE, bytes);
 	klog(LOG_INFO,
 	     "event=save outcome=ok url=%s slot=%u ns=%s blob=%s n_tokens=%u bytes=%" PRIu64
@@ -1021,7 +1065,7 @@ static void maybe_restore(struct engine *e, unsigned bi, unsigned s, const struc
 	rs->matched = m->matched_tokens;
 	rs->bytes = f.bytes;
 	t0 = now_s();
-	rc = backend_slot_action(b->url, s, "restore", f.name, e->cfg.slot_timeout_ms, &r);
+	rc = backend_slot_action(b->url, s, "restore", f.name, e->cfg.slot_timeout_ms, NULL, &r);
 	kvclient_unstage(e->kv, &f);
 	if (rc == 0 && r.status == 200) {
 		const json_t *nr = json_object_get(r.json, "n_restored");

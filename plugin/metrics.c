@@ -40,7 +40,8 @@ static const char *const handling_names[METRICS_HANDLING_COUNT] = {"slot", "pass
 static const char *const restore_names[METRICS_RESTORE_COUNT] = {
     "ok", "failed", "timeout", "ignored", "skipped_small", "skipped_invalid",
 };
-static const char *const save_names[METRICS_SAVE_COUNT] = {"ok", "failed", "timeout", "skipped"};
+static const char *const save_names[METRICS_SAVE_COUNT] = {"ok", "failed", "timeout", "skipped",
+                                                                "answer_lost"};
 static const char *const direction_names[METRICS_DIR_COUNT] = {"restore", "save"};
 static const char *const kvcall_names[METRICS_KV_COUNT] = {
     "lookup", "stage", "fetch", "adopt", "put", "report", "info",

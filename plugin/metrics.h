@@ -49,6 +49,7 @@ enum metrics_save {
 	METRICS_SAVE_TIMEOUT, /* the slot action did not answer in --slot-timeout-ms */
 	METRICS_SAVE_SKIPPED, /* not attempted: under the measured break-even, or the queue was full
 	                       */
+	METRICS_SAVE_ANSWER_LOST, /* stored, but the server wrote the file and never answered */
 	METRICS_SAVE_COUNT
 };
 

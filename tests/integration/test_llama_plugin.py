@@ -594,6 +594,38 @@ def test_hang_slot_actions(root, procs):
     no_leftovers(slot_dir)
 
 
+def test_lost_save_answers(root, procs):
+    """A save the server carries out but never answers (ik_llama.cpp's lost result) is seen
+    from its file, stored, and frees the slot long before --slot-timeout-ms; the next turn
+    of another conversation does not wait for the timeout, and the lost save restores."""
+    d, (dbl,), p, slot_dir = setup(root, procs, double_extra=["--slots"],
+                                   plugin_extra=["--slot-timeout-ms", "30000"])
+    dbl.config(lose_slot_answers=True)
+    a, b = conversation(0), conversation(1)
+    t0 = time.time()
+    turn(p, dbl, a, "first question of A")
+    saved_a = slot_tokens(dbl)
+    wait_for("A's save, answer lost", lambda: p.saves("answer_lost") >= 1, timeout=25)
+    took = time.time() - t0
+    check(took < 10, "the lost answer cost %.1f s, not the 30 s slot timeout" % took)
+    eq(dbl.state()["counters"]["slot_answers_lost"], 1, "the double lost the answer")
+    eq(len(d.ls()), 1, "A's blob stored")
+    # B takes the only slot at once (A's save is over), and its save is lost too.
+    t0 = time.time()
+    turn(p, dbl, b, "first question of B")
+    wait_for("B's save, answer lost", lambda: p.saves("answer_lost") >= 2, timeout=25)
+    check(time.time() - t0 < 10, "B served and saved in %.1f s" % (time.time() - t0))
+    eq(p.saves("timeout"), 0, "no save timed out")
+    # A comes back: restored from the blob its lost save left (restores are answered here).
+    dbl.config(lose_slot_answers=False)
+    r, toks, expected = turn(p, dbl, a, "second question of A", saved_a)
+    eq(dbl.state()["counters"]["restores"], 1, "A restored")
+    eq(r["timings"]["prompt_n"], expected, "A prefilled only its new tokens")
+    wait_saves(p, 1)
+    r = d.fsck()
+    check(r.rc == 0, "fsck clean: %r" % r)
+
+
 def test_ignore_restore(root, procs):
     mport = free_port()
     d, (dbl,), p, slot_dir = setup(root, procs,
@@ -964,7 +996,7 @@ if __name__ == "__main__":
         sys.exit(77)
     tests = [test_round_robin, test_completion_endpoints, test_two_backends,
              test_backend_restart, test_fail_restore, test_save_fails_silently,
-             test_hang_slot_actions, test_ignore_restore, test_never_send_bad_blobs,
+             test_hang_slot_actions, test_lost_save_answers, test_ignore_restore, test_never_send_bad_blobs,
              test_streaming, test_slot_check, test_remote_kvtierd, test_ik_flavor, test_namespaces,
              test_concurrency, test_kvtierd_down]
     only = sys.argv[1:]

@@ -418,7 +418,7 @@ class Double:
         "ignore_restore": bool, "kv_fragmented": bool, "verify_kv": bool,
         "prefill_ms_per_token": float, "gen_ms_per_token": float,
         "restore_bytes_per_ms": float, "save_bytes_per_ms": float, "wedged": bool,
-        "slots_read_ms": float,
+        "slots_read_ms": float, "lose_slot_answers": bool,
     }
 
     def __init__(self, args):
@@ -444,12 +444,12 @@ class Double:
             "kv_fragmented": args.kv_fragmented, "verify_kv": not args.no_verify_kv,
             "prefill_ms_per_token": args.prefill_ms_per_token, "gen_ms_per_token": args.gen_ms_per_token,
             "restore_bytes_per_ms": args.restore_bytes_per_ms, "save_bytes_per_ms": args.save_bytes_per_ms,
-            "wedged": False, "slots_read_ms": 0.0,
+            "wedged": False, "slots_read_ms": 0.0, "lose_slot_answers": False,
         }
         self.counters = {k: 0 for k in (
             "requests", "completions", "prefilled_tokens", "generated_tokens", "saves",
             "saves_failed", "restores", "restores_failed", "erases", "slot_actions_hung",
-            "requests_hung", "slots_reads")}
+            "requests_hung", "slots_reads", "slot_answers_lost")}
         self.ik_failed_actions = 0
         self.next_task = 0
         self.stopping = False
@@ -1086,6 +1086,11 @@ class Handler(BaseHTTPRequestHandler):
                         res = {"id_slot": slot.id, "n_erased": n}
             finally:
                 d.end_action(slot)
+            if d.cfg("lose_slot_answers"):
+                # ik_llama.cpp's handlers post the task before they wait for its result,
+                # and a result that comes first is dropped: done, never answered.
+                d.count("slot_answers_lost")
+                return self.hang("lose_slot_answers: %s done, answer lost" % action)
             self.send_json(200, res)
         except Failure as f:
             if d.flavor == "ik" and f.code != 501:
