@@ -697,9 +697,11 @@ static int disk_io_submit(struct disk_io *io)
 		return 0;
 	for (int i = 0; i < DISK_SUBMIT_TRIES; i++) {
 		rc = io_uring_submit(&io->ring);
-		if (rc >= 0)
+		/* The kernel may take part of the queue (short of requests):
+		 * what stays in the ring would never be submitted by a wait. */
+		if (rc >= 0 && io_uring_sq_ready(&io->ring) == 0)
 			return 0;
-		if (rc != -EINTR && rc != -EAGAIN && rc != -EBUSY)
+		if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY)
 			break;
 		/* Short of resources: make room by reaping what has finished. */
 		if (rc != -EINTR && io->busy && disk_io_reap(io, 0) < 0)
@@ -810,7 +812,8 @@ static void disk_io_fini(struct disk_io *io)
 	disk_io_drain(io);
 	/* A broken ring may still own requests: their buffers stay allocated
 	 * (the kernel may write into them), a leak rather than a corruption. */
-	leak = io->broken && io->busy;
+	/* Requests still in the submission ring never reached the kernel. */
+	leak = io->broken && io->busy > (io->ring_on ? io_uring_sq_ready(&io->ring) : 0);
 	if (leak)
 		klog(LOG_ERROR,
 		     "event=tier_io_leak tier=%s requests=%u reason=\"ring failed with "
@@ -1642,7 +1645,10 @@ static void tier_choose_io(struct tier *t, const struct tier_options *opt)
 		snprintf(t->io_reason, sizeof(t->io_reason), "KVTIER_NO_IO_URING=%.32s", env);
 	}
 	disk_probe(t, want_ring);
-	t->req_bytes = (size_t)disk_align_up(t->req_bytes, t->align);
+	/* Buffer i sits at i * req_bytes in one pool: a multiple of the memory
+	 * alignment keeps every buffer aligned for O_DIRECT. */
+	t->req_bytes = (size_t)disk_align_up(t->req_bytes,
+					     t->align > t->mem_align ? t->align : t->mem_align);
 	/* A fallback the operator did not ask for is worth a warning. */
 	klog(t->io_reason[0] && (!forced || t->move == TIER_MOVE_PREAD) ? LOG_WARN : LOG_INFO,
 	     "event=tier_io tier=%s kind=%s mode=%s depth=%u request_bytes=%zu align=%zu "
@@ -2078,7 +2084,7 @@ uint64_t tier_writer_size(const struct tier_writer *w)
 int tier_writer_commit(struct tier_writer *w, const char *name)
 {
 	struct tier *t = w->t;
-	double t0 = tier_now();
+	double t0 = tier_now(), dt;
 	int rc, err;
 
 	rc = tier_name_valid(name);
@@ -2108,13 +2114,14 @@ int tier_writer_commit(struct tier_writer *w, const char *name)
 		}
 		goto out;
 	}
+	dt = w->seconds + (tier_now() - t0);
 	tier_lock(t);
 	t->reserved = w->reserved <= t->reserved ? t->reserved - w->reserved : 0;
 	t->used += w->written;
 	t->files++;
 	t->write_ops++;
-	t->write_hist_sum += w->seconds + (tier_now() - t0);
-	tier_hist_add_locked(t->write_hist, w->seconds + (tier_now() - t0));
+	t->write_hist_sum += dt;
+	tier_hist_add_locked(t->write_hist, dt);
 	tier_unlock(t);
 	w->reserved = 0; /* now usage: tier_writer_free must not release it */
 out:
@@ -2448,7 +2455,7 @@ static int tier_copy_out(struct tier *t, const char *name, int dst_dir, const ch
 	char tmp[sizeof(TIER_LINK_TMP_PREFIX) + TIER_RANDOM_HEX];
 	int rc, err, src_fd = -1, dst_fd = -1;
 	struct stat st, dst_st;
-	double t0;
+	double t0, dt;
 
 	tmp[0] = '\0';
 	rc = t->ops->reader_open(t, name, &src_fd);
@@ -2484,8 +2491,9 @@ static int tier_copy_out(struct tier *t, const char *name, int dst_dir, const ch
 	if (rc)
 		goto out;
 	/* Bytes that left the tier: they count as reads of it. */
-	tier_count_read(t, (uint64_t)st.st_size, tier_now() - t0);
-	tier_observe_read(t, tier_now() - t0);
+	dt = tier_now() - t0;
+	tier_count_read(t, (uint64_t)st.st_size, dt);
+	tier_observe_read(t, dt);
 	rc = tier_rename_noreplace(dst_dir, tmp, dst_dir, dst_name);
 	if (rc == 0)
 		tmp[0] = '\0';

@@ -34,6 +34,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <liburing.h>
+
 #include "check.h"
 #include "kvtier.h"
 
@@ -350,6 +352,28 @@ static void test_open(void)
 	CHECK(t == NULL);
 }
 
+/* 1 when this process can set up an io_uring and open a file in dir with
+ * O_DIRECT: a disk tier there must then take io_uring+O_DIRECT, unless the
+ * run forbids it (a kernel or sandbox without io_uring is a fallback, not a
+ * failure). */
+static int uring_direct_possible(const char *dir)
+{
+	struct io_uring ring;
+	char p[4200];
+	int fd, ok;
+
+	if (io_uring_queue_init(4, &ring, 0) < 0)
+		return 0;
+	io_uring_queue_exit(&ring);
+	snprintf(p, sizeof(p), "%s/.probe-direct", dir);
+	fd = open(p, O_CREAT | O_RDWR | O_DIRECT | O_CLOEXEC, 0600);
+	ok = fd >= 0;
+	if (fd >= 0)
+		close(fd);
+	unlink(p);
+	return ok;
+}
+
 /* The mode the run asked for, or a reason for the one it got. */
 static void test_io_mode(struct tier *t)
 {
@@ -373,6 +397,8 @@ static void test_io_mode(struct tier *t)
 	if (cur->pass_opt && cur->opt.io_mode == TIER_IO_PREAD) {
 		CHECK(strncmp(desc, "io_uring", 8) != 0);
 		CHECK(strstr(why, "io_mode=pread") != NULL);
+	} else if (!cur->no_uring_env && uring_direct_possible(tier_path(t))) {
+		CHECK(strcmp(desc, "io_uring+O_DIRECT") == 0);
 	}
 }
 
