@@ -545,7 +545,9 @@ undo:
 	return rc;
 }
 
-static void evict_delete(struct store *s, const struct blob_meta *m, int reason, double value)
+/* Deletes m from its tier unless it moved or is pinned meanwhile. Returns 0
+ * when it is gone, else the reason it stayed. */
+static int evict_delete(struct store *s, const struct blob_meta *m, int reason, double value)
 {
 	char hex[KEY_HEX_LEN + 1];
 	struct blob_meta cur;
@@ -562,11 +564,12 @@ static void evict_delete(struct store *s, const struct blob_meta *m, int reason,
 	}
 	pthread_mutex_unlock(&s->commit_lock);
 	if (rc)
-		return;
+		return rc;
 	atomic_fetch_add(&s->place[m->tier].evictions[reason], 1);
 	klog(LOG_INFO, "event=evict blob=%s tier=%u reason=%s tokens=%u bytes=%llu value_s=%.4f",
 	     key_hex(&m->id, hex), m->tier, store_evict_reason_name[reason], m->n_tokens,
 	     (unsigned long long)m->stored_size, value);
+	return 0;
 }
 
 static int evict_tier(struct store *s, unsigned t, uint64_t need, int depth);
@@ -583,12 +586,10 @@ static int demote_or_delete(struct store *s, const struct ns_models *nm, const s
 
 	/* A quarantined blob is never looked up again: not worth a copy. */
 	if (t + 1 >= s->n_tiers || (m->flags & BLOB_F_QUARANTINED)) {
-		evict_delete(s, m, EVICT_CAPACITY, blob_value(s, nm, m, t));
-		return 1;
+		return evict_delete(s, m, EVICT_CAPACITY, blob_value(s, nm, m, t)) == 0;
 	}
 	if (prefill_known(pm) && blob_value(s, nm, m, t + 1) <= 0) {
-		evict_delete(s, m, EVICT_NOT_WORTH, blob_value(s, nm, m, t + 1));
-		return 1;
+		return evict_delete(s, m, EVICT_NOT_WORTH, blob_value(s, nm, m, t + 1)) == 0;
 	}
 	/* Room first where the file system is known to be smaller than the
 	 * tier's capacity: a failed write costs a whole copy. */
@@ -601,8 +602,7 @@ static int demote_or_delete(struct store *s, const struct ns_models *nm, const s
 		rc = move_blob(s, m, t + 1, 0);
 	}
 	if (rc == KVTIER_E_FULL || rc == -ENOSPC) {
-		evict_delete(s, m, EVICT_LOWER_FULL, blob_value(s, nm, m, t));
-		return 1;
+		return evict_delete(s, m, EVICT_LOWER_FULL, blob_value(s, nm, m, t)) == 0;
 	}
 	return rc == 0 || rc == KVTIER_E_CORRUPT || rc == KVTIER_E_NOTFOUND;
 }
@@ -713,7 +713,13 @@ int placement_promote_for_stage(struct store *s, struct blob_meta *m)
 	struct blob_meta cur;
 	int moved = 0;
 
-	pthread_mutex_lock(&s->move_lock);
+	/* A Stage runs on the short-call pool that Lookup shares: it never
+	 * waits for a placement pass holding move_lock (many disk copies), it
+	 * copies the blob out instead. */
+	if (pthread_mutex_trylock(&s->move_lock) != 0) {
+		atomic_fetch_add(&s->promotions_declined, 1);
+		return 0;
+	}
 	/* The stage holds one pin; anyone else's (a fetch, another lease) keeps
 	 * the blob where it is, and the stage copies it out instead. */
 	if (index_get(s->ix, &m->id, &cur, NULL, 0) == 0 && cur.tier > 0 &&
