@@ -1481,7 +1481,8 @@ int index_touch(struct index *ix, const struct index_touch *t, size_t n)
 		m.hits += t[i].hits;
 		if (t[i].last_access_ms > m.last_access_ms)
 			m.last_access_ms = t[i].last_access_ms;
-		if (t[i].gdsf_base > m.gdsf_base)
+		/* A hit recorded before a move carries the old tier's base. */
+		if (t[i].gdsf_base > m.gdsf_base && t[i].tier == m.tier)
 			m.gdsf_base = t[i].gdsf_base;
 		m.rec_version = BLOB_REC_VERSION;
 		k.mv_size = KEY_LEN;

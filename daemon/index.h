@@ -212,7 +212,8 @@ struct index_touch {
 	struct key id;
 	uint64_t hits;            /* added */
 	int64_t last_access_ms;   /* kept if newer */
-	double gdsf_base;         /* kept if larger (0: unchanged) */
+	double gdsf_base;         /* kept if larger (0: unchanged), and only when the */
+	uint32_t tier;            /* blob is still on this tier: a base is per tier */
 };
 
 /* Applies a batch of access statistics in one write transaction; ids that no

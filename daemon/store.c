@@ -201,6 +201,7 @@ static void touch_blob(struct store *s, const struct key *id, unsigned tier)
 		t->hits = 1;
 		t->last_access_ms = now_ms();
 		t->gdsf_base = base;
+		t->tier = tier;
 	}
 	pthread_mutex_unlock(&s->touch_lock);
 }
