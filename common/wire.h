@@ -41,7 +41,8 @@ grpc_byte_buffer *wire_buf_message(struct wire_buf *b, size_t len);
 /* Frames len bytes at data, which the caller keeps valid until gRPC calls
  * release(ud) (when the message has been written, or dropped), as a
  * data-only message without copying them: a small header slice plus a slice
- * pointing at data. */
+ * pointing at data. release(ud) is called exactly once in every case: the
+ * caller never releases ud itself after this call. */
 grpc_byte_buffer *wire_ext_message(const uint8_t *data, size_t len, void (*release)(void *),
 				   void *ud);
 

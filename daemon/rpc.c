@@ -454,11 +454,11 @@ static void handle_lookup(struct rpc_call *c)
 		r.blob = key_hex(&m.meta.id, hex);
 		r.matched_tokens = m.matched;
 		r.n_tokens = m.meta.n_tokens;
-		r.size_bytes = m.meta.stored_size;
+		r.size_bytes = blob_raw_bytes(&m.meta); /* as List: all parts, as served */
 		r.tier = m.meta.tier;
 		r.tier_kind = (char *)m.tier_kind;
 		r.est_restore_s = m.est_restore_s;
-	r.est_prefill_s = m.est_prefill_s;
+		r.est_prefill_s = m.est_prefill_s;
 	}
 	call_reply(c, &r.base);
 out:
@@ -580,11 +580,10 @@ static void handle_fetch(struct rpc_call *c)
 				break;
 			}
 			if (map) {
-				/* gRPC releases the map once the bytes are written. */
+				/* gRPC releases the map once the bytes are written (the
+				 * call owns it from here, whatever it returns). */
 				next = wire_ext_message(store_map_data(map), want, store_map_release,
 							map);
-				if (!next)
-					store_map_release(map);
 			} else {
 				next = wire_buf_message(&buf, want);
 				if (!next)
@@ -882,8 +881,7 @@ static int list_collect(void *ctx, const struct blob_meta *m, const char *ns,
 	if (!b->blob || !b->namespace_ || !b->tier_kind || !b->compression)
 		return -ENOMEM;
 	b->n_tokens = m->n_tokens;
-	for (int p = 0; p < PART_COUNT; p++)
-		b->size_bytes += m->part_size[p];
+	b->size_bytes = blob_raw_bytes(m);
 	b->stored_bytes = m->stored_size;
 	b->tier = m->tier;
 	b->version = m->version;
