@@ -7,7 +7,7 @@
  * MDB_NOSYNC): a put that returned is on disk. Lookups are the hot path:
  * they read only mapped LMDB pages, compare tokens straight from the mapped
  * values (which need not be 4-byte aligned, hence memcmp and never a cast)
- * and allocate nothing.
+ * and allocate only the chain keys of a query longer than 64 blocks.
  *
  * This module must never read, write or name blob files: it holds metadata
  * only. Keys of the prefix and ends databases are a big-endian namespace id
@@ -1012,24 +1012,24 @@ static void chain_rebase(struct chain_src *cs, size_t d, const struct key *k)
 	cs->done = d;
 }
 
-/* Depth d is present under key kb. When at most INDEX_JUMP_CANDIDATES blobs
- * hold it, returns the deepest full-block depth D > d (D <= n_chain) of one
- * of them whose tokens equal the query's on all its full blocks, with that
- * blob's last_key in *key: the query's chain key at D. Else 0. An LMDB
- * error other than MDB_NOTFOUND goes to *mrc. */
+/* Depth d is present: cur is on its first entry (depth_present). When at
+ * most INDEX_JUMP_CANDIDATES blobs hold it, returns the deepest full-block
+ * depth D > d (D <= n_chain) of one of them whose tokens equal the query's
+ * on all its full blocks, with that blob's last_key in *key: the query's
+ * chain key at D. Else 0. An LMDB error other than MDB_NOTFOUND goes to
+ * *mrc. */
 static size_t lookup_jump(struct index *ix, MDB_txn *txn, MDB_cursor *cur, uint32_t nsid,
-			  const uint8_t *kb, size_t d, const int32_t *tokens, size_t n_chain,
-			  struct key *key, int *mrc)
+			  size_t d, const int32_t *tokens, size_t n_chain, struct key *key,
+			  int *mrc)
 {
-	MDB_val k = {PKEY_LEN, (void *)kb}, v, bk, bv, tv;
+	MDB_val k, v, bk, bv, tv;
 	struct blob_meta m;
 	size_t count = 0, best = 0;
 
-	*mrc = mdb_cursor_get(cur, &k, &v, MDB_SET_KEY);
-	if (!*mrc)
-		*mrc = mdb_cursor_count(cur, &count);
+	*mrc = mdb_cursor_count(cur, &count);
 	if (*mrc || count > INDEX_JUMP_CANDIDATES)
 		goto out;
+	*mrc = mdb_cursor_get(cur, &k, &v, MDB_GET_CURRENT);
 	for (; *mrc == 0; *mrc = mdb_cursor_get(cur, &k, &v, MDB_NEXT_DUP)) {
 		size_t full;
 
@@ -1067,15 +1067,16 @@ out:
 	return *mrc ? 0 : best;
 }
 
-/* Is depth d present (a prefix entry for the query's key at d)? 1, 0, or
- * -1 with the LMDB code in *mrc. kb receives the key. */
-static int depth_present(struct index *ix, MDB_txn *txn, uint32_t nsid, struct chain_src *cs,
-			 size_t d, uint8_t *kb, int *mrc)
+/* Is depth d present (a prefix entry for the query's key at d)? 1 (cur is
+ * then on its first entry), 0, or -1 with the LMDB code in *mrc. kb
+ * receives the key. */
+static int depth_present(MDB_cursor *cur, uint32_t nsid, struct chain_src *cs, size_t d,
+			 uint8_t *kb, int *mrc)
 {
 	MDB_val k = {PKEY_LEN, kb}, v;
 
 	pkey(kb, nsid, chain_at(cs, d));
-	*mrc = mdb_get(txn, ix->prefix, &k, &v);
+	*mrc = mdb_cursor_get(cur, &k, &v, MDB_SET_KEY);
 	if (*mrc == 0)
 		return 1;
 	if (*mrc == MDB_NOTFOUND) {
@@ -1147,7 +1148,7 @@ static int lookup_run(struct index *ix, const char *ns, const int32_t *tokens, s
 		size_t p = lo + step <= n_chain ? lo + step : n_chain, jd;
 		struct key jk;
 
-		pr = depth_present(ix, txn, nsid, cs, p, kb, &mrc);
+		pr = depth_present(cur, nsid, cs, p, kb, &mrc);
 		if (pr < 0)
 			goto fail_prefix;
 		if (!pr) {
@@ -1158,7 +1159,7 @@ static int lookup_run(struct index *ix, const char *ns, const int32_t *tokens, s
 		step *= 2;
 		if (cs->given || p == n_chain)
 			continue;
-		jd = lookup_jump(ix, txn, cur, nsid, kb, p, tokens, n_chain, &jk, &mrc);
+		jd = lookup_jump(ix, txn, cur, nsid, p, tokens, n_chain, &jk, &mrc);
 		if (mrc)
 			goto fail_candidates;
 		if (jd > cs->done) {
@@ -1171,7 +1172,7 @@ static int lookup_run(struct index *ix, const char *ns, const int32_t *tokens, s
 	while (hi - lo > 1) {
 		size_t mid = lo + (hi - lo) / 2;
 
-		pr = depth_present(ix, txn, nsid, cs, mid, kb, &mrc);
+		pr = depth_present(cur, nsid, cs, mid, kb, &mrc);
 		if (pr < 0)
 			goto fail_prefix;
 		if (pr)
