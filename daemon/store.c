@@ -443,7 +443,7 @@ static int is_stage_name(const char *name)
 {
 	size_t pre = strlen(STORE_STAGE_PREFIX);
 
-	if (strncmp(name, ".kvtier-tmp-", 12) == 0)
+	if (strncmp(name, TIER_OUT_TMP_PREFIX, sizeof(TIER_OUT_TMP_PREFIX) - 1) == 0)
 		return 1;
 	if (strncmp(name, STORE_STAGE_PREFIX, pre) != 0)
 		return 0;
@@ -1803,7 +1803,7 @@ int store_copy_out(struct store *s, const struct blob_meta *m, int p, int dirfd,
 	rc = buf ? random_hex(rnd, 8) : -ENOMEM;
 	if (rc)
 		goto out;
-	snprintf(tmp, sizeof(tmp), ".kvtier-tmp-%s", rnd);
+	snprintf(tmp, sizeof(tmp), TIER_OUT_TMP_PREFIX "%s", rnd);
 	fd = openat(dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0640);
 	if (fd < 0) {
 		rc = -errno;
@@ -1837,8 +1837,8 @@ int store_copy_out(struct store *s, const struct blob_meta *m, int p, int dirfd,
 	if (rc == 0 && fchmod(fd, 0440))
 		rc = -errno;
 	*seconds = store_mono() - t0;
-	if (rc == 0 && renameat2(dirfd, tmp, dirfd, dst, RENAME_NOREPLACE))
-		rc = errno == EEXIST ? KVTIER_E_EXISTS : -errno;
+	if (rc == 0)
+		rc = tier_rename_noreplace(dirfd, tmp, dirfd, dst);
 	if (rc == KVTIER_E_CORRUPT)
 		store_drop_corrupt(s, m, p, "stage");
 out:
@@ -1925,10 +1925,12 @@ int store_stage(struct store *s, const struct key *id, const char *dir, unsigned
 				continue;
 			part_name(id, p, src, sizeof(src));
 			snprintf(dst, sizeof(dst), "%s%s", l->name, blob_part_suffix[p]);
-			if (meta.compression == CODEC_RAW && meta.tier == 0) {
-				rc = tier_link_out(s->tiers[meta.tier], src, s->slot_fd[d], dst,
-						   &copied);
-			} else {
+			rc = -EXDEV;
+			if (meta.compression == CODEC_RAW && meta.tier == 0)
+				rc = tier_link_out(s->tiers[meta.tier], src, s->slot_fd[d], dst);
+			if (rc == -EXDEV) {
+				/* Encoded, on a lower tier, or no link possible: a
+				 * copy through the part's reader, its CRC checked. */
 				double sec = 0;
 				rc = store_copy_out(s, &meta, p, s->slot_fd[d], dst, &sec);
 				io_s += sec;

@@ -41,7 +41,6 @@
 #include "log.h"
 
 #define TIER_RANDOM_HEX 16                  /* hex characters in a temporary name */
-#define TIER_LINK_TMP_PREFIX ".kvtier-tmp-" /* temporaries tier_link_out makes in dirfd */
 #define TIER_DST_NAME_MAX 255               /* NAME_MAX: a name in a caller's directory */
 #define TIER_COPY_CHUNK (1u << 20)          /* read/write fallback buffer */
 #define TIER_TMP_TRIES 8                    /* fresh names tried on EEXIST */
@@ -396,10 +395,7 @@ out:
 	return rc;
 }
 
-/* Renames from (in from_dir) to to (in to_dir) unless `to` exists:
- * renameat2(RENAME_NOREPLACE), or link + unlink where the file system lacks
- * it. Returns 0, KVTIER_E_EXISTS or -errno. */
-static int tier_rename_noreplace(int from_dir, const char *from, int to_dir, const char *to)
+int tier_rename_noreplace(int from_dir, const char *from, int to_dir, const char *to)
 {
 	int err;
 
@@ -2445,100 +2441,29 @@ int tier_unlink_raw(struct tier *t, const char *name)
 	return unlinkat(t->dir_fd, name, 0) ? -errno : 0;
 }
 
-/* tier_link_out's fallback: copies committed file `name` into dst_dir under
- * a temporary name, then renames it to dst_name without overwriting. Every
- * kind stores the caller's bytes as they are (compression is the caller's,
- * tiers/codec.c), so a byte copy (copy_file_range, through the page cache
- * even on disk) is right for all of them. */
-static int tier_copy_out(struct tier *t, const char *name, int dst_dir, const char *dst_name)
-{
-	char tmp[sizeof(TIER_LINK_TMP_PREFIX) + TIER_RANDOM_HEX];
-	int rc, err, src_fd = -1, dst_fd = -1;
-	struct stat st, dst_st;
-	double t0, dt;
-
-	tmp[0] = '\0';
-	rc = t->ops->reader_open(t, name, &src_fd);
-	if (rc) {
-		rc = rc == -ENOENT ? KVTIER_E_NOTFOUND : rc == -ELOOP ? KVTIER_E_INVALID : rc;
-		goto out;
-	}
-	if (fstat(src_fd, &st)) {
-		rc = -errno;
-		goto out;
-	}
-	if (!S_ISREG(st.st_mode)) {
-		rc = KVTIER_E_INVALID;
-		goto out;
-	}
-	/* Refuse early rather than copy gigabytes for nothing; the rename checks again. */
-	if (fstatat(dst_dir, dst_name, &dst_st, AT_SYMLINK_NOFOLLOW) == 0) {
-		rc = KVTIER_E_EXISTS;
-		goto out;
-	}
-	err = errno;
-	if (err != ENOENT) {
-		rc = -err;
-		goto out;
-	}
-	rc = tier_create_tmp(dst_dir, TIER_LINK_TMP_PREFIX, O_WRONLY, tmp, sizeof(tmp), &dst_fd);
-	if (rc) {
-		tmp[0] = '\0';
-		goto out;
-	}
-	t0 = tier_now();
-	rc = tier_copy_fd(src_fd, dst_fd, (uint64_t)st.st_size);
-	if (rc)
-		goto out;
-	/* Bytes that left the tier: they count as reads of it. */
-	dt = tier_now() - t0;
-	tier_count_read(t, (uint64_t)st.st_size, dt);
-	tier_observe_read(t, dt);
-	rc = tier_rename_noreplace(dst_dir, tmp, dst_dir, dst_name);
-	if (rc == 0)
-		tmp[0] = '\0';
-out:
-	if (dst_fd >= 0)
-		close(dst_fd);
-	if (tmp[0] && unlinkat(dst_dir, tmp, 0)) {
-		err = errno;
-		klog(LOG_WARN, "event=tier_tmp_unlink_failed name=%s errno=%d", tmp, err);
-	}
-	if (src_fd >= 0)
-		close(src_fd);
-	return rc;
-}
-
-int tier_link_out(struct tier *t, const char *name, int dst_dir, const char *dst_name,
-		  int *copied)
+int tier_link_out(struct tier *t, const char *name, int dst_dir, const char *dst_name)
 {
 	int rc, err;
 
-	*copied = 0;
 	rc = tier_name_valid(name);
 	if (rc)
 		return rc;
 	rc = tier_dst_name_valid(dst_name);
 	if (rc)
 		return rc;
-	if (t->ops->allow_link) {
-		/* flags 0: a symlink in the tier would be linked as a symlink, not followed */
-		if (linkat(t->dir_fd, name, dst_dir, dst_name, 0) == 0)
-			return 0;
-		err = errno;
-		if (err == EEXIST)
-			return KVTIER_E_EXISTS;
-		if (err == ENOENT)
-			return KVTIER_E_NOTFOUND;
-		if (err != EXDEV && err != EPERM && err != EMLINK)
-			return -err;
-	}
-	/* The staged file is a copy; no chmod either way: a link shares the
-	 * tier file's inode, and the copy is made with the same mode 0600. */
-	rc = tier_copy_out(t, name, dst_dir, dst_name);
-	if (rc == 0)
-		*copied = 1;
-	return rc;
+	if (!t->ops->allow_link)
+		return -EXDEV;
+	/* flags 0: a symlink in the tier would be linked as a symlink, not followed */
+	if (linkat(t->dir_fd, name, dst_dir, dst_name, 0) == 0)
+		return 0;
+	err = errno;
+	if (err == EEXIST)
+		return KVTIER_E_EXISTS;
+	if (err == ENOENT)
+		return KVTIER_E_NOTFOUND;
+	/* Another file system, or links refused: the caller copies (and checks
+	 * the bytes it copies). */
+	return err == EPERM || err == EMLINK ? -EXDEV : -err;
 }
 
 int tier_scan(struct tier *t, int (*cb)(void *ctx, const char *name, uint64_t size, int is_regular),

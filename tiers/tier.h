@@ -19,7 +19,7 @@
  *   flight per stream through io_uring, so one stream reaches the device's
  *   bandwidth; pread/pwrite (still O_DIRECT) when io_uring is unavailable,
  *   buffered I/O when O_DIRECT is; fsync before and after the rename in every
- *   mode. Never hard-linked (tier_link_out copies).
+ *   mode. Never hard-linked (tier_link_out answers -EXDEV).
  *
  * Threads: the tier functions are thread-safe; one writer or reader handle
  * is used by one thread at a time (a disk reader keeps a read-ahead pipeline).
@@ -55,8 +55,7 @@ struct tier_stats {
 	uint64_t read_bytes, write_bytes;
 	double read_seconds, write_seconds;
 	/* One observation per file read (at tier_reader_close of a reader that
-	 * returned bytes, and per copy made by tier_link_out: the seconds spent
-	 * reading it) and per file written (at a successful tier_writer_commit:
+	 * returned bytes: the seconds spent reading it) and per file written (at a successful tier_writer_commit:
 	 * the seconds spent writing it plus making it durable). Per-bucket
 	 * counts, not cumulative: hist[i] counts observations with
 	 * tier_hist_le[i-1] < seconds <= tier_hist_le[i]; hist[TIER_HIST_BUCKETS]
@@ -237,13 +236,21 @@ int tier_stat(struct tier *t, const char *name, uint64_t *size);
  * Returns 0, KVTIER_E_NOTFOUND or -errno. */
 int tier_remove(struct tier *t, const char *name);
 
-/* Makes `name` appear as `dst_name` in directory dirfd: a hard link when
- * possible (tmpfs, same file system), else a copy written to a temporary name
- * in dirfd and renamed (always on disk, counted as a file read).
- * Never overwrites: KVTIER_E_EXISTS when dst_name exists. *copied tells
- * which happened. Returns 0, KVTIER_E_NOTFOUND, KVTIER_E_EXISTS or -errno. */
-int tier_link_out(struct tier *t, const char *name, int dirfd, const char *dst_name,
-		  int *copied);
+/* Makes `name` appear as `dst_name` in directory dirfd as a hard link.
+ * Never overwrites: KVTIER_E_EXISTS when dst_name exists. -EXDEV when no
+ * link can be made (a disk tier, another file system, links refused): the
+ * caller then copies the bytes through a reader, checking them. Returns 0,
+ * KVTIER_E_NOTFOUND, KVTIER_E_EXISTS, KVTIER_E_INVALID or -errno. */
+int tier_link_out(struct tier *t, const char *name, int dirfd, const char *dst_name);
+
+/* Temporaries a caller writes into a directory before tier_rename_noreplace
+ * (e.g. a staged copy): reconcile removes leftovers with this prefix. */
+#define TIER_OUT_TMP_PREFIX ".kvtier-tmp-"
+
+/* Renames from (in from_dir) to `to` (in to_dir) unless `to` exists:
+ * renameat2(RENAME_NOREPLACE), or link + unlink where the file system lacks
+ * it. Returns 0, KVTIER_E_EXISTS or -errno. */
+int tier_rename_noreplace(int from_dir, const char *from, int to_dir, const char *to);
 
 /* Calls cb for every entry of the tier directory (temporaries included,
  * "." and ".." excluded) with its name and size. A non-zero return from cb
