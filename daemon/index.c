@@ -1520,8 +1520,9 @@ int index_set_placement(struct index *ix, const struct index_placement *pl)
 		rc = read_rc(mrc, "placement", NULL, 0);
 		goto out;
 	}
-	if (m.tier != pl->from_tier) {
-		rc = KVTIER_E_EXISTS; /* moved or replaced meanwhile */
+	if (m.tier != pl->from_tier || m.parts != pl->parts ||
+	    memcmp(m.part_crc, pl->part_crc, sizeof(m.part_crc)) != 0) {
+		rc = KVTIER_E_EXISTS; /* moved, or replaced by other bytes, meanwhile */
 		goto out;
 	}
 	m.rec_version = BLOB_REC_VERSION;

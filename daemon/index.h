@@ -194,7 +194,9 @@ int index_update(struct index *ix, const struct blob_meta *meta);
 /* A move of a blob between tiers (or a change of its stored form). */
 struct index_placement {
 	struct key id;
-	uint32_t from_tier;       /* the record must still say this tier */
+	uint32_t from_tier;       /* the record must still say this tier, */
+	uint32_t parts;           /* have these parts, */
+	uint32_t part_crc[PART_COUNT]; /* with these CRCs (the bytes copied) */
 	uint32_t to_tier;
 	uint32_t compression;     /* codec_kind of the stored parts */
 	uint64_t part_stored[PART_COUNT];
@@ -205,7 +207,8 @@ struct index_placement {
 /* Records a completed move in one transaction, changing only the placement
  * fields (access statistics flushed meanwhile are kept). KVTIER_E_NOTFOUND
  * if the blob is gone, KVTIER_E_EXISTS if its record no longer says
- * from_tier (moved by someone else): the caller removes its new copy. */
+ * from_tier or describes other bytes (moved, or deleted and put again,
+ * meanwhile): the caller removes its new copy. */
 int index_set_placement(struct index *ix, const struct index_placement *pl);
 
 struct index_touch {

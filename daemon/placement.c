@@ -477,18 +477,21 @@ static int move_blob(struct store *s, const struct blob_meta *m, unsigned to, un
 	memset(&pl, 0, sizeof(pl));
 	pl.id = m->id;
 	pl.from_tier = from;
+	pl.parts = m->parts;
+	memcpy(pl.part_crc, m->part_crc, sizeof(pl.part_crc));
 	pl.to_tier = to;
 	pl.compression = (uint32_t)kind;
 	for (int p = 0; p < PART_COUNT; p++)
 		if (w[p])
 			pl.part_stored[p] = tier_writer_size(w[p]);
-	/* Bytes first. A file of this name on `to` is an orphan (the record
-	 * says `from`, and moves are serialized): a crash left it. */
+	/* Bytes first. A file of this name already on `to` is never replaced:
+	 * it is a put of the same blob made meanwhile (then the record no longer
+	 * matches and the move is void), or a crash's leftover that reconcile
+	 * removes at the next start. */
 	for (int p = PART_COUNT - 1; rc == 0 && p >= 0; p--) {
 		if (!w[p])
 			continue;
 		store_part_name(&m->id, p, name, sizeof(name));
-		tier_unlink_raw(s->tiers[to], name);
 		rc = tier_writer_commit(w[p], name);
 		w[p] = NULL;
 		if (rc == 0)
@@ -505,9 +508,12 @@ static int move_blob(struct store *s, const struct blob_meta *m, unsigned to, un
 	               ? (double)m->part_size[PART_MAIN] / (double)pl.part_stored[PART_MAIN]
 	               : 1;
 	pl.gdsf_base = placement_base(s, to);
-	/* Then the record, then the old files. */
+	/* Then the record, then the old files, unless a reader pinned the blob
+	 * during the copy (readers pin and read the record under commit_lock:
+	 * one that read the old record before this point holds a pin now). */
 	pthread_mutex_lock(&s->commit_lock);
-	rc = index_set_placement(s->ix, &pl);
+	rc = store_pin_count(s, &m->id) > own_pins ? KVTIER_E_EXISTS
+						    : index_set_placement(s->ix, &pl);
 	if (rc == 0) {
 		uint64_t stored = 0;
 		for (int p = 0; p < PART_COUNT; p++)

@@ -1550,14 +1550,15 @@ int store_fetch_open(struct store *s, const struct key *id, struct store_fetch *
 	if (!f)
 		return -ENOMEM;
 	f->s = s;
-	/* Pinned before the record is read: no move starts after this, and a
-	 * move already past its index switch has left the record naming the
-	 * new files. (A move in the middle of its copy keeps the old files
-	 * until after the switch, and our descriptors keep them readable.) */
+	/* Pinned and the record read under commit_lock: a move or eviction
+	 * either saw the pin (and left the blob alone) or had already switched
+	 * the record to the new files before we read it. */
+	pthread_mutex_lock(&s->commit_lock);
 	store_pin(s, id);
 	f->pinned = 1;
 	f->meta.id = *id;
 	rc = index_get(s->ix, id, meta, NULL, 0);
+	pthread_mutex_unlock(&s->commit_lock);
 	if (rc) {
 		set_err(err, errlen, "no blob %s", key_hex(id, hex));
 		store_fetch_close(f);
@@ -1885,8 +1886,10 @@ int store_stage(struct store *s, const struct key *id, const char *dir, unsigned
 	/* Pinned from here on (the lease keeps the pin): no move or eviction
 	 * takes the files away between reading the record and linking them.
 	 * Only our own promotion may move it (placement_promote_for_stage). */
+	pthread_mutex_lock(&s->commit_lock); /* as in store_fetch_open */
 	store_pin(s, id);
 	rc = index_get(s->ix, id, &meta, NULL, 0);
+	pthread_mutex_unlock(&s->commit_lock);
 	if (rc) {
 		set_err(err, errlen, "no blob %s", key_hex(id, hex));
 		goto fail;
