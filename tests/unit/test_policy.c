@@ -27,9 +27,19 @@ static void test_cost_model(void)
 	cost_model_observe(&m, 64u << 20, NAN);
 	cost_model_observe(&m, 64u << 20, -1);
 	CHECK_EQ_INT(m.samples, 120);
-	/* Bad starting values fall back to something usable. */
+	/* Bad starting values fall back to the defaults: no fixed cost, 1 GB/s,
+	 * no samples. */
 	cost_model_init(&m, -1, 0);
-	CHECK(m.fixed_s == 0 && m.bytes_per_s > 0);
+	CHECK(m.fixed_s == 0);
+	CHECK(m.bytes_per_s == 1e9);
+	CHECK_EQ_INT(m.samples, 0);
+	cost_model_init(&m, NAN, INFINITY);
+	CHECK(m.fixed_s == 0);
+	CHECK(m.bytes_per_s == 1e9);
+	cost_model_init(&m, 0.5, -3e8);
+	CHECK(m.fixed_s == 0.5);
+	CHECK(m.bytes_per_s == 1e9);
+	CHECK(NEAR(cost_model_time(&m, 1000000000), 1.5, 1e-12));
 }
 
 static void test_prefill_fit(void)
@@ -86,11 +96,23 @@ static void test_gdsf(void)
 	double big = gdsf_priority(0, 0, 1.0, 64 << 20);
 	double useless = gdsf_priority(0, 10, -0.5, 1 << 20);
 
+	const double mib = 1 << 20;
+
+	/* H = L + (hits + 1) * value / bytes. */
+	CHECK(NEAR(cold, 1.0 / mib, 1e-12));
+	CHECK(NEAR(hot, 6.0 / mib, 1e-12));
+	CHECK(NEAR(recent, 1e-3 + 1.0 / mib, 1e-12));
+	CHECK(NEAR(big, 1.0 / (64 * mib), 1e-12));
+	CHECK(NEAR(useless, -5.5 / mib, 1e-12));
+	CHECK(NEAR(gdsf_priority(2.5, 3, 0.25, 4096), 2.5 + 4 * 0.25 / 4096, 1e-12));
+	CHECK(NEAR(gdsf_priority(0.125, 1, -4.0, 1024), 0.125 - 8.0 / 1024, 1e-12));
 	CHECK(hot > cold);
 	CHECK(recent > cold);
 	CHECK(big < cold);
 	CHECK(useless < 0);
-	CHECK(gdsf_priority(0, 0, 1.0, 0) > 0); /* no division by zero */
+	/* No division by zero: 0 bytes count as 1. */
+	CHECK(NEAR(gdsf_priority(0, 0, 1.0, 0), 1.0, 1e-12));
+	CHECK(NEAR(gdsf_priority(0.5, 2, 1.0, 0), 3.5, 1e-12));
 }
 
 int main(void)

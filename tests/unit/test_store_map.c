@@ -138,8 +138,13 @@ int main(void)
 	CHECK(memcmp(store_map_data(kept), b, 100003) == 0);
 	store_map_release(kept);
 
-	/* A flipped byte: the piece that completes the part is refused and the
-	 * blob dropped. */
+	/* A flipped byte: the piece that completes the part is refused, the
+	 * blob dropped (record and file) and the failure counted once. */
+	{
+		struct store_stats st;
+		store_get_stats(s, &st);
+		before.failures = st.checksum_failures;
+	}
 	tier_file(&id, path, sizeof(path));
 	CHECK_EQ_INT(chmod(path, 0640), 0);
 	{
@@ -155,7 +160,14 @@ int main(void)
 	CHECK_EQ_INT(store_fetch_map(f, PART_MAIN, n - 1, 1, &m), KVTIER_E_CORRUPT);
 	CHECK(m == NULL);
 	store_fetch_close(f);
-	CHECK(store_fetch_open(s, &id, &f, &meta, err, sizeof(err)) == KVTIER_E_NOTFOUND);
+	CHECK_EQ_INT(store_fetch_open(s, &id, &f, &meta, err, sizeof(err)), KVTIER_E_NOTFOUND);
+	CHECK(f == NULL);
+	CHECK(access(path, F_OK) != 0 && errno == ENOENT);
+	{
+		struct store_stats st;
+		store_get_stats(s, &st);
+		CHECK_EQ_INT(st.checksum_failures, before.failures + 1);
+	}
 
 	/* Truncated under an open fetch: SIGBUS becomes KVTIER_E_CORRUPT. */
 	{
@@ -175,6 +187,10 @@ int main(void)
 		store_get_stats(s, &st);
 		CHECK_EQ_INT(st.checksum_failures, before.failures + 1);
 	}
+	/* ... and the truncated blob is dropped like the flipped one. */
+	CHECK_EQ_INT(store_fetch_open(s, &id, &f, &meta, err, sizeof(err)), KVTIER_E_NOTFOUND);
+	CHECK(f == NULL);
+	CHECK(access(path, F_OK) != 0 && errno == ENOENT);
 
 	store_close(s);
 	free(b);
