@@ -616,12 +616,16 @@ def test_lost_save_answers(root, procs):
     wait_for("B's save, answer lost", lambda: p.saves("answer_lost") >= 2, timeout=25)
     check(time.time() - t0 < 10, "B served and saved in %.1f s" % (time.time() - t0))
     eq(p.saves("timeout"), 0, "no save timed out")
+    eq(p.saves("answer_lost"), 2, "saves whose answer was lost")
+    eq(dbl.state()["counters"]["slot_answers_lost"], 2, "the double lost both answers")
+    eq(len(d.ls()), 2, "A's and B's blobs stored")
     # A comes back: restored from the blob its lost save left (restores are answered here).
     dbl.config(lose_slot_answers=False)
     r, toks, expected = turn(p, dbl, a, "second question of A", saved_a)
     eq(dbl.state()["counters"]["restores"], 1, "A restored")
     eq(r["timings"]["prompt_n"], expected, "A prefilled only its new tokens")
     wait_saves(p, 1)
+    eq(p.saves("ok"), 1, "A's second save, answered")
     r = d.fsck()
     check(r.rc == 0, "fsck clean: %r" % r)
 
@@ -789,6 +793,7 @@ def test_slot_check(root, procs):
         # A busy server answers GET /slots late: the streamed answer does not wait for it.
         wait_saves(p, 2)
         dbl.config(slots_read_ms=3000)
+        slots_reads = dbl.state()["counters"]["slots_reads"]
         a.append({"role": "user", "content": "third question, streamed"})
         st, _, raw, reads = stream_events("127.0.0.1", p.port, "/v1/chat/completions",
                                           {"messages": a, "max_tokens": 4, "stream": True})
@@ -800,6 +805,9 @@ def test_slot_check(root, procs):
               (reads[-1][0] - last_data))
         dbl.config(slots_read_ms=0)
         wait_saves(p, 3)
+        # --slot-check-ms 0: one GET /slots before the request, and one after its answer.
+        eq(dbl.state()["counters"]["slots_reads"], slots_reads + 2,
+           "GET /slots around the streamed request")
 
     # With two slots: a turn sent as soon as the previous answer ends queues on its own
     # slot while the plugin is still busy with the previous request (GET /slots after it
@@ -822,6 +830,8 @@ def test_slot_check(root, procs):
         eq(dbl.state()["slots"][slot]["last_prompt_n"], r["timings"]["prompt_n"],
            "turn %d ran on the first turn's slot" % (i + 2))
         eq(r["timings"]["prompt_n"], expected, "and prefilled only its new tokens")
+        eq(dbl.state()["slots"][1 - slot]["n_tokens"], 0,
+           "the other slot is untouched after turn %d" % (i + 2))
     wait_saves(p, 3)
     for pause, checks in ((0, 0), (6, 1)):
         time.sleep(pause)
@@ -833,6 +843,7 @@ def test_slot_check(root, procs):
         eq(dbl.state()["counters"]["slots_reads"], reads + checks + 1,
            "GET /slots before the turn after %d s: %d" % (pause, checks))
     eq(dbl.state()["counters"]["restores"], 0, "no restore was needed")
+    eq(dbl.state()["slots"][1 - slot]["n_tokens"], 0, "the other slot was never used")
     dbl.config(slots_read_ms=0)
 
 
