@@ -1690,7 +1690,7 @@ out:
 }
 
 int index_ns_report_prefill(struct index *ix, const char *ns, double tokens_per_s, double alpha,
-			    const double pf[8])
+			    void (*refit)(double pf[8], void *ctx), void *ctx)
 {
 	MDB_txn *txn = NULL;
 	struct ns_rec rec;
@@ -1722,8 +1722,8 @@ int index_ns_report_prefill(struct index *ix, const char *ns, double tokens_per_
 	else
 		rec.prefill_tps = alpha * tokens_per_s + (1 - alpha) * rec.prefill_tps;
 	rec.prefill_samples++;
-	if (pf)
-		memcpy(rec.pf, pf, sizeof(rec.pf));
+	if (refit)
+		refit(rec.pf, ctx);
 	k.mv_size = ns_len;
 	k.mv_data = (void *)ns;
 	v.mv_size = sizeof(rec);

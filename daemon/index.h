@@ -238,11 +238,12 @@ int index_ns_list(struct index *ix, int (*cb)(void *ctx, const char *name, const
 		  void *ctx);
 
 /* Updates a namespace's measured prefill speed (exponential moving average
- * with weight `alpha` for the new sample) and, when pf is not NULL, replaces
- * its prefill model words (struct ns_rec.pf), in one write transaction.
+ * with weight `alpha` for the new sample) and, when refit is not NULL, lets
+ * it change the prefill model words (struct ns_rec.pf) as read, in one
+ * write transaction (a read-refit-write with no lock of the caller's).
  * KVTIER_E_NOTFOUND if unknown. */
 int index_ns_report_prefill(struct index *ix, const char *ns, double tokens_per_s, double alpha,
-			    const double pf[8]);
+			    void (*refit)(double pf[8], void *ctx), void *ctx);
 
 /* Reads namespace ns's record. KVTIER_E_NOTFOUND if unknown. */
 int index_ns_get(struct index *ix, const char *ns, struct ns_rec *out);

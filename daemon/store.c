@@ -727,7 +727,6 @@ int store_open(const struct store_config *cfg, struct store **out, char *err, si
 	pthread_mutex_init(&s->ns_lock, NULL);
 	pthread_mutex_init(&s->pin_lock, NULL);
 	pthread_mutex_init(&s->model_lock, NULL);
-	pthread_mutex_init(&s->report_lock, NULL);
 	pthread_mutex_init(&s->move_lock, NULL);
 	pthread_mutex_init(&s->bg_lock, NULL);
 	pthread_cond_init(&s->bg_cond, NULL);
@@ -885,7 +884,6 @@ void store_close(struct store *s)
 	pthread_mutex_destroy(&s->ns_lock);
 	pthread_mutex_destroy(&s->pin_lock);
 	pthread_mutex_destroy(&s->model_lock);
-	pthread_mutex_destroy(&s->report_lock);
 	pthread_mutex_destroy(&s->move_lock);
 	pthread_mutex_destroy(&s->bg_lock);
 	pthread_cond_destroy(&s->bg_cond);
@@ -2061,6 +2059,23 @@ int store_quarantine(struct store *s, const struct key *id, char *err, size_t er
 	return 0;
 }
 
+/* One prefill report, refitted into a namespace's model words inside the
+ * index's write transaction (index_ns_report_prefill). */
+struct prefill_report {
+	uint32_t prefix, tokens;
+	double seconds;
+	struct prefill_model pm; /* the model after the report */
+};
+
+static void prefill_refit(double pf[8], void *ctx)
+{
+	struct prefill_report *r = ctx;
+
+	prefill_from_words(&r->pm, pf);
+	prefill_observe(&r->pm, r->prefix, r->tokens, r->seconds);
+	prefill_to_words(&r->pm, pf);
+}
+
 int store_report_prefill(struct store *s, const char *ns, uint32_t prefix, uint32_t tokens,
 			 double ms, char *err, size_t errlen)
 {
@@ -2073,24 +2088,15 @@ int store_report_prefill(struct store *s, const char *ns, uint32_t prefix, uint3
 			tokens, ms);
 		return KVTIER_E_INVALID;
 	}
-	/* One report at a time: the model is read, refitted and written back
-	 * (its own lock: model_lock is a leaf never held around I/O). */
-	pthread_mutex_lock(&s->report_lock);
 	{
-		struct ns_rec rec;
-		struct prefill_model pm;
-		double w[8];
-		rc = index_ns_get(s->ix, ns, &rec);
-		if (rc == 0) {
-			prefill_from_words(&pm, rec.pf);
-			prefill_observe(&pm, prefix, tokens, ms / 1000.0);
-			prefill_to_words(&pm, w);
-			rc = index_ns_report_prefill(s->ix, ns, tokens / (ms / 1000.0), 0.2, w);
+		struct prefill_report r = {.prefix = prefix, .tokens = tokens, .seconds = ms / 1000.0};
+
+		rc = index_ns_report_prefill(s->ix, ns, tokens / (ms / 1000.0), 0.2, prefill_refit,
+					     &r);
+		if (rc == 0)
 			klog(LOG_DEBUG, "event=prefill_report ns=\"%s\" prefix=%u tokens=%u ms=%.3f "
-			     "a=%.3g b=%.3g", ns, prefix, tokens, ms, pm.a, pm.b);
-		}
+			     "a=%.3g b=%.3g", ns, prefix, tokens, ms, r.pm.a, r.pm.b);
 	}
-	pthread_mutex_unlock(&s->report_lock);
 	if (rc == KVTIER_E_NOTFOUND)
 		set_err(err, errlen, "unknown namespace \"%s\" (no blob was ever stored in it)", ns);
 	else if (rc)

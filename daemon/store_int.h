@@ -5,7 +5,6 @@
  * Locks, in the order they may be taken (never the reverse):
  *   move_lock   one migration or eviction pass at a time (placement.c)
  *   commit_lock a blob's files and its index record change together
- *   report_lock around a namespace model's LMDB update
  *   lease_lock, pin_lock, touch_lock, ns_lock, model_lock: leaf locks, held
  *               for a few instructions, never around I/O
  */
@@ -89,7 +88,6 @@ struct store {
 	size_t n_ns_counters;
 
 	pthread_mutex_t model_lock;  /* tier models, L values */
-	pthread_mutex_t report_lock; /* one prefill report's read-refit-write at a time */
 	struct tier_place place[STORE_MAX_TIERS];
 
 	pthread_mutex_t move_lock;               /* one migration / eviction pass at a time */
