@@ -2,6 +2,7 @@
 """The store end to end: real kvtierd, real CLI, real llama-server slot files."""
 import os
 import re
+import tempfile
 import shutil
 import stat
 
@@ -226,6 +227,45 @@ def test_corrupt_blob_never_served(root, daemons):
     fsck_clean(d)
 
 
+def test_stage_copy_checked(root, daemons):
+    """A slot directory on another file system gets a copy, not a link; the copy is checked
+    against the blob's CRC like every other read: a flipped byte is never staged."""
+    other = tempfile.mkdtemp(prefix="kvtier-it-xfs-", dir="/var/tmp")
+    try:
+        slots = os.path.join(root, "slots")
+        os.makedirs(slots, exist_ok=True)
+        d = start(root, daemons, slot_dirs=[slots, other])
+        if os.stat(other).st_dev == os.stat(d.tier_dir).st_dev:
+            print("SKIP part: /var/tmp and the tier are on one file system")
+            return
+        src = fixture("v2/chat-a-turn2.bin")
+        blob = d.put(src)
+        st = d.cli("stage", blob, "--dir", other, "--json").json()
+        eq(st["copied"], True, "another file system: a copy")
+        staged = os.path.join(other, st["filename"])
+        eq(sha256(staged), sha256(src), "the copy holds the blob's bytes")
+        check(os.stat(staged).st_ino != os.stat(os.path.join(d.tier_dir, blob)).st_ino,
+              "not the tier's inode")
+        d.cli("release", st["lease"])
+        eq(sorted(os.listdir(other)), [], "released, nothing left")
+        path = os.path.join(d.tier_dir, blob)
+        os.chmod(path, 0o640)
+        with open(path, "r+b") as f:     # flip one byte of KV data, same size
+            f.seek(50000)
+            b = f.read(1)
+            f.seek(50000)
+            f.write(bytes([b[0] ^ 0x40]))
+        r = d.cli("stage", blob, "--dir", other, "--json", check_rc=False)
+        expect_fail(r, "DATA_LOSS")
+        eq(sorted(os.listdir(other)), [], "no staged file and no temporary from a corrupt blob")
+        eq(d.ls(), [], "the corrupt blob is dropped")
+        eq(d.tier_files(), [], "its file is removed")
+        check("event=checksum_mismatch blob=%s part=\"\" tier=0 during=stage" % blob
+              in d.read_log(), "the log names the blob and the stage")
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
 def test_start_guards(root, daemons):
     import subprocess
     from harness import KVTIERD
@@ -339,5 +379,5 @@ def test_restart_keeps_blobs(root, daemons):
 if __name__ == "__main__":
     run([test_lookup_prefix, test_supersede_and_get, test_no_supersede, test_dedup,
          test_refusals, test_namespaces_isolated, test_v4_sidecar, test_stage_and_adopt,
-         test_corrupt_blob_never_served, test_start_guards,
+         test_corrupt_blob_never_served, test_stage_copy_checked, test_start_guards,
          test_cancelled_put_stores_nothing, test_lease_expiry, test_restart_keeps_blobs])

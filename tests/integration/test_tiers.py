@@ -151,6 +151,13 @@ def test_spill_fetch_promote(root, daemons):
         check(metric(d, "kvtier_migrations_total", direction="down") >= 4, "migrations counted")
         # Make one disk blob hot: hits count for GDSF's frequency; after the
         # flush (1 s) a whole read asks for a promotion, and the policy grants it.
+        # Lookup gives a disk blob's size as served (as List), not as stored.
+        on_disk = [b for b in d.ls() if b["tier_index"] == 1 and b["compression"] != "none"]
+        check(on_disk, "a compressed blob on disk")
+        m = d.lookup(files[ids.index(on_disk[0]["blob"])])
+        eq((m["blob"], m["tier_index"], m["size_bytes"]),
+           (on_disk[0]["blob"], 1, on_disk[0]["size_bytes"]), "lookup of a compressed disk blob")
+        check(on_disk[0]["stored_bytes"] < m["size_bytes"], "stored smaller than served")
         hot = ids[0]
         for _ in range(4):
             d.cli("lookup", "--namespace", "ns-test", "--tokens-of", files[0])
