@@ -54,6 +54,7 @@
 #include <hiredis/hiredis.h>
 
 #include "kvtier.h"
+#include "options.h"
 
 #define MiB (1024.0 * 1024.0)
 #define BENCH_IO_CHUNK (1u << 20)      /* raw socket copy: 1 MiB write() and read() */
@@ -110,20 +111,11 @@ static void sleep_ms(unsigned ms)
 /* "256M", "1G", "4096": bytes (K, M, G, T are powers of 1024). */
 static uint64_t parse_size(const char *s)
 {
-	char *end;
-	double v = strtod(s, &end);
-	uint64_t mul = 1;
+	uint64_t v;
 
-	switch (*end) {
-	case 'k': case 'K': mul = 1ull << 10; end++; break;
-	case 'm': case 'M': mul = 1ull << 20; end++; break;
-	case 'g': case 'G': mul = 1ull << 30; end++; break;
-	case 't': case 'T': mul = 1ull << 40; end++; break;
-	default: break;
-	}
-	if (end == s || *end || v <= 0)
+	if (options_parse_size(s, &v) || v == 0)
 		die("bad size \"%s\" (expected e.g. 256M or 1G)", s);
-	return (uint64_t)(v * (double)mul);
+	return v;
 }
 
 /* A human name of a size for scenario names: "1 MiB", "256 MiB", "1 GiB". */

@@ -1185,11 +1185,12 @@ static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_tick
 	if (rc && !res.headers_done)
 		forward_failed(j, rc, &res);
 	side_end(&j->side);
-	if (j->headers_passed && j->sink->on_end) {
-		/* The client's answer ends here, and its next turn may come at
-		 * once: it must find this slot, not another idle one. */
+	if (j->headers_passed) {
+		/* The client's answer ends here (on_end), and its next turn may
+		 * come at once: it must find this slot, not another idle one. */
 		slots_finishing(&e->t, tk);
-		j->sink->on_end(j->sink->ctx, j->broken);
+		if (j->sink->on_end)
+			j->sink->on_end(j->sink->ctx, j->broken);
 	}
 	/* A stream that ended without its final timings ended in an error event. */
 	ok = rc == 0 && j->status == 200 && (!j->side.sse || j->side.have_timings);

@@ -51,6 +51,7 @@
 #include "dataset.h"
 #include "kvtier.h"
 #include "log.h"
+#include "options.h"
 #include "store.h"
 
 /* ---- sync stand-ins (see the top of the file) ---- */
@@ -449,24 +450,6 @@ static double now_s(void)
 	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static int parse_size(const char *s, uint64_t *out)
-{
-	char *end;
-	double v = strtod(s, &end);
-	uint64_t m = 1;
-
-	switch (*end) {
-	case 'K': case 'k': m = 1ull << 10; end++; break;
-	case 'M': case 'm': m = 1ull << 20; end++; break;
-	case 'G': case 'g': m = 1ull << 30; end++; break;
-	case 'T': case 't': m = 1ull << 40; end++; break;
-	}
-	if (end == s || *end || v < 0)
-		return -1;
-	*out = (uint64_t)(v * (double)m);
-	return 0;
-}
-
 static void usage(FILE *f)
 {
 	fprintf(f,
@@ -540,7 +523,7 @@ int main(int argc, char **argv)
 		case 'd': p.data = optarg; break;
 		case 't': p.tier = optarg; break;
 		case 'S':
-			if (parse_size(optarg, &p.tier_size))
+			if (options_parse_size(optarg, &p.tier_size))
 				goto bad;
 			break;
 		case 'n': p.blobs = strtoull(optarg, NULL, 10); break;
