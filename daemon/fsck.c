@@ -227,14 +227,14 @@ static ssize_t fsck_src_read(void *ctx, void *buf, size_t len)
 	return n;
 }
 
-/* Reads a part back (decoding it when it is stored encoded) and compares
- * the CRC-32C of the bytes as served. */
+/* Reads a part back through the decoder (CODEC_RAW reads through, checking
+ * the size) and compares the CRC-32C of the bytes as served. */
 static void fsck_verify_part(struct fsck *c, const struct fsck_tier *t, const char *name,
 			     const char *hex, int part, uint64_t size, uint32_t want, int codec)
 {
 	uint32_t crc = 0;
 	uint64_t off = 0;
-	int fd = openat(t->dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+	int fd = openat(t->dirfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC), rc;
 	struct fsck_src src = {fd, 0};
 	struct codec_dec *dec = NULL;
 
@@ -243,32 +243,28 @@ static void fsck_verify_part(struct fsck *c, const struct fsck_tier *t, const ch
 			     strerror(errno));
 		goto out;
 	}
-	if (codec != CODEC_RAW && codec_dec_new(codec, size, fsck_src_read, &src, &dec)) {
-		fsck_problem(c, "blob %s: %s/%s: unknown compression %d", hex, t->path, name, codec);
+	rc = codec_dec_new(codec, size, fsck_src_read, &src, &dec);
+	if (rc) {
+		fsck_problem(c, "blob %s: %s/%s: %s", hex, t->path, name,
+			     rc == KVTIER_E_INVALID ? "unknown compression" : kvtier_strerror(rc));
 		goto out;
 	}
 	while (off < size) {
 		size_t want_len = size - off < FSCK_READ_BUF ? (size_t)(size - off) : FSCK_READ_BUF;
-		ssize_t n = dec ? codec_dec_read(dec, c->buf, want_len)
-				: pread(fd, c->buf, want_len, (off_t)off);
+		ssize_t n = codec_dec_read(dec, c->buf, want_len);
+
 		if (n == KVTIER_E_CORRUPT) {
-			fsck_problem(c, "blob %s: %s %s/%s does not decode (%s): the bytes are "
-					"damaged", hex, fsck_part_label(part), t->path, name,
-				     codec_name(codec));
+			fsck_problem(c, "blob %s: %s %s/%s does not read back as %" PRIu64 " bytes "
+					"of %s: the bytes are damaged", hex, fsck_part_label(part),
+				     t->path, name, size, codec_name(codec));
 			goto out;
 		}
-		if (n < -1) {
-			errno = (int)-n;
-			n = -1;
-		}
-		if (n < 0 && errno == EINTR)
-			continue;
 		if (n < 0) {
 			fsck_problem(c, "blob %s: reading %s/%s failed at byte %" PRIu64 ": %s",
-				     hex, t->path, name, off, strerror(errno));
+				     hex, t->path, name, off, kvtier_strerror((int)n));
 			goto out;
 		}
-		if (n == 0) {
+		if (n == 0) { /* the decoder says the part is whole: it is not */
 			fsck_problem(c, "blob %s: %s/%s ended at byte %" PRIu64 " while reading it",
 				     hex, t->path, name, off);
 			goto out;

@@ -189,9 +189,9 @@ class Daemon:
         a = ["ls", "--json"] + (["--namespace", ns] if ns else [])
         return self.cli(*a).json()
 
-    def fsck(self):
-        p = subprocess.run([KVTIER, "fsck", "--data", self.data], capture_output=True,
-                           timeout=300)
+    def fsck(self, verify=False):
+        p = subprocess.run([KVTIER, "fsck", "--data", self.data] + (["--verify"] if verify else []),
+                           capture_output=True, timeout=300)
         return Result(p.returncode, p.stdout.decode(errors="replace"),
                       p.stderr.decode(errors="replace"))
 

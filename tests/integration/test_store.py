@@ -217,6 +217,11 @@ def test_corrupt_blob_never_served(root, daemons):
         b = f.read(1)
         f.seek(50000)
         f.write(bytes([b[0] ^ 0x40]))
+    r = d.fsck()
+    check(r.rc == 0, "fsck without --verify reads no bytes: %r" % r)
+    r = d.fsck(verify=True)
+    check(r.rc != 0 and ("blob %s" % blob) in r.out + r.err and "fails its checksum" in r.out + r.err,
+          "fsck --verify names the damaged blob: %r" % r)
     out = os.path.join(root, "bad.bin")
     r = d.cli("get", blob, "-o", out, check_rc=False)
     expect_fail(r, "DATA_LOSS", "checksum")

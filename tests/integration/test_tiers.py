@@ -174,8 +174,8 @@ def test_spill_fetch_promote(root, daemons):
         eq(sha256(r["path"]), sha256(src), "staged bytes of a disk blob")
         d.cli("release", r["lease"])
         d.stop()
-        f = d.fsck()
-        check(f.rc == 0, "fsck clean: %r" % f)
+        f = d.fsck(verify=True)   # every part read back, the lz4 ones decoded
+        check(f.rc == 0, "fsck --verify clean: %r" % f)
     finally:
         cleanup_disk(root, daemons)
 
@@ -253,6 +253,11 @@ def test_flipped_byte_on_disk(root, daemons):
             b = f.read(1)
             f.seek(size // 2)
             f.write(bytes([b[0] ^ 0x40]))
+        # fsck --verify decodes the compressed part and finds the damage.
+        r = d.fsck(verify=True)
+        check(r.rc != 0 and ("blob %s" % ids[0]) in r.out + r.err and
+              ("does not read back" in r.out + r.err or "fails its checksum" in r.out + r.err),
+              "fsck --verify names the damaged disk blob: %r" % r)
         r = d.cli("get", ids[0], "-o", os.path.join(root, "bad.bin"), check_rc=False)
         expect_fail(r, "DATA_LOSS")
         check(not os.path.exists(os.path.join(root, "bad.bin")), "nothing written")
