@@ -1457,6 +1457,36 @@ out:
 	return rc;
 }
 
+int index_set_flags(struct index *ix, const struct key *id, uint32_t set, int *had_all)
+{
+	MDB_txn *txn = NULL;
+	struct blob_meta m;
+	int rc = 0, mrc;
+
+	if (ix->readonly)
+		return index_readonly(ix, NULL, 0);
+	mrc = mdb_txn_begin(ix->env, NULL, 0, &txn);
+	if (mrc)
+		return index_fail(mrc, "flags: beginning a transaction", NULL, 0);
+	mrc = blob_read(ix, txn, id, &m, NULL, 0);
+	if (mrc) {
+		rc = read_rc(mrc, "flags", NULL, 0);
+		goto out;
+	}
+	if (had_all)
+		*had_all = (m.flags & set) == set;
+	if ((m.flags & set) == set)
+		goto out;
+	m.flags |= set;
+	mrc = blob_put_commit(ix, &txn, &m);
+	if (mrc)
+		rc = index_fail(mrc, "flags", NULL, 0);
+out:
+	if (txn)
+		mdb_txn_abort(txn);
+	return rc;
+}
+
 int index_touch(struct index *ix, const struct index_touch *t, size_t n)
 {
 	MDB_txn *txn = NULL;

@@ -187,9 +187,16 @@ int index_get_tokens(struct index *ix, const struct key *id, int32_t **tokens, u
  * as it was. Returns 0 or KVTIER_E_NOTFOUND. */
 int index_delete(struct index *ix, const struct key *id, struct blob_meta *out);
 
-/* Replaces the record of an existing blob (tier move, flags). The id, ns_id
- * and n_tokens must not change. Returns 0 or KVTIER_E_NOTFOUND. */
+/* Replaces the record of an existing blob with *meta (the tests' way to set
+ * up a state). The id, ns_id and n_tokens must not change. Returns 0 or
+ * KVTIER_E_NOTFOUND. */
 int index_update(struct index *ix, const struct blob_meta *meta);
+
+/* Sets the flags `set` on blob id's record, changing nothing else, in one
+ * write transaction (access statistics flushed meanwhile are kept).
+ * *had_all (may be NULL) tells whether they were all set already. Returns 0
+ * or KVTIER_E_NOTFOUND. */
+int index_set_flags(struct index *ix, const struct key *id, uint32_t set, int *had_all);
 
 /* A move of a blob between tiers (or a change of its stored form). */
 struct index_placement {

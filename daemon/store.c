@@ -2037,19 +2037,13 @@ int store_delete(struct store *s, const struct key *id, char *err, size_t errlen
 
 int store_quarantine(struct store *s, const struct key *id, char *err, size_t errlen)
 {
-	struct blob_meta m;
 	char hex[KEY_HEX_LEN + 1];
-	int rc;
+	int rc, had = 0;
 
-	pthread_mutex_lock(&s->commit_lock);
-	rc = index_get(s->ix, id, &m, NULL, 0);
-	if (rc == 0 && !(m.flags & BLOB_F_QUARANTINED)) {
-		m.flags |= BLOB_F_QUARANTINED;
-		rc = index_update(s->ix, &m);
-		if (rc == 0)
-			atomic_fetch_add(&s->quarantined, 1);
-	}
-	pthread_mutex_unlock(&s->commit_lock);
+	/* One read-modify-write transaction: hits flushed meanwhile are kept. */
+	rc = index_set_flags(s->ix, id, BLOB_F_QUARANTINED, &had);
+	if (rc == 0 && !had)
+		atomic_fetch_add(&s->quarantined, 1);
 	if (rc) {
 		set_err(err, errlen, rc == KVTIER_E_NOTFOUND ? "no blob %s" : "quarantine of %s failed",
 			key_hex(id, hex));

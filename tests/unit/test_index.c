@@ -641,9 +641,26 @@ int main(void)
 	CHECK_EQ_INT(index_update(ix, &bm), 0);
 	lookup(ix, "nsK", A, 274, &m);
 	CHECK(same_id(&m.meta.id, &c2.id));
-	CHECK_EQ_INT(index_get(ix, &c2.id, &bm, NULL, 0), 0);
-	bm.flags |= BLOB_F_QUARANTINED;
-	CHECK_EQ_INT(index_update(ix, &bm), 0);
+	{
+		/* index_set_flags changes the flag only: hits counted in the
+		 * meantime, the tier and the rest stay as they are. */
+		struct index_touch t = {.id = c2.id, .hits = 5};
+		struct blob_meta before;
+		int had = -1;
+
+		CHECK_EQ_INT(index_get(ix, &c2.id, &before, NULL, 0), 0);
+		CHECK_EQ_INT(index_touch(ix, &t, 1), 0);
+		CHECK_EQ_INT(index_set_flags(ix, &c2.id, BLOB_F_QUARANTINED, &had), 0);
+		CHECK_EQ_INT(had, 0);
+		CHECK_EQ_INT(index_set_flags(ix, &c2.id, BLOB_F_QUARANTINED, &had), 0);
+		CHECK_EQ_INT(had, 1);
+		CHECK_EQ_INT(index_get(ix, &c2.id, &bm, NULL, 0), 0);
+		CHECK_EQ_INT(bm.flags, before.flags | BLOB_F_QUARANTINED);
+		CHECK_EQ_INT(bm.hits, before.hits + 5);
+		CHECK_EQ_INT(bm.tier, 1);
+		memset(&t.id, 0xee, sizeof(t.id)); /* no such blob */
+		CHECK_EQ_INT(index_set_flags(ix, &t.id, BLOB_F_QUARANTINED, NULL), KVTIER_E_NOTFOUND);
+	}
 	lookup(ix, "nsK", A, 274, &m);
 	CHECK_EQ_INT(m.found, 1);
 	CHECK(same_id(&m.meta.id, &e2.id));
