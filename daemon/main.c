@@ -24,6 +24,7 @@
 
 #include <grpc/grpc.h>
 
+#include "codec.h"
 #include "kvtier.h"
 #include "log.h"
 #include "options.h"
@@ -256,7 +257,7 @@ int main(int argc, char **argv)
 	cfg.high_watermark = 0.9;
 	cfg.low_watermark = 0.75;
 	cfg.compress_min_saving = 0.10;
-	cfg.shuffle = 2;
+	cfg.shuffle = CODEC_SHUFFLE_AUTO;
 	cfg.assumed_prefill_tps = 500;
 	cfg.probe_bytes = 8u << 20;
 	cfg.io_depth = 8;
@@ -352,11 +353,11 @@ int main(int argc, char **argv)
 			break;
 		case OPT_SHUFFLE:
 			if (strcmp(optarg, "auto") == 0)
-				cfg.shuffle = 2;
+				cfg.shuffle = CODEC_SHUFFLE_AUTO;
 			else if (strcmp(optarg, "on") == 0)
-				cfg.shuffle = 1;
+				cfg.shuffle = CODEC_SHUFFLE_ALWAYS;
 			else if (strcmp(optarg, "off") == 0)
-				cfg.shuffle = 0;
+				cfg.shuffle = CODEC_SHUFFLE_NEVER;
 			else
 				return die("--shuffle %s: expected auto, on or off", optarg);
 			break;

@@ -522,9 +522,7 @@ static int move_blob(struct store *s, const struct blob_meta *m, unsigned to, un
 		atomic_fetch_add(&s->tier_blobs[to], 1);
 		atomic_fetch_add(&s->place[to].raw_bytes, blob_raw_bytes(m));
 		atomic_fetch_add(&s->place[to].stored_bytes, stored);
-		atomic_fetch_add(&s->place[to].moved_in, 1);
 		atomic_fetch_add(&s->place[to].moved_in_bytes, stored);
-		atomic_fetch_add(&s->place[from].moved_out, 1);
 		atomic_fetch_add(&s->migrations[from][to], 1);
 		committed = 0;
 		klog(LOG_INFO,

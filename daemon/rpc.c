@@ -372,7 +372,9 @@ static void handle_info(struct rpc_call *c)
 	r.high_watermark = cfg->high_watermark;
 	r.low_watermark = cfg->low_watermark;
 	r.compress_min_saving = cfg->compress_min_saving;
-	r.shuffle = cfg->shuffle == 2 ? "auto" : cfg->shuffle ? "on" : "off";
+	r.shuffle = cfg->shuffle == CODEC_SHUFFLE_AUTO     ? "auto"
+		    : cfg->shuffle == CODEC_SHUFFLE_ALWAYS ? "on"
+							   : "off";
 	r.assumed_prefill_tps = cfg->assumed_prefill_tps;
 	r.block_size = store_block_size(c->srv->store);
 	r.supersede = cfg->supersede;

@@ -2185,8 +2185,12 @@ void store_get_stats(struct store *s, struct store_stats *o)
 		ts->stored_bytes = atomic_load(&pl->stored_bytes);
 		for (int r = 0; r < STORE_EVICT_REASONS; r++)
 			ts->evictions[r] = atomic_load(&pl->evictions[r]);
-		ts->moved_in = atomic_load(&pl->moved_in);
-		ts->moved_out = atomic_load(&pl->moved_out);
+		/* Moves in and out are the tier's column and row of migrations. */
+		ts->moved_in = ts->moved_out = 0;
+		for (unsigned k = 0; k < s->n_tiers; k++) {
+			ts->moved_in += atomic_load(&s->migrations[k][t]);
+			ts->moved_out += atomic_load(&s->migrations[t][k]);
+		}
 		ts->moved_in_bytes = atomic_load(&pl->moved_in_bytes);
 		ts->enospc = atomic_load(&pl->enospc);
 		ts->compression_ratio = ts->stored_bytes ? (double)ts->raw_bytes /

@@ -53,7 +53,7 @@ struct store_config {
 	/* placement (docs/policy.md) */
 	double high_watermark, low_watermark;  /* shares of each tier's capacity */
 	double compress_min_saving;   /* store raw when LZ4 saves less (0.10); >= 1: never */
-	int shuffle;                  /* 0 never, 1 always, 2 auto */
+	int shuffle;                  /* enum codec_shuffle_mode (codec.h) */
 	double assumed_prefill_tps;   /* prefill speed of a namespace with no reports */
 	uint64_t probe_bytes;         /* size of the start-up probe per tier, 0 = none */
 	int io_mode;                  /* enum tier_io_mode */

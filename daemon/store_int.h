@@ -55,8 +55,7 @@ struct tier_place {
 	int compresses;          /* blobs moved here are LZ4-encoded when it pays */
 	_Atomic uint64_t raw_bytes, stored_bytes; /* blobs on the tier: served vs stored */
 	_Atomic uint64_t evictions[STORE_EVICT_REASONS];
-	_Atomic uint64_t moved_in, moved_out; /* migrations into / out of the tier */
-	_Atomic uint64_t moved_in_bytes;
+	_Atomic uint64_t moved_in_bytes; /* stored bytes migrated into the tier */
 	_Atomic uint64_t enospc;
 	_Atomic uint64_t fs_limit;     /* bytes the file system held at the last ENOSPC; 0 none */
 };
