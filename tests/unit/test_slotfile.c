@@ -108,103 +108,199 @@ static int same_layout(const struct slot_info *a, const struct slot_info *b)
 	       memcmp(a->layout, b->layout, sizeof(a->layout)) == 0;
 }
 
-static const char *const dirs[] = { "v2", "v2-flash-attn", "v2-q8", "v4-ik" };
+/* Every fixture folder: what its files must parse as. */
+struct folder {
+	const char *dir;
+	uint32_t version, form, kind, n_sections;
+	uint32_t n_stream, v_trans, size_a1;
+	int same_tokens;          /* the micro model's tokens (turn 2 extends turn 1) */
+	const char *describe;     /* prefix of the layout's description */
+};
+
+static const struct folder folders[] = {
+	{ "v2", 2, SLOT_TOKENS_PLAIN, SLOT_STATE_KV_2025, 1, 1, 1, 73504, 1,
+	  "n_layer=2 v_trans=1 k=f16 64B/row v=f16 2B x 32" },
+	{ "v2-flash-attn", 2, SLOT_TOKENS_PLAIN, SLOT_STATE_KV_2025, 1, 1, 0, 73504, 1,
+	  "n_layer=2 v_trans=0 k=f16 64B/row v=f16 64B/row" },
+	{ "v2-q8", 2, SLOT_TOKENS_PLAIN, SLOT_STATE_KV_2025, 1, 1, 0, 40624, 1,
+	  "n_layer=2 v_trans=0 k=q8_0 34B/row v=q8_0 34B/row" },
+	{ "v2-2026", 2, SLOT_TOKENS_PLAIN, SLOT_STATE_KV, 1, 2, 1, 74608, 1,
+	  "v2 plain kv streams=2 n_layer=2 v_trans=1 k=f16 64B/row v=f16 2B x 32 digest=" },
+	{ "v2-2026-kvu", 2, SLOT_TOKENS_PLAIN, SLOT_STATE_KV, 1, 1, 1, 74604, 1,
+	  "v2 plain kv streams=1 n_layer=2 v_trans=1 k=f16 64B/row v=f16 2B x 32 digest=" },
+	{ "v2-2026-fa", 2, SLOT_TOKENS_PLAIN, SLOT_STATE_KV, 1, 2, 0, 74608, 1,
+	  "v2 plain kv streams=2 n_layer=2 v_trans=0 k=f16 64B/row v=f16 64B/row digest=" },
+	{ "v2-2026-q8", 2, SLOT_TOKENS_PLAIN, SLOT_STATE_KV, 1, 2, 0, 41728, 1,
+	  "v2 plain kv streams=2 n_layer=2 v_trans=0 k=q8_0 34B/row v=q8_0 34B/row digest=" },
+	{ "v2-2026-iswa", 2, SLOT_TOKENS_PLAIN, SLOT_STATE_KV, 2, 2, 0, 123108, 0,
+	  "v2 plain kv+kv streams=2 n_layer=1 v_trans=0 k=f16 64B/row v=f16 64B/row digest=" },
+	{ "v2-2026-iswa-swafull", 2, SLOT_TOKENS_PLAIN, SLOT_STATE_KV, 2, 2, 0, 123108, 0,
+	  "v2 plain kv+kv streams=2 n_layer=1" },
+	{ "v2-2026-recurrent", 2, SLOT_TOKENS_PLAIN, SLOT_STATE_RECURRENT, 1, 1, 0, 20632, 0,
+	  "v2 plain recurrent streams=1 n_layer=2 s_trans=0 r=f32 1536B/row s=f32 8192B/row" },
+	{ "v2-2026-packed", 2, SLOT_TOKENS_PACKED, SLOT_STATE_KV, 1, 2, 0, 74624, 1,
+	  "v2 packed kv streams=2 n_layer=2 v_trans=0 k=f16 64B/row v=f16 64B/row digest=" },
+	{ "v3-2026-10", 3, SLOT_TOKENS_PLAIN, SLOT_STATE_KV, 1, 2, 0, 74608, 1,
+	  "v3 plain kv streams=2 n_layer=2 v_trans=0" },
+	{ "v3-2026-10-iswa", 3, SLOT_TOKENS_PLAIN, SLOT_STATE_KV, 2, 2, 0, 123108, 0,
+	  "v3 plain kv+kv streams=2 n_layer=1" },
+	{ "v3-2026-10-recurrent", 3, SLOT_TOKENS_PLAIN, SLOT_STATE_RECURRENT, 1, 1, 0, 20632, 0,
+	  "v3 plain recurrent streams=1 n_layer=2 s_trans=0" },
+	{ "v4-ik", 4, SLOT_TOKENS_PLAIN, SLOT_STATE_KV_2025, 1, 1, 0, 73512, 1,
+	  "v4 plain ik streams=1 n_layer=2 v_trans=0 k=f16 64B/row v=f16 64B/row" },
+};
+#define N_FOLDERS (sizeof(folders) / sizeof(folders[0]))
+
+/* The token words of a file, read here without the parser: the tokens the
+ * parser hands back must be exactly these (the packed form's tokens are the
+ * words after its count). */
+static int32_t *header_tokens(const uint8_t *b, uint32_t *n)
+{
+	uint32_t words = (uint32_t)b[8] | (uint32_t)b[9] << 8 | (uint32_t)b[10] << 16 |
+			 (uint32_t)b[11] << 24, at = 0, i;
+	int32_t *w = malloc(4 * (size_t)words + 4);
+
+	CHECK(w);
+	memcpy(w, b + 12, 4 * (size_t)words);
+	*n = words;
+	if (words >= 3 && w[0] == -1) {
+		at = 3;
+		*n = (uint32_t)w[2];
+	}
+	for (i = 0; i < *n; i++)
+		w[i] = w[at + i];
+	return w;
+}
 
 static void test_fixtures(void)
 {
-	struct slot_info a1[4], a2[4], b1[4], e[4];
-	int32_t *ta1[4], *ta2[4], *tb1[4], *te = NULL;
-	char err[256], desc[160];
-	int d, fd;
+	static const char *const files[] = { "chat-a-turn1.bin", "chat-a-turn2.bin",
+					     "chat-b-turn1.bin" };
+	static const uint32_t n_tok[] = { 274, 334, 268 };
+	struct slot_info info[N_FOLDERS][3], e[N_FOLDERS];
+	int32_t *tok[N_FOLDERS][3], *te = NULL, *micro = NULL;
+	char err[256], desc[200];
+	size_t d, f, g;
+	int fd;
 
-	for (d = 0; d < 4; d++) {
-		int v4 = d == 3;
+	for (d = 0; d < N_FOLDERS; d++) {
+		const struct folder *fo = &folders[d];
 
-		parse_fixture(dirs[d], "chat-a-turn1.bin", &a1[d], &ta1[d], 0);
-		parse_fixture(dirs[d], "chat-a-turn2.bin", &a2[d], &ta2[d], 0);
-		parse_fixture(dirs[d], "chat-b-turn1.bin", &b1[d], &tb1[d], 0);
-		CHECK_EQ_INT(a1[d].n_tokens, 274);
-		CHECK_EQ_INT(a2[d].n_tokens, 334);
-		CHECK_EQ_INT(b1[d].n_tokens, 268);
-		CHECK_EQ_INT(a1[d].version, v4 ? 4 : 2);
-		CHECK_EQ_INT(a2[d].version, v4 ? 4 : 2);
-		CHECK_EQ_INT(b1[d].version, v4 ? 4 : 2);
-		CHECK_EQ_INT(a1[d].state_offset, 12 + 4 * 274);
-		CHECK_EQ_INT(b1[d].state_offset, 12 + 4 * 268);
-		CHECK_EQ_INT(a1[d].has_layout, !v4);
-		CHECK_EQ_INT(a1[d].file_size, d == 2 ? 40624 : v4 ? 73512 : 73504);
-		if (!v4) {
-			CHECK_EQ_INT(a1[d].n_cells, 274);
-			CHECK_EQ_INT(a2[d].n_cells, 334);
-			CHECK_EQ_INT(b1[d].n_cells, 268);
-			CHECK_EQ_INT(a1[d].n_layer, 2);
-			CHECK_EQ_INT(a1[d].v_trans, d == 0 ? 1 : 0);
-			CHECK_EQ_INT(a1[d].layout_len, 34);
-			/* Same server configuration, any conversation: one layout. */
-			CHECK(same_layout(&a1[d], &a2[d]));
-			CHECK(same_layout(&a1[d], &b1[d]));
-		} else {
-			CHECK_EQ_INT(a1[d].layout_len, 0);
+		for (f = 0; f < 3; f++) {
+			struct slot_info *in = &info[d][f];
+			uint32_t nh;
+			size_t len;
+			uint8_t *raw = load(fo->dir, files[f], &len);
+			int32_t *ht = header_tokens(raw, &nh);
+
+			parse_fixture(fo->dir, files[f], in, &tok[d][f], 0);
+			CHECK_EQ_INT(in->version, fo->version);
+			CHECK_EQ_INT(in->token_form, fo->form);
+			CHECK_EQ_INT(in->state_kind, fo->kind);
+			CHECK_EQ_INT(in->n_sections, fo->n_sections);
+			CHECK_EQ_INT(in->sec[0].n_stream, fo->n_stream);
+			CHECK_EQ_INT(in->v_trans, fo->v_trans);
+			CHECK_EQ_INT(in->n_tokens, n_tok[f]);
+			CHECK_EQ_INT(in->n_tokens_all, n_tok[f]);
+			CHECK_EQ_INT(in->n_media, 0);
+			CHECK_EQ_INT(in->n_words, n_tok[f] + (fo->form == SLOT_TOKENS_PACKED ? 4 : 0));
+			CHECK_EQ_INT(in->state_offset, 12 + 4 * (uint64_t)in->n_words);
+			CHECK_EQ_INT(in->has_layout, 1);
+			/* Exactly the tokens of the file's header. */
+			CHECK_EQ_INT(nh, in->n_tokens);
+			CHECK(memcmp(ht, tok[d][f], nh * sizeof(int32_t)) == 0);
+			if (f == 0)
+				CHECK_EQ_INT(in->file_size, fo->size_a1);
+			/* A state's sections hold the tokens' cells (the sliding-window
+			 * section only the window); a recurrent state one cell. */
+			if (fo->kind == SLOT_STATE_RECURRENT)
+				CHECK_EQ_INT(in->n_cells, 1);
+			else
+				CHECK_EQ_INT(in->n_cells, n_tok[f]);
+			if (fo->n_sections == 2)
+				CHECK_EQ_INT(in->sec[1].n_cells, 128);
+			/* Same configuration, any conversation: one layout. */
+			if (f)
+				CHECK(same_layout(in, &info[d][0]));
+			free(ht);
+			free(raw);
 		}
-		/* BOS first; turn 2 extends turn 1; chat B shares exactly 225 tokens. */
-		CHECK_EQ_INT(ta1[d][0], 1);
-		CHECK_EQ_INT(ta1[d][1], 529);
-		CHECK(memcmp(ta2[d], ta1[d], 274 * sizeof(int32_t)) == 0);
-		CHECK(memcmp(tb1[d], ta1[d], 225 * sizeof(int32_t)) == 0);
-		CHECK(tb1[d][225] != ta1[d][225]);
-		/* Every server got the same prompt. */
-		CHECK(memcmp(ta1[d], ta1[0], 225 * sizeof(int32_t)) == 0);
+		slot_layout_describe(info[d][0].layout, info[d][0].layout_len, desc, sizeof(desc));
+		if (strncmp(desc, fo->describe, strlen(fo->describe)) != 0)
+			fprintf(stderr, "%s: \"%s\"\n", fo->dir, desc);
+		CHECK(strncmp(desc, fo->describe, strlen(fo->describe)) == 0);
 
-		/* empty.bin: refused, but described. */
-		parse_fixture(dirs[d], "empty.bin", &e[d], &te, KVTIER_E_INVALID);
+		/* BOS first; chat B shares exactly 225 tokens with chat A; turn 2
+		 * extends turn 1 where the model repeats itself (micro). */
+		CHECK_EQ_INT(tok[d][0][0], 1);
+		CHECK_EQ_INT(tok[d][0][1], 529);
+		CHECK(memcmp(tok[d][2], tok[d][0], 225 * sizeof(int32_t)) == 0);
+		CHECK(tok[d][2][225] != tok[d][0][225]);
+		CHECK(memcmp(tok[d][1], tok[d][0], 259 * sizeof(int32_t)) == 0);
+		CHECK_EQ_INT(memcmp(tok[d][1], tok[d][0], 274 * sizeof(int32_t)) == 0,
+			     fo->same_tokens);
+		if (fo->same_tokens) {
+			if (!micro)
+				micro = tok[d][0];
+			CHECK(memcmp(tok[d][0], micro, 274 * sizeof(int32_t)) == 0);
+		}
+
+		/* empty.bin: refused as empty, but its shape is reported. */
+		parse_fixture(fo->dir, "empty.bin", &e[d], &te, KVTIER_E_INVALID);
 		CHECK(te == NULL);
 		CHECK_EQ_INT(e[d].n_tokens, 0);
-		CHECK_EQ_INT(e[d].version, v4 ? 4 : 2);
-		if (!v4) {
-			CHECK_EQ_INT(e[d].n_cells, 0);
-			CHECK(same_layout(&e[d], &a1[d]));
-		}
+		CHECK_EQ_INT(e[d].version, fo->version);
+		CHECK_EQ_INT(e[d].token_form, fo->form);
+		CHECK_EQ_INT(e[d].n_words, fo->form == SLOT_TOKENS_PACKED ? 4 : 0);
+		CHECK_EQ_INT(e[d].n_sections, fo->n_sections);
+		CHECK_EQ_INT(e[d].sec[0].n_stream, fo->n_stream);
+		CHECK_EQ_INT(e[d].n_cells, 0);
 	}
 	{
-		struct slot_info info;
+		struct slot_info in;
 		uint8_t *buf;
 		size_t len;
 
 		buf = load("v2", "empty.bin", &len);
 		CHECK_EQ_INT(len, 72);
-		CHECK_EQ_INT(parse_mem(buf, len, &info, &te, err, sizeof(err)), KVTIER_E_INVALID);
+		CHECK_EQ_INT(parse_mem(buf, len, &in, &te, err, sizeof(err)), KVTIER_E_INVALID);
 		CHECK(strncmp(err, "empty slot file (0 tokens)", 26) == 0);
 		CHECK(strstr(err, "llama-server crashes"));
 		free(buf);
+		buf = load("v2-2026-packed", "empty.bin", &len);
+		CHECK_EQ_INT(len, 40);
+		CHECK_EQ_INT(parse_mem(buf, len, &in, &te, err, sizeof(err)), KVTIER_E_INVALID);
+		CHECK(strncmp(err, "empty slot file (0 tokens)", 26) == 0);
+		free(buf);
 	}
 
-	/* Layouts: v_trans and the KV type are told apart, bytewise. */
-	CHECK(!same_layout(&a1[0], &a1[1]));
-	CHECK(!same_layout(&a1[0], &a1[2]));
-	CHECK(!same_layout(&a1[1], &a1[2]));
-	CHECK(memcmp(a1[0].layout, a1[1].layout, SLOT_LAYOUT_MAX) != 0);
-	CHECK(memcmp(a1[0].layout, a1[2].layout, SLOT_LAYOUT_MAX) != 0);
-
-	slot_layout_describe(a1[0].layout, a1[0].layout_len, desc, sizeof(desc));
-	CHECK(strcmp(desc, "n_layer=2 v_trans=1 k=f16 64B/row v=f16 2B x 32") == 0);
-	slot_layout_describe(a1[1].layout, a1[1].layout_len, desc, sizeof(desc));
-	CHECK(strcmp(desc, "n_layer=2 v_trans=0 k=f16 64B/row v=f16 64B/row") == 0);
-	slot_layout_describe(a1[2].layout, a1[2].layout_len, desc, sizeof(desc));
-	CHECK(strcmp(desc, "n_layer=2 v_trans=0 k=q8_0 34B/row v=q8_0 34B/row") == 0);
-	slot_layout_describe(a1[0].layout, 3, desc, sizeof(desc));
+	/* Layouts a server cannot load into each other differ; the ones it can
+	 * share a signature. Pairs of folders: */
+	for (d = 0; d < N_FOLDERS; d++)
+		for (g = d + 1; g < N_FOLDERS; g++) {
+			int same = !strcmp(folders[d].dir, "v2-2026-iswa") &&
+				   !strcmp(folders[g].dir, "v2-2026-iswa-swafull");
+			if (same_layout(&info[d][0], &info[g][0]) != same)
+				fprintf(stderr, "%s vs %s\n", folders[d].dir, folders[g].dir);
+			CHECK_EQ_INT(same_layout(&info[d][0], &info[g][0]), same);
+		}
+	/* The early 2025 layout keeps kvtier 0.2's signature (namespaces then). */
+	CHECK_EQ_INT(info[0][0].layout_len, 34);
+	CHECK_EQ_INT(info[0][0].layout[0], 1);
+	slot_layout_describe(info[0][0].layout, 3, desc, sizeof(desc));
 	CHECK(strcmp(desc, "unknown layout (3 bytes)") == 0);
-	slot_layout_describe(a1[0].layout, a1[0].layout_len, desc, 8);
+	slot_layout_describe(info[0][0].layout, info[0][0].layout_len, desc, 8);
 	CHECK(strcmp(desc, "n_layer") == 0);
 
 	/* tokens_out may be NULL. */
 	{
-		struct slot_info info;
+		struct slot_info in;
 		uint8_t *buf;
 		size_t len;
 
-		buf = load("v2", "chat-a-turn1.bin", &len);
-		CHECK_EQ_INT(parse_mem(buf, len, &info, NULL, err, sizeof(err)), 0);
-		CHECK_EQ_INT(info.n_tokens, 274);
+		buf = load("v2-2026-packed", "chat-a-turn1.bin", &len);
+		CHECK_EQ_INT(parse_mem(buf, len, &in, NULL, err, sizeof(err)), 0);
+		CHECK_EQ_INT(in.n_tokens, 274);
 		free(buf);
 	}
 
@@ -212,22 +308,20 @@ static void test_fixtures(void)
 	fd = open("/dev/null", O_RDONLY);
 	CHECK(fd >= 0);
 	{
-		struct slot_info info;
+		struct slot_info in;
 		int32_t *t = (int32_t *)&fd; /* must come back NULL */
 
-		CHECK_EQ_INT(slot_parse_fd(fd, &info, &t, err, sizeof(err)), KVTIER_E_INVALID);
+		CHECK_EQ_INT(slot_parse_fd(fd, &in, &t, err, sizeof(err)), KVTIER_E_INVALID);
 		CHECK(t == NULL);
 		CHECK(strstr(err, "not a regular file"));
 	}
 	close(fd);
-	CHECK(slot_parse_fd(-1, &a1[0], NULL, err, sizeof(err)) == -EBADF);
+	CHECK(slot_parse_fd(-1, &info[0][0], NULL, err, sizeof(err)) == -EBADF);
 	CHECK(strncmp(err, "read error", 10) == 0);
 
-	for (d = 0; d < 4; d++) {
-		free(ta1[d]);
-		free(ta2[d]);
-		free(tb1[d]);
-	}
+	for (d = 0; d < N_FOLDERS; d++)
+		for (f = 0; f < 3; f++)
+			free(tok[d][f]);
 }
 
 static void expect_refused(const uint8_t *p, size_t len, const char *prefix)
@@ -255,36 +349,104 @@ static void put32(uint8_t *p, uint32_t v)
 	p[3] = (uint8_t)(v >> 24);
 }
 
+static void expect_opaque(const uint8_t *p, size_t len, uint32_t n_tokens)
+{
+	struct slot_info info;
+	int32_t *t = NULL;
+	char err[256], desc[64];
+	int rc = parse_mem(p, len, &info, &t, err, sizeof(err));
+
+	if (rc != 0 || info.state_kind != SLOT_STATE_OPAQUE)
+		fprintf(stderr, "len %zu: rc %d (%s), kind %u, expected an opaque state\n", len, rc,
+			err, info.state_kind);
+	CHECK_EQ_INT(rc, 0);
+	CHECK_EQ_INT(info.state_kind, SLOT_STATE_OPAQUE);
+	CHECK_EQ_INT(info.n_tokens, n_tokens);
+	CHECK_EQ_INT(info.n_sections, 0);
+	CHECK(slot_layout_is_opaque(info.layout, info.layout_len));
+	slot_layout_describe(info.layout, info.layout_len, desc, sizeof(desc));
+	CHECK(strstr(desc, " opaque"));
+	free(t);
+}
+
+/* Every proper prefix of a fixture is refused as truncated, except a cut at
+ * a section boundary, which reads as another, shorter layout (or, 1-3 bytes
+ * later, as an opaque one): its signature then differs from the file's, and
+ * the namespace's recorded layout refuses it (and the size the server
+ * reported, before that). `step` > 1 samples
+ * the rows, every byte of the metadata is cut. */
+static void check_prefixes(const char *dir, size_t step, int max_boundaries)
+{
+	struct slot_info full, info;
+	int32_t *t = NULL;
+	char err[256];
+	size_t len, cut;
+	int boundaries = 0, rc;
+	uint8_t *buf = load(dir, "chat-a-turn1.bin", &len);
+
+	CHECK_EQ_INT(parse_mem(buf, len, &full, &t, err, sizeof(err)), 0);
+	free(t);
+	t = NULL;
+	for (cut = 0; cut < len; cut++) {
+		if (step > 1 && cut > full.state_offset + 4096 && cut + 64 < len && cut % step)
+			continue;
+		rc = parse_mem(buf, cut, &info, &t, err, sizeof(err));
+		if (rc == 0) {
+			/* a whole section, or a whole section and 1-3 bytes */
+			CHECK(!same_layout(&info, &full));
+			boundaries++;
+			free(t);
+			t = NULL;
+			continue;
+		}
+		if (rc != KVTIER_E_INVALID || strncmp(err, "truncated", 9) != 0)
+			fprintf(stderr, "%s cut at %zu: rc %d (%s)\n", dir, cut, rc, err);
+		CHECK_EQ_INT(rc, KVTIER_E_INVALID);
+		CHECK(strncmp(err, "truncated", 9) == 0);
+		CHECK(t == NULL);
+	}
+	CHECK(boundaries <= max_boundaries);
+	free(buf);
+}
+
 static void test_mutations(void)
 {
 	struct slot_info info;
 	int32_t *t = NULL;
 	uint8_t *buf, *big, hdr[12];
 	char err[256];
-	size_t len, cut;
+	size_t len;
+
+	check_prefixes("v2", 1, 0);
+	check_prefixes("v2-2026-recurrent", 1, 0);
+	check_prefixes("v2-2026", 13, 0);
+	check_prefixes("v2-2026-kvu", 13, 0);
+	check_prefixes("v2-2026-packed", 13, 0);
+	check_prefixes("v2-2026-iswa", 1, 4); /* the base section alone, +1..3 bytes */
+	check_prefixes("v3-2026-10", 13, 0);
+	check_prefixes("v3-2026-10-recurrent", 1, 0);
+	check_prefixes("v4-ik", 13, 0);
 
 	buf = load("v2", "chat-a-turn1.bin", &len);
 	CHECK_EQ_INT(len, 73504);
-
-	/* Every proper prefix of the file is truncated, whatever the cut. */
-	for (cut = 0; cut < len; cut++)
-		expect_refused(buf, cut, "truncated");
 	/* The named ones, with the part that is missing. */
 	expect_refused(buf, 0, "truncated: file is 0 bytes, a slot file header needs 12");
 	expect_refused(buf, 4, "truncated: file is 4 bytes");
 	expect_refused(buf, 11, "truncated: file is 11 bytes");
 	expect_refused(buf, 12, "truncated: file is 12 bytes, its 274 tokens need 1108");
 	expect_refused(buf, 100, "truncated: file is 100 bytes, its 274 tokens need 1108");
-	expect_refused(buf, 12 + 4 * 274, "truncated: the state's cell count");
-	expect_refused(buf, 12 + 4 * 274 + 4 + 8 * 100, "truncated: the cell table");
-	expect_refused(buf, 73503, "truncated: layer 1 V data ends at 73504");
+	expect_refused(buf, 12 + 4 * 274, "truncated: the file ends after its tokens");
+	expect_refused(buf, 12 + 4 * 274 + 4 + 8 * 100, "truncated: flat layout: the cell table");
+	expect_refused(buf, 73503, "truncated: flat layout: layer 1 V header ends at 73504");
 
-	/* One byte too many. */
-	big = malloc(len + 1);
+	/* Bytes over: no known layout, stored opaque (a future layout may
+	 * append fields; the server's reported size guards against junk). */
+	big = malloc(len + 64);
 	CHECK(big);
 	memcpy(big, buf, len);
-	big[len] = 0;
-	expect_refused(big, len + 1, "malformed state: 1 trailing bytes");
+	memset(big + len, 0, 64);
+	expect_opaque(big, len + 1, 274);
+	expect_opaque(big, len + 64, 274);
 
 	/* Bad magic, at any length that holds it. */
 	memcpy(big, buf, len);
@@ -294,15 +456,18 @@ static void test_mutations(void)
 	memcpy(big, "GGUF", 4);
 	expect_refused(big, len, "bad magic");
 
-	/* Versions other than 2 and 4. */
+	/* Versions other than 2, 3 and 4. */
 	memcpy(big, buf, len);
-	put32(big + 4, 3);
-	expect_refused(big, len, "unsupported version 3");
-	expect_refused(big, 8, "unsupported version 3");
 	put32(big + 4, 1);
 	expect_refused(big, len, "unsupported version 1");
+	expect_refused(big, 8, "unsupported version 1");
 	put32(big + 4, 5);
 	expect_refused(big, len, "unsupported version 5");
+	put32(big + 4, 0);
+	expect_refused(big, len, "unsupported version 0");
+	/* Version 3 never wrote the early 2025 KV layout: opaque. */
+	put32(big + 4, 3);
+	expect_opaque(big, len, 274);
 
 	/* Token count bounds, checked before anything is allocated. */
 	put32(hdr, SLOT_MAGIC);
@@ -315,33 +480,50 @@ static void test_mutations(void)
 	expect_refused(hdr, 12, "oversized");
 	put32(hdr + 8, SLOT_MAX_TOKENS);
 	expect_refused(hdr, 12, "truncated: file is 12 bytes, its 4194304 tokens need 16777228");
+	CHECK_EQ_INT(slot_check_header(hdr, 12, &info, err, sizeof(err)), KVTIER_E_INVALID);
+	CHECK(strncmp(err, "truncated: file is 12 bytes", 27) == 0);
+	put32(hdr + 8, 0);
+	CHECK_EQ_INT(slot_check_header(hdr, 100, &info, err, sizeof(err)), KVTIER_E_INVALID);
+	CHECK(strncmp(err, "empty slot file (0 tokens)", 26) == 0);
+	put32(hdr + 8, 5);
+	CHECK_EQ_INT(slot_check_header(hdr, 100, &info, err, sizeof(err)), 0);
+	CHECK_EQ_INT(info.version, 4);
+	CHECK_EQ_INT(info.n_words, 5);
+	CHECK_EQ_INT(info.state_offset, 32);
 
-	/* A version-2 header over a version-4 body and the reverse: v4 is
-	 * opaque after the tokens, v2 must add up exactly. */
+	/* Negative tokens other than -1 (a media position) do not exist. */
+	memcpy(big, buf, len);
+	put32(big + 12 + 4 * 10, (uint32_t)-2);
+	expect_refused(big, len, "malformed token payload: token 10 is -2");
+	/* A -1 in a plain list: a media position; the text before it is kept. */
+	put32(big + 12 + 4 * 10, (uint32_t)-1);
+	CHECK_EQ_INT(parse_mem(big, len, &info, &t, err, sizeof(err)), 0);
+	CHECK_EQ_INT(info.n_tokens, 10);
+	CHECK_EQ_INT(info.n_tokens_all, 274);
+	CHECK_EQ_INT(info.n_media, 1);
+	CHECK_EQ_INT(info.state_kind, SLOT_STATE_KV_2025);
+	free(t);
+	t = NULL;
+
+	/* ik's version 4 and llama.cpp's layouts under each other's numbers. */
 	{
 		uint8_t *v4;
 		size_t v4len;
 
 		v4 = load("v4-ik", "chat-a-turn1.bin", &v4len);
-		CHECK_EQ_INT(parse_mem(v4, v4len, &info, &t, err, sizeof(err)), 0);
-		free(t);
-		t = NULL;
-		put32(v4 + 4, 2);
-		expect_refused(v4, v4len, "malformed state");
+		put32(v4 + 4, 2); /* ik's 8 extra bytes: no llama.cpp layout */
+		expect_opaque(v4, v4len, 274);
 		put32(v4 + 4, 4);
-		/* Version 4 needs only the tokens. */
-		CHECK_EQ_INT(parse_mem(v4, 12 + 4 * 274, &info, &t, err, sizeof(err)), 0);
-		CHECK_EQ_INT(info.n_tokens, 274);
-		CHECK_EQ_INT(info.has_layout, 0);
-		free(t);
-		t = NULL;
+		expect_refused(v4, 12 + 4 * 274, "truncated: the file ends after its tokens");
 		expect_refused(v4, 12 + 4 * 274 - 1, "truncated: file is 1107 bytes");
 		free(v4);
 
-		memcpy(big, buf, len);
-		put32(big + 4, 4);
-		CHECK_EQ_INT(parse_mem(big, len, &info, &t, err, sizeof(err)), 0);
-		CHECK_EQ_INT(info.version, 4);
+		memcpy(big, buf, len); /* an early 2025 file under version 4: ik's */
+		put32(big + 4, 4);     /* layout short of its 8 last bytes */
+		expect_refused(big, len, "truncated: ik layout: the state ends at 73512");
+		memset(big + len, 0, 8);
+		CHECK_EQ_INT(parse_mem(big, len + 8, &info, &t, err, sizeof(err)), 0);
+		CHECK_EQ_INT(info.state_kind, SLOT_STATE_KV_2025);
 		free(t);
 		t = NULL;
 	}
@@ -404,7 +586,7 @@ static uint8_t *synth_build(const struct synth *s, size_t *len)
 	EMIT32(2);
 	EMIT32(s->n_tokens);
 	for (i = 0; i < s->n_tokens; i++)
-		EMIT32((int32_t)(i * 7919u) - 1000); /* some negative */
+		EMIT32((int32_t)((i * 7919u) % 32000));
 	EMIT32(s->n_cells);
 	for (i = 0; i < s->n_cells; i++) {
 		uint32_t ns = s->seq_every ? i % s->seq_every : 0;
@@ -452,7 +634,7 @@ static int synth_parse(const struct synth *s, struct slot_info *info, char *err,
 		CHECK_EQ_INT(info->n_tokens, s->n_tokens);
 		CHECK_EQ_INT(info->file_size, len);
 		for (i = 0; i < s->n_tokens; i++)
-			CHECK_EQ_INT(t[i], (int32_t)(i * 7919u) - 1000);
+			CHECK_EQ_INT(t[i], (int32_t)((i * 7919u) % 32000));
 	} else {
 		CHECK(t == NULL);
 	}
@@ -511,27 +693,29 @@ static void test_synthetic(void)
 		s.seq_every = 0;
 		bb = synth_build(&s, &blen);
 		put32(bb + 12 + 4 * 274 + 4 + 8 * 2 + 4, 257); /* cell 2's n_seq_id */
-		expect_refused(bb, blen, "malformed state: cell 2 has 257 sequence ids");
-		put32(bb + 12 + 4 * 274 + 4 + 8 * 2 + 4, 256);
-		expect_refused(bb, blen, "truncated"); /* allowed, but the ids are not there */
+		expect_opaque(bb, blen, 274);
 		put32(bb + 12 + 4 * 274, SLOT_MAX_TOKENS + 1);
-		expect_refused(bb, blen, "malformed state: 4194305 cells");
+		expect_opaque(bb, blen, 274);
 		free(bb);
 	}
-	s = base;
-	s.v_trans = 2;
-	CHECK_EQ_INT(synth_parse(&s, &b, err, sizeof(err)), KVTIER_E_INVALID);
-	CHECK(strncmp(err, "malformed state: v_trans is 2", 29) == 0);
-	s = base;
-	s.n_layer = 0;
-	CHECK_EQ_INT(synth_parse(&s, &b, err, sizeof(err)), KVTIER_E_INVALID);
-	CHECK(strncmp(err, "malformed state: n_layer is 0", 29) == 0);
 	{
 		size_t blen;
 		uint8_t *bb = synth_build(&base, &blen);
+		size_t vt = 12 + 4 * 274 + 4 + 8 * 274;
 
-		put32(bb + 12 + 4 * 274 + 4 + 8 * 274 + 4, SLOT_MAX_LAYERS + 1);
-		expect_refused(bb, blen, "malformed state: n_layer is 1025");
+		put32(bb + vt, 2); /* v_trans */
+		expect_opaque(bb, blen, 274);
+		put32(bb + vt, 1);
+		put32(bb + vt + 4, 0); /* n_layer */
+		expect_opaque(bb, blen, 274);
+		put32(bb + vt + 4, SLOT_MAX_LAYERS + 1);
+		expect_opaque(bb, blen, 274);
+		put32(bb + vt + 4, 2);
+		put32(bb + vt + 8, 64); /* K type */
+		expect_opaque(bb, blen, 274);
+		put32(bb + vt + 8, 1);
+		put32(bb + vt + 12, 0); /* K row bytes */
+		expect_opaque(bb, blen, 274);
 		free(bb);
 	}
 
@@ -547,10 +731,11 @@ static void test_synthetic(void)
 		size_t k0 = 12 + 4 * 2 + 4 + 8 * 4 + 8;
 
 		put32(bb + k0 + 4, 0);
-		put32(bb + k0 + 8, 0x40000000u); /* k_row_bytes 2^62, x 4 cells */
-		expect_refused(bb, blen, "malformed state: layer 0 K data size overflows");
-		put32(bb + k0 + 8, 0x3fffffffu); /* fits, but far past the end */
-		expect_refused(bb, blen, "truncated: layer 0 K data ends at");
+		put32(bb + k0 + 8, 0x40000000u); /* k_row_bytes 2^62: no row is that long */
+		expect_opaque(bb, blen, 2);
+		put32(bb + k0 + 4, 0x40000000u); /* 1 GiB x 4 cells: far past the end */
+		put32(bb + k0 + 8, 0);
+		expect_refused(bb, blen, "truncated: flat layout: layer 0 K header ends at");
 		free(bb);
 	}
 
@@ -605,11 +790,328 @@ static void test_synthetic(void)
 	CHECK(!same_layout(&b, &c));
 }
 
+/* A growing buffer for the layouts of today's llama.cpp. */
+struct gb {
+	uint8_t *b;
+	size_t n, cap;
+};
+
+static void gb_put(struct gb *g, const void *p, size_t n)
+{
+	if (g->n + n > g->cap) {
+		g->cap = (g->n + n) * 2 + 4096;
+		g->b = realloc(g->b, g->cap);
+		CHECK(g->b);
+	}
+	if (p)
+		memcpy(g->b + g->n, p, n);
+	else
+		memset(g->b + g->n, 0, n);
+	g->n += n;
+}
+
+static void gb32(struct gb *g, uint32_t v)
+{
+	uint8_t b[4];
+
+	put32(b, v);
+	gb_put(g, b, 4);
+}
+
+static void gb64(struct gb *g, uint64_t v)
+{
+	gb32(g, (uint32_t)v);
+	gb32(g, (uint32_t)(v >> 32));
+}
+
+static void gb_header(struct gb *g, uint32_t version, uint32_t n_tokens)
+{
+	gb32(g, SLOT_MAGIC);
+	gb32(g, version);
+	gb32(g, n_tokens);
+	for (uint32_t i = 0; i < n_tokens; i++)
+		gb32(g, 100 + i);
+}
+
+/* One KV stream as llama_kv_cache::state_write writes it. */
+static void gb_kv_stream(struct gb *g, uint32_t n_cells, int ext, int vless, uint32_t n_layer,
+			 uint32_t v_trans, uint64_t k_row)
+{
+	gb32(g, n_cells);
+	if (!n_cells)
+		return;
+	for (uint32_t i = 0; i < n_cells; i++) {
+		gb32(g, i);
+		gb32(g, 1);
+		if (ext)
+			gb_put(g, NULL, 8);
+		gb32(g, 0);
+	}
+	gb32(g, v_trans);
+	gb32(g, n_layer);
+	for (uint32_t l = 0; l < n_layer; l++) {
+		gb32(g, 1);
+		gb64(g, k_row);
+		gb_put(g, NULL, n_cells * k_row);
+	}
+	for (uint32_t l = 0; !vless && l < n_layer; l++) {
+		gb32(g, 1);
+		if (v_trans) {
+			gb32(g, 2);
+			gb32(g, 32);
+			gb_put(g, NULL, n_cells * 64);
+		} else {
+			gb64(g, 64);
+			gb_put(g, NULL, n_cells * 64);
+		}
+	}
+}
+
+/* A recurrent section: n_rec of n_layer layers hold R and S rows. */
+static void gb_recurrent(struct gb *g, uint32_t pos, uint32_t n_layer, uint32_t n_rec)
+{
+	gb32(g, 1);
+	gb32(g, pos);
+	gb32(g, 0);
+	gb32(g, 0);
+	gb32(g, n_layer);
+	for (uint32_t l = 0; l < n_rec; l++) {
+		gb32(g, 0);
+		gb64(g, 96);
+		gb_put(g, NULL, 96);
+	}
+	for (uint32_t l = 0; l < n_rec; l++) {
+		gb32(g, 0);
+		gb64(g, 512);
+		gb_put(g, NULL, 512);
+	}
+}
+
+static void expect_kind(struct gb *g, uint32_t kind, uint32_t n_sections, struct slot_info *out)
+{
+	int32_t *t = NULL;
+	char err[256];
+	int rc = parse_mem(g->b, g->n, out, &t, err, sizeof(err));
+
+	if (rc || out->state_kind != kind || out->n_sections != n_sections)
+		fprintf(stderr, "rc %d (%s) kind %u sections %u, expected kind %u sections %u\n",
+			rc, err, out->state_kind, out->n_sections, kind, n_sections);
+	CHECK_EQ_INT(rc, 0);
+	CHECK_EQ_INT(out->state_kind, kind);
+	CHECK_EQ_INT(out->n_sections, n_sections);
+	CHECK(t && t[0] == 100);
+	free(t);
+	g->n = 0;
+}
+
+/* Layouts the fixtures do not cover: M-RoPE cells, V-less caches, hybrid
+ * models with attention and recurrent layers, several streams with cells. */
+static void test_layouts(void)
+{
+	struct slot_info a, b, c;
+	struct gb g = { NULL, 0, 0 };
+	char desc[200];
+
+	gb_header(&g, 2, 20);
+	gb32(&g, 1);
+	gb_kv_stream(&g, 20, 0, 0, 3, 0, 64);
+	expect_kind(&g, SLOT_STATE_KV, 1, &a);
+	CHECK(!a.sec[0].cell_ext && !a.sec[0].v_less);
+
+	gb_header(&g, 2, 20); /* M-RoPE: 8 more bytes per cell */
+	gb32(&g, 1);
+	gb_kv_stream(&g, 20, 1, 0, 3, 0, 64);
+	expect_kind(&g, SLOT_STATE_KV, 1, &b);
+	CHECK(b.sec[0].cell_ext);
+	CHECK(!same_layout(&a, &b));
+	slot_layout_describe(b.layout, b.layout_len, desc, sizeof(desc));
+	CHECK(strstr(desc, " mrope"));
+
+	gb_header(&g, 3, 20); /* V-less (MLA) */
+	gb32(&g, 1);
+	gb_kv_stream(&g, 20, 0, 1, 3, 0, 64);
+	expect_kind(&g, SLOT_STATE_KV, 1, &c);
+	CHECK(c.sec[0].v_less);
+	CHECK_EQ_INT(c.sec[0].n_v, 0);
+	slot_layout_describe(c.layout, c.layout_len, desc, sizeof(desc));
+	CHECK(strstr(desc, "v=none"));
+
+	gb_header(&g, 2, 20); /* both */
+	gb32(&g, 1);
+	gb_kv_stream(&g, 20, 1, 1, 2, 0, 64);
+	expect_kind(&g, SLOT_STATE_KV, 1, &c);
+	CHECK(c.sec[0].cell_ext && c.sec[0].v_less);
+
+	gb_header(&g, 2, 30); /* two streams holding cells (a whole-context save) */
+	gb32(&g, 2);
+	gb_kv_stream(&g, 10, 0, 0, 3, 0, 64);
+	gb_kv_stream(&g, 20, 0, 0, 3, 0, 64);
+	expect_kind(&g, SLOT_STATE_KV, 1, &c);
+	CHECK_EQ_INT(c.sec[0].n_cells, 30);
+	CHECK_EQ_INT(c.sec[0].n_stream, 2);
+
+	gb_header(&g, 2, 30); /* streams of different shapes: still walked, marked mixed */
+	gb32(&g, 2);
+	gb_kv_stream(&g, 10, 0, 0, 3, 0, 64);
+	gb_kv_stream(&g, 20, 0, 0, 3, 0, 128);
+	expect_kind(&g, SLOT_STATE_KV, 1, &c);
+	slot_layout_describe(c.layout, c.layout_len, desc, sizeof(desc));
+	CHECK(strstr(desc, " mixed"));
+
+	gb_header(&g, 2, 40); /* hybrid: attention layers, then 5 of 8 layers recurrent */
+	gb32(&g, 1);
+	gb_kv_stream(&g, 40, 0, 0, 3, 0, 64);
+	gb_recurrent(&g, 39, 8, 5);
+	expect_kind(&g, SLOT_STATE_HYBRID, 2, &a);
+	CHECK_EQ_INT(a.sec[1].kind, SLOT_SEC_RECURRENT);
+	CHECK_EQ_INT(a.sec[1].n_layer, 8);
+	CHECK_EQ_INT(a.sec[1].n_k, 5);
+	slot_layout_describe(a.layout, a.layout_len, desc, sizeof(desc));
+	CHECK(strncmp(desc, "v2 plain kv+recurrent streams=1 n_layer=3", 41) == 0);
+
+	gb_header(&g, 2, 40); /* the same with 6 recurrent layers: another layout */
+	gb32(&g, 1);
+	gb_kv_stream(&g, 40, 0, 0, 3, 0, 64);
+	gb_recurrent(&g, 39, 8, 6);
+	expect_kind(&g, SLOT_STATE_HYBRID, 2, &b);
+	CHECK_EQ_INT(b.sec[1].n_k, 6);
+	CHECK(!same_layout(&a, &b));
+
+	gb_header(&g, 3, 40); /* hybrid with a sliding window: kv, kv, recurrent */
+	gb32(&g, 1);
+	gb_kv_stream(&g, 40, 0, 0, 1, 0, 64);
+	gb32(&g, 1);
+	gb_kv_stream(&g, 16, 0, 0, 2, 0, 64);
+	gb_recurrent(&g, 39, 6, 3);
+	expect_kind(&g, SLOT_STATE_HYBRID, 3, &c);
+	slot_layout_describe(c.layout, c.layout_len, desc, sizeof(desc));
+	CHECK(strncmp(desc, "v3 plain kv+kv+recurrent", 24) == 0);
+
+	/* An unknown section after a known one: opaque, not refused. */
+	gb_header(&g, 2, 20);
+	gb32(&g, 1);
+	gb_kv_stream(&g, 20, 0, 0, 3, 0, 64);
+	gb32(&g, 0xfeedu);
+	gb64(&g, 7);
+	expect_kind(&g, SLOT_STATE_OPAQUE, 0, &c);
+	free(g.b);
+}
+
+/* The packed token payload, written as server_tokens::serialize does:
+ * -1, 1, n, tokens (-1 at media positions), key count, keys, per key a byte
+ * vector (u32 size, bytes), zero padding to 4 bytes. */
+static void packed_build(struct gb *g, const int32_t *tok, uint32_t n, const uint32_t *keys,
+			 uint32_t n_keys, const uint32_t *chunk_len, int pad_byte)
+{
+	struct gb w = { NULL, 0, 0 };
+	size_t pad;
+
+	gb32(&w, (uint32_t)-1);
+	gb32(&w, 1);
+	gb32(&w, n);
+	for (uint32_t i = 0; i < n; i++)
+		gb32(&w, (uint32_t)tok[i]);
+	gb32(&w, n_keys);
+	for (uint32_t i = 0; i < n_keys; i++)
+		gb32(&w, keys[i]);
+	for (uint32_t i = 0; i < n_keys; i++) {
+		gb32(&w, chunk_len[i]);
+		gb_put(&w, NULL, chunk_len[i]);
+		memset(w.b + w.n - chunk_len[i], 0xa5, chunk_len[i]);
+	}
+	pad = (4 - w.n % 4) % 4;
+	gb_put(&w, NULL, pad);
+	if (pad && pad_byte)
+		w.b[w.n - 1] = (uint8_t)pad_byte;
+	gb32(g, SLOT_MAGIC);
+	gb32(g, 2);
+	gb32(g, (uint32_t)(w.n / 4));
+	gb_put(g, w.b, w.n);
+	gb32(g, 1); /* one stream */
+	gb_kv_stream(g, n, 0, 0, 2, 0, 64);
+	free(w.b);
+}
+
+static void test_packed(void)
+{
+	int32_t tok[12] = { 1, 529, 29989, 326, -1, -1, -1, 77, 78, -1, -1, 80 };
+	uint32_t keys[2] = { 4, 9 }, lens[2] = { 10, 7 };
+	struct slot_info info;
+	struct gb g = { NULL, 0, 0 };
+	int32_t *t = NULL;
+	char err[256];
+
+	/* Text, an image, text, an image: the text before the first is indexed. */
+	packed_build(&g, tok, 12, keys, 2, lens, 0);
+	CHECK_EQ_INT(parse_mem(g.b, g.n, &info, &t, err, sizeof(err)), 0);
+	CHECK_EQ_INT(info.token_form, SLOT_TOKENS_PACKED);
+	CHECK_EQ_INT(info.n_tokens_all, 12);
+	CHECK_EQ_INT(info.n_tokens, 4);
+	CHECK_EQ_INT(info.n_media, 2);
+	CHECK_EQ_INT(info.n_words, 3 + 12 + 1 + 2 + (4 + 10 + 4 + 7 + 3) / 4);
+	CHECK_EQ_INT(info.state_kind, SLOT_STATE_KV);
+	CHECK(memcmp(t, tok, 4 * sizeof(int32_t)) == 0);
+	free(t);
+	t = NULL;
+	g.n = 0;
+
+	/* Text only, no media: every token. */
+	packed_build(&g, tok, 4, NULL, 0, NULL, 0);
+	CHECK_EQ_INT(parse_mem(g.b, g.n, &info, &t, err, sizeof(err)), 0);
+	CHECK_EQ_INT(info.n_tokens, 4);
+	CHECK_EQ_INT(info.n_words, 3 + 4 + 1);
+	free(t);
+	t = NULL;
+	g.n = 0;
+
+	/* An image first: nothing to index. */
+	{
+		int32_t img[4] = { -1, -1, 5, 6 };
+		uint32_t k0 = 0, l0 = 4;
+
+		packed_build(&g, img, 4, &k0, 1, &l0, 0);
+		expect_refused(g.b, g.n, "empty slot file (0 tokens before the first media chunk)");
+		g.n = 0;
+	}
+	/* What does not parse is refused. */
+	packed_build(&g, tok, 12, keys, 2, lens, 0x11); /* padding not zero */
+	expect_refused(g.b, g.n, "malformed token payload: padding is not zero");
+	g.n = 0;
+	{
+		uint32_t bad[2] = { 5, 9 }; /* media positions before the first chunk */
+		packed_build(&g, tok, 12, bad, 2, lens, 0);
+		expect_refused(g.b, g.n, "malformed token payload: media position 4 before");
+		g.n = 0;
+		bad[0] = 3; /* a key on a text token */
+		packed_build(&g, tok, 12, bad, 2, lens, 0);
+		expect_refused(g.b, g.n, "malformed token payload: media key 3");
+		g.n = 0;
+	}
+	packed_build(&g, tok, 4, NULL, 0, NULL, 0);
+	put32(g.b + 16, 2); /* format version */
+	expect_refused(g.b, g.n, "malformed token payload: packed form version 2");
+	put32(g.b + 16, 1);
+	put32(g.b + 20, 5); /* n past the words */
+	expect_refused(g.b, g.n, "malformed token payload: 5 tokens in a packed payload of 8");
+	put32(g.b + 20, 3); /* n one short: a word left over */
+	expect_refused(g.b, g.n, "malformed token payload");
+	g.n = 0;
+	{
+		int32_t neg[4] = { 1, 2, -7, 4 };
+		packed_build(&g, neg, 4, NULL, 0, NULL, 0);
+		expect_refused(g.b, g.n, "malformed token payload: token 2 is -7");
+		g.n = 0;
+	}
+	free(g.b);
+}
+
 int main(void)
 {
 	test_fixtures();
 	test_mutations();
 	test_synthetic();
+	test_layouts();
+	test_packed();
 	printf("test_slotfile: ok\n");
 	return 0;
 }
