@@ -1001,48 +1001,20 @@ int store_put_part(struct store_put *p, int part, uint64_t size, char *err, size
 	return 0;
 }
 
-/* The leading fields of a slot file: magic, version, token count. The full
- * parse (slot_parse) runs at finish; this only fails early what it would. */
+/* The fixed header of the slot file, as soon as its 12 bytes are in: the
+ * same rule (slot_check_header) as the full parse at finish, which it only
+ * fails earlier. */
 static int put_check_head(struct store_put *p, char *err, size_t errlen)
 {
-	uint8_t h[12];
-	uint32_t magic, version, n;
+	uint8_t h[SLOT_HEADER_BYTES];
+	struct slot_info info;
 	int rc = tier_writer_pread(p->w[PART_MAIN], h, sizeof(h), 0);
 
 	if (rc) {
 		set_err(err, errlen, "reading back the slot header failed: %s", kvtier_strerror(rc));
 		return rc;
 	}
-	magic = (uint32_t)h[0] | (uint32_t)h[1] << 8 | (uint32_t)h[2] << 16 | (uint32_t)h[3] << 24;
-	version = (uint32_t)h[4] | (uint32_t)h[5] << 8 | (uint32_t)h[6] << 16 | (uint32_t)h[7] << 24;
-	n = (uint32_t)h[8] | (uint32_t)h[9] << 8 | (uint32_t)h[10] << 16 | (uint32_t)h[11] << 24;
-	if (magic != SLOT_MAGIC) {
-		set_err(err, errlen, "bad magic 0x%08x (expected 0x%08x, \"qsgg\"): not a llama.cpp "
-			"slot file", magic, SLOT_MAGIC);
-		return KVTIER_E_INVALID;
-	}
-	if (version != 2 && version != 4) {
-		set_err(err, errlen, "unsupported version %u (supported: 2, llama.cpp; 4, "
-			"ik_llama.cpp)", version);
-		return KVTIER_E_INVALID;
-	}
-	if (n == 0) {
-		set_err(err, errlen, "empty slot file (0 tokens): llama-server crashes restoring "
-			"such a file, so it is refused");
-		return KVTIER_E_INVALID;
-	}
-	if (n > SLOT_MAX_TOKENS) {
-		set_err(err, errlen, "oversized: %u tokens exceeds the limit of %u", n,
-			SLOT_MAX_TOKENS);
-		return KVTIER_E_INVALID;
-	}
-	if (12 + 4 * (uint64_t)n > p->size[PART_MAIN]) {
-		set_err(err, errlen, "truncated: header says %u tokens (%llu bytes) but the upload "
-			"announces %llu bytes", n, (unsigned long long)(12 + 4 * (uint64_t)n),
-			(unsigned long long)p->size[PART_MAIN]);
-		return KVTIER_E_INVALID;
-	}
-	return 0;
+	return slot_check_header(h, p->size[PART_MAIN], &info, err, errlen);
 }
 
 int store_put_write(struct store_put *p, const void *buf, size_t len, char *err, size_t errlen)
@@ -1084,7 +1056,8 @@ int store_put_write(struct store_put *p, const void *buf, size_t len, char *err,
 	p->written[part] += len;
 	/* Refuse a bad slot file as soon as its first 12 bytes are in, instead of
 	 * after the client has streamed gigabytes. */
-	if (part == PART_MAIN && before < 12 && p->written[part] >= 12)
+	if (part == PART_MAIN && before < SLOT_HEADER_BYTES &&
+	    p->written[part] >= SLOT_HEADER_BYTES)
 		return put_check_head(p, err, errlen);
 	return 0;
 }
