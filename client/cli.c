@@ -563,7 +563,18 @@ enum {
 	O_RESTORE_IGNORED,
 	O_DATA,
 	O_VERIFY,
+	O_EXPECT_SIZE,
 };
+
+/* --expect-size N: the slot file's size as its server reported it. Returns
+ * EXIT_OK, or the usage error's exit status. */
+static int expect_size_opt(const struct cli *g, const char *arg, uint64_t *out)
+{
+	if (parse_u64(arg, UINT64_MAX, out) == 0 && *out > 0)
+		return EXIT_OK;
+	return usage_error(g, "--expect-size wants the slot file's size in bytes (more than 0), "
+	                      "not \"%s\"", arg);
+}
 
 /* Handles what every command shares: --help and getopt's own errors.
  * Returns -1 to go on, or the exit status. */
@@ -748,24 +759,31 @@ static int cmd_put(struct cli *g, int argc, char **argv)
 {
 	static const struct option lo[] = {{"help", no_argument, NULL, O_HELP},
 	                                   {"namespace", required_argument, NULL, O_NAMESPACE},
+	                                   {"expect-size", required_argument, NULL, O_EXPECT_SIZE},
 	                                   {NULL, 0, NULL, 0}};
 	struct kvtier_put_result r;
 	const char *ns = NULL;
+	uint64_t expect = 0;
 	int opt, rc, ret = EXIT_OK;
 
 	while ((opt = next_opt(argc, argv, "hn:", lo)) != -1) {
-		if (opt != O_NAMESPACE) {
+		if (opt == O_NAMESPACE) {
+			ns = optarg;
+		} else if (opt == O_EXPECT_SIZE) {
+			ret = expect_size_opt(g, optarg, &expect);
+			if (ret != EXIT_OK)
+				goto out;
+		} else {
 			ret = common_opt(g, opt);
 			goto out;
 		}
-		ns = optarg;
 	}
 	if (!ns || argc - optind != 1) {
 		ret = usage_error(g, "%s",
 		                  !ns ? "--namespace is required" : "expected exactly one FILE");
 		goto out;
 	}
-	rc = kvtier_put_file(g->c, ns, argv[optind], &r);
+	rc = kvtier_put_file_sized(g->c, ns, argv[optind], expect, &r);
 	if (rc) {
 		ret = fail(g, rc, NULL);
 		goto out;
@@ -781,10 +799,12 @@ static int cmd_adopt(struct cli *g, int argc, char **argv)
 	static const struct option lo[] = {{"help", no_argument, NULL, O_HELP},
 	                                   {"namespace", required_argument, NULL, O_NAMESPACE},
 	                                   {"keep-source", no_argument, NULL, O_KEEP_SOURCE},
+	                                   {"expect-size", required_argument, NULL, O_EXPECT_SIZE},
 	                                   {NULL, 0, NULL, 0}};
 	struct kvtier_put_result r;
 	const char *ns = NULL;
 	char *path = NULL;
+	uint64_t expect = 0;
 	int opt, rc, keep = 0, ret = EXIT_OK;
 
 	while ((opt = next_opt(argc, argv, "hn:", lo)) != -1) {
@@ -792,6 +812,10 @@ static int cmd_adopt(struct cli *g, int argc, char **argv)
 			ns = optarg;
 		} else if (opt == O_KEEP_SOURCE) {
 			keep = 1;
+		} else if (opt == O_EXPECT_SIZE) {
+			ret = expect_size_opt(g, optarg, &expect);
+			if (ret != EXIT_OK)
+				goto out;
 		} else {
 			ret = common_opt(g, opt);
 			goto out;
@@ -808,7 +832,7 @@ static int cmd_adopt(struct cli *g, int argc, char **argv)
 		ret = EXIT_FAIL;
 		goto out;
 	}
-	rc = kvtier_adopt(g->c, ns, path, keep, &r);
+	rc = kvtier_adopt_sized(g->c, ns, path, keep, expect, &r);
 	if (rc) {
 		ret = fail(g, rc, NULL);
 		goto out;
@@ -1449,20 +1473,26 @@ static const struct command commands[] = {
      "            assumed_prefill_tps, namespaces (namespace, prefill_tokens_per_s,\n"
      "            prefill_s_per_token, prefill_s_per_token_per_ctx, samples,\n"
      "            prefill_tokens_per_s_depth_0, prefill_tokens_per_s_depth_4096)\n"},
-    {"put", cmd_put, 1, "--namespace NS FILE",
+    {"put", cmd_put, 1, "--namespace NS [--expect-size N] FILE",
      "Upload a llama-server slot file (and its sidecars) into namespace NS.",
      "Streams FILE, plus FILE.tokens.json and FILE.checkpoints when they exist, to the\n"
      "daemon, which checks the header and stores the blob. Prints the blob id on stdout;\n"
      "\"deduplicated\" and the number of older blobs superseded go to stderr. Works with a\n"
-     "remote daemon too. A refused file stores nothing.\n\n"
-     "  -n, --namespace NS   model and KV-layout fingerprint the blob belongs to (required)\n"},
-    {"adopt", cmd_adopt, 1, "--namespace NS PATH [--keep-source]",
+     "remote daemon too. A refused file stores nothing. A slot file whose state layout\n"
+     "kvtier does not know is stored as it is (`ls` shows its state as opaque).\n\n"
+     "  -n, --namespace NS   model and KV-layout fingerprint the blob belongs to (required)\n"
+     "  --expect-size N      the slot file's size in bytes as the server reported it\n"
+     "                       (llama-server's n_written): a file of another size, cut\n"
+     "                       short by a crash during the save, is refused\n"},
+    {"adopt", cmd_adopt, 1, "--namespace NS PATH [--keep-source] [--expect-size N]",
      "Take a slot file from a slot directory into namespace NS without copying it.",
      "PATH must be a regular file directly inside one of the daemon's --slot-dir\n"
      "directories (same host; see `kvtier info`). The daemon moves or links it in,\n"
      "sidecars included. Prints the blob id.\n\n"
      "  -n, --namespace NS   namespace of the blob (required)\n"
-     "  --keep-source        leave PATH in place (default: its name is removed)\n"},
+     "  --keep-source        leave PATH in place (default: its name is removed)\n"
+     "  --expect-size N      the slot file's size in bytes as the server reported it:\n"
+     "                       a file of another size is refused and left in place\n"},
     {"lookup", cmd_lookup, 1, "--namespace NS (--tokens-of FILE | --tokens 1,2,3) [--json]",
      "Find the blob with the longest prefix in common with some tokens.",
      "The tokens come from a slot file's header (--tokens-of) or a list (--tokens).\n"

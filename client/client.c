@@ -736,6 +736,13 @@ out:
 KVTIER_API int kvtier_adopt(kvtier_client *c, const char *ns, const char *path, int keep_source,
                             struct kvtier_put_result *out)
 {
+	return kvtier_adopt_sized(c, ns, path, keep_source, 0, out);
+}
+
+KVTIER_API int kvtier_adopt_sized(kvtier_client *c, const char *ns, const char *path,
+                                  int keep_source, uint64_t reported_size,
+                                  struct kvtier_put_result *out)
+{
 	Kvtier__V1__AdoptRequest q = KVTIER__V1__ADOPT_REQUEST__INIT;
 	Kvtier__V1__AdoptReply *r = NULL;
 	int rc;
@@ -748,6 +755,7 @@ KVTIER_API int kvtier_adopt(kvtier_client *c, const char *ns, const char *path, 
 	q.namespace_ = (char *)ns;
 	q.path = (char *)path;
 	q.keep_source = keep_source != 0;
+	q.reported_size = reported_size;
 	rc = call_unary(c, M_ADOPT, &q.base, &kvtier__v1__adopt_reply__descriptor,
 	                (ProtobufCMessage **)&r);
 	if (rc)
@@ -1070,7 +1078,7 @@ out:
 /* Sends one part: its header message, then its bytes in WIRE_CHUNK pieces,
  * reading the next piece while the previous one is on its way. */
 static int put_part_send(struct kcall *k, grpc_byte_buffer **inflight, const char *ns,
-                         unsigned n_parts, int part, struct put_part *p)
+                         unsigned n_parts, uint64_t reported_size, int part, struct put_part *p)
 {
 	Kvtier__V1__PutRequest q = KVTIER__V1__PUT_REQUEST__INIT;
 	Kvtier__V1__PartHeader ph = KVTIER__V1__PART_HEADER__INIT;
@@ -1082,9 +1090,10 @@ static int put_part_send(struct kcall *k, grpc_byte_buffer **inflight, const cha
 	ph.suffix = (char *)part_suffix[part];
 	ph.size = p->size;
 	q.part = &ph;
-	if (ns) { /* the first message: namespace and the number of parts */
+	if (ns) { /* the first message: namespace, number of parts, reported size */
 		q.namespace_ = (char *)ns;
 		q.n_parts = n_parts;
+		q.reported_size = reported_size;
 	}
 	bb = wire_pack(&q.base);
 	if (!bb) {
@@ -1135,6 +1144,12 @@ out:
 KVTIER_API int kvtier_put_file(kvtier_client *c, const char *ns, const char *path,
                                struct kvtier_put_result *out)
 {
+	return kvtier_put_file_sized(c, ns, path, 0, out);
+}
+
+KVTIER_API int kvtier_put_file_sized(kvtier_client *c, const char *ns, const char *path,
+                                     uint64_t reported_size, struct kvtier_put_result *out)
+{
 	struct put_part parts[PART_COUNT];
 	Kvtier__V1__PutReply *r = NULL;
 	grpc_byte_buffer *inflight = NULL;
@@ -1173,7 +1188,8 @@ KVTIER_API int kvtier_put_file(kvtier_client *c, const char *ns, const char *pat
 		n_parts += parts[i].fd >= 0;
 	for (int i = 0; i < PART_COUNT && rc == 0; i++)
 		if (parts[i].fd >= 0)
-			rc = put_part_send(&k, &inflight, i == 0 ? ns : NULL, n_parts, i, &parts[i]);
+			rc = put_part_send(&k, &inflight, i == 0 ? ns : NULL, n_parts,
+			                   reported_size, i, &parts[i]);
 	if (rc == 0)
 		rc = put_wait(&k, &inflight);
 	if (rc == 0) {

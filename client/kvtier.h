@@ -162,15 +162,32 @@ struct kvtier_put_result {
 
 /* Streams the slot file at `path` (and its sidecars `path`.tokens.json and
  * `path`.checkpoints when they exist) into namespace `ns`. The daemon parses
- * and checks the header; a refused file stores nothing. */
+ * and checks the header; a refused file stores nothing. The same as
+ * kvtier_put_file_sized() with reported_size 0. */
 KVTIER_API int kvtier_put_file(kvtier_client *c, const char *ns, const char *path,
 			       struct kvtier_put_result *out);
 
 /* Asks the daemon to take the file at `path` (inside one of its --slot-dir
  * directories, same host) into namespace `ns` by rename or link, sidecars
- * included. Unless keep_source, the source name is gone afterwards. */
+ * included. Unless keep_source, the source name is gone afterwards. The same
+ * as kvtier_adopt_sized() with reported_size 0. */
 KVTIER_API int kvtier_adopt(kvtier_client *c, const char *ns, const char *path,
 			    int keep_source, struct kvtier_put_result *out);
+
+/* kvtier_put_file() and kvtier_adopt() with the size the server that wrote
+ * the slot file reported for it (llama-server's n_written of a save), 0 for
+ * none. llama-server writes slot files in place without fsync, so a crash
+ * can leave a truncated file whose header is valid: with reported_size the
+ * daemon refuses a slot file (not the sidecars) of any other size with
+ * KVTIER_E_INVALID, kvtier_errmsg() naming both sizes, and stores nothing
+ * (an adopted file stays where it is). Other errors as the functions without
+ * _sized. A kvtierd of 0.2.0 or older does not know reported_size: it
+ * ignores it and stores the file unchecked (upgrade the daemon first). */
+KVTIER_API int kvtier_put_file_sized(kvtier_client *c, const char *ns, const char *path,
+				     uint64_t reported_size, struct kvtier_put_result *out);
+KVTIER_API int kvtier_adopt_sized(kvtier_client *c, const char *ns, const char *path,
+				  int keep_source, uint64_t reported_size,
+				  struct kvtier_put_result *out);
 
 /* Streams blob `blob` into the file `path` (created or truncated) and its
  * sidecars into `path`.tokens.json etc. Written to temporary names and

@@ -671,7 +671,8 @@ static void handle_put(struct rpc_call *c)
 			} else {
 				if (first) {
 					rc = store_put_begin(c->srv->store, q->namespace_, q->n_parts,
-							     &p, err, sizeof(err));
+							     q->reported_size, &p, err,
+							     sizeof(err));
 					if (!rc && !q->part) {
 						rc = KVTIER_E_INVALID;
 						snprintf(err, sizeof(err),
@@ -803,8 +804,8 @@ static void handle_adopt(struct rpc_call *c)
 
 	if (!q)
 		return;
-	rc = store_adopt(c->srv->store, q->namespace_, q->path, q->keep_source, &res, err,
-			 sizeof(err));
+	rc = store_adopt(c->srv->store, q->namespace_, q->path, q->keep_source, q->reported_size,
+			 &res, err, sizeof(err));
 	if (rc) {
 		call_fail(c, rc, "%s", err);
 		goto out;

@@ -904,8 +904,8 @@ const struct store_config *store_config(const struct store *s)
 
 /* ---- put ---- */
 
-int store_put_begin(struct store *s, const char *ns, unsigned n_parts, struct store_put **out,
-		    char *err, size_t errlen)
+int store_put_begin(struct store *s, const char *ns, unsigned n_parts, uint64_t reported_size,
+		    struct store_put **out, char *err, size_t errlen)
 {
 	struct store_put *p;
 	int rc = ns_valid(ns, err, errlen);
@@ -925,6 +925,7 @@ int store_put_begin(struct store *s, const char *ns, unsigned n_parts, struct st
 	p->cur = -1;
 	p->crc_known = 1;
 	p->n_parts = n_parts;
+	p->reported_size = reported_size;
 	snprintf(p->ns, sizeof(p->ns), "%s", ns);
 	*out = p;
 	return 0;
@@ -933,6 +934,22 @@ int store_put_begin(struct store *s, const char *ns, unsigned n_parts, struct st
 static struct store *s_of(struct store_put *p)
 {
 	return p->s;
+}
+
+/* The slot file must have the size its server reported (when it reported
+ * one): llama-server writes slot files in place and does not fsync them, so
+ * a crash leaves a shorter file whose header still parses. */
+static int put_check_reported(const struct store_put *p, uint64_t size, char *err,
+			      size_t errlen)
+{
+	if (!p->reported_size || size == p->reported_size)
+		return 0;
+	set_err(err, errlen,
+		"slot file of %llu bytes, but the server reported %llu bytes for it: a save cut "
+		"short (llama-server writes slot files in place, without fsync) or a file "
+		"changed since; nothing was stored, save the slot again",
+		(unsigned long long)size, (unsigned long long)p->reported_size);
+	return KVTIER_E_INVALID;
 }
 
 static int tier_full_msg(struct store *s, unsigned t, uint64_t need, char *err, size_t errlen)
@@ -978,6 +995,8 @@ int store_put_part(struct store_put *p, int part, uint64_t size, char *err, size
 			(unsigned long long)s->cfg.max_blob_bytes);
 		return KVTIER_E_INVALID;
 	}
+	if (part == PART_MAIN && (rc = put_check_reported(p, size, err, errlen)) != 0)
+		return rc;
 	/* Room first where the file system is known to hold less than the
 	 * tier's capacity (after an ENOSPC): the reservation alone would pass. */
 	{
@@ -1170,6 +1189,9 @@ int store_put_finish(struct store_put *p, struct store_put_result *res, char *er
 			}
 		}
 	}
+	rc = put_check_reported(p, p->size[PART_MAIN], err, errlen);
+	if (rc)
+		goto out;
 	rc = slot_parse(writer_read, p->w[PART_MAIN], p->size[PART_MAIN], &info, &tokens, err,
 			errlen);
 	if (rc)
@@ -1323,7 +1345,7 @@ static int name_valid(const char *name)
 }
 
 int store_adopt(struct store *s, const char *ns, const char *path, int keep_source,
-		struct store_put_result *res, char *err, size_t errlen)
+		uint64_t reported_size, struct store_put_result *res, char *err, size_t errlen)
 {
 	struct store_put *p = NULL;
 	char base[512], src[PATH_MAX + 32];
@@ -1339,7 +1361,7 @@ int store_adopt(struct store *s, const char *ns, const char *path, int keep_sour
 			path ? path : "(null)");
 		return KVTIER_E_DENIED;
 	}
-	rc = store_put_begin(s, ns, PART_COUNT, &p, err, errlen);
+	rc = store_put_begin(s, ns, PART_COUNT, reported_size, &p, err, errlen);
 	if (rc)
 		return rc;
 	p->crc_known = 0;
@@ -1366,6 +1388,11 @@ int store_adopt(struct store *s, const char *ns, const char *path, int keep_sour
 			rc = KVTIER_E_INVALID;
 			goto fail;
 		}
+		/* Before taking it (a copy across file systems can be long);
+		 * store_put_finish checks the size taken again. */
+		if (i == PART_MAIN &&
+		    (rc = put_check_reported(p, (uint64_t)st.st_size, err, errlen)) != 0)
+			goto fail;
 		rc = tier_writer_from_file(s->tiers[0], src, keep_source, &size, &p->w[i]);
 		if (rc == KVTIER_E_FULL && placement_make_room(s, 0, (uint64_t)st.st_size) == 0)
 			rc = tier_writer_from_file(s->tiers[0], src, keep_source, &size, &p->w[i]);

@@ -92,12 +92,18 @@ struct store_put;
 
 /* Starts a put into namespace ns (1..INDEX_NS_MAX bytes of UTF-8) of
  * n_parts parts (1..PART_COUNT): finish refuses a put that got fewer
- * complete parts, so a stream cut between parts stores nothing. */
-int store_put_begin(struct store *s, const char *ns, unsigned n_parts, struct store_put **out,
-		    char *err, size_t errlen);
+ * complete parts, so a stream cut between parts stores nothing.
+ * reported_size, when not 0, is the slot file's size as the server that
+ * wrote it reported it: a slot file (PART_MAIN) of another size is refused
+ * with KVTIER_E_INVALID and both sizes in err (llama-server writes slot files
+ * in place without fsync: a crash leaves a shorter file whose header is
+ * valid). */
+int store_put_begin(struct store *s, const char *ns, unsigned n_parts, uint64_t reported_size,
+		    struct store_put **out, char *err, size_t errlen);
 
 /* Starts part `part` (PART_MAIN first, then sidecars, each at most once)
- * of exactly `size` bytes; reserves room on the fastest tier. */
+ * of exactly `size` bytes; reserves room on the fastest tier. A PART_MAIN
+ * whose size is not the reported size is refused here, before any byte. */
 int store_put_part(struct store_put *p, int part, uint64_t size, char *err, size_t errlen);
 
 /* Appends bytes to the current part. More than the announced size is
@@ -119,10 +125,12 @@ void store_put_abort(struct store_put *p);
  * its sidecars (path.tokens.json, path.checkpoints) into namespace ns by
  * link (same file system) or copy; then as store_put_finish. Refuses
  * symlinks, non-regular files and paths outside the slot directories
- * (KVTIER_E_DENIED). Unless keep_source, the source names are removed after
- * success (a save into the same name later must not write into our inode). */
+ * (KVTIER_E_DENIED), and, when reported_size is not 0, a slot file of
+ * another size (KVTIER_E_INVALID, as store_put_begin). Unless keep_source,
+ * the source names are removed after success (a save into the same name
+ * later must not write into our inode); a refused file stays where it is. */
 int store_adopt(struct store *s, const char *ns, const char *path, int keep_source,
-		struct store_put_result *res, char *err, size_t errlen);
+		uint64_t reported_size, struct store_put_result *res, char *err, size_t errlen);
 
 struct store_match {
 	int found;

@@ -124,6 +124,7 @@ struct store_put {
 	int cur;          /* part being written, -1 none */
 	int crc_known;    /* crc[] filled while streaming */
 	unsigned n_parts; /* parts announced */
+	uint64_t reported_size; /* slot file size the server reported; 0: not given */
 };
 
 /* Reading one stored part as served bytes: through the decoder when the

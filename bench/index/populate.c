@@ -299,7 +299,7 @@ static int put_one(struct worker *w, unsigned ns, const int32_t *tok, uint32_t n
 
 	snprintf(name, sizeof(name), DATASET_NS_FMT, ns);
 	build_slot(buf, tok, n);
-	rc = store_put_begin(w->s, name, 1, &p, w->err, sizeof(w->err));
+	rc = store_put_begin(w->s, name, 1, 0, &p, w->err, sizeof(w->err));
 	if (!rc)
 		rc = store_put_part(p, PART_MAIN, sz, w->err, sizeof(w->err));
 	if (!rc)

@@ -84,7 +84,7 @@ static struct key put_blob(struct store *s, const uint8_t *b, size_t n)
 	struct store_put_result res;
 	char err[512] = "";
 
-	CHECK_EQ_INT(store_put_begin(s, "ns", 1, &p, err, sizeof(err)), 0);
+	CHECK_EQ_INT(store_put_begin(s, "ns", 1, 0, &p, err, sizeof(err)), 0);
 	CHECK_EQ_INT(store_put_part(p, PART_MAIN, n, err, sizeof(err)), 0);
 	CHECK_EQ_INT(store_put_write(p, b, n, err, sizeof(err)), 0);
 	if (store_put_finish(p, &res, err, sizeof(err))) {
