@@ -1140,6 +1140,17 @@ static void print_blob_json(const struct kvtier_blob_info *b)
 	json_str(stdout, b->compression);
 	fputs(", \"compression_ratio\": ", stdout);
 	json_num(stdout, b->compression_ratio);
+	fputs(", \"state\": ", stdout);
+	if (b->state[0])
+		json_str(stdout, b->state);
+	else
+		fputs("null", stdout);
+	fputs(", \"token_form\": ", stdout);
+	if (b->token_form[0])
+		json_str(stdout, b->token_form);
+	else
+		fputs("null", stdout);
+	printf(", \"media_cut\": %s", b->media_cut ? "true" : "false");
 	fputs(", \"sidecars\": [", stdout);
 	for (unsigned i = 0; i < b->n_sidecars; i++) {
 		if (i)
@@ -1154,24 +1165,27 @@ static void print_blob_json(const struct kvtier_blob_info *b)
 static int ls_print(void *ctx, const struct kvtier_blob_info *b)
 {
 	struct ls_ctx *l = ctx;
-	char size[32], stored[32], when[32], tier[32], comp[48];
+	char size[32], stored[32], when[32], tier[32], comp[48], state[48];
 
 	if (l->json) {
 		fputs(l->n ? ",\n  " : "\n  ", stdout);
 		print_blob_json(b);
 	} else {
 		if (l->n == 0)
-			printf("%-64s %7s %10s %10s %-17s %-10s %6s %-19s %s\n", "BLOB", "TOKENS",
-			       "SIZE", "STORED", "COMPRESSION", "TIER", "HITS", "LAST ACCESS",
-			       "NAMESPACE");
+			printf("%-64s %7s %-22s %10s %10s %-17s %-10s %6s %-19s %s\n", "BLOB",
+			       "TOKENS", "STATE", "SIZE", "STORED", "COMPRESSION", "TIER", "HITS",
+			       "LAST ACCESS", "NAMESPACE");
+		snprintf(state, sizeof(state), "%s%s%s", b->state[0] ? b->state : "?",
+		         strcmp(b->token_form, "packed") == 0 ? ",packed" : "",
+		         b->media_cut ? ",media" : "");
 		snprintf(tier, sizeof(tier), "%u:%s", b->tier, b->tier_kind);
 		if (!b->compression[0] || strcmp(b->compression, "none") == 0)
 			snprintf(comp, sizeof(comp), "-");
 		else
 			snprintf(comp, sizeof(comp), "%s %.2fx", b->compression,
 			         b->compression_ratio);
-		printf("%-64s %7" PRIu32 " %10s %10s %-17s %-10s %6" PRIu64 " %-19s ", b->blob,
-		       b->n_tokens, human_bytes(b->size_bytes, size, sizeof(size)),
+		printf("%-64s %7" PRIu32 " %-22s %10s %10s %-17s %-10s %6" PRIu64 " %-19s ",
+		       b->blob, b->n_tokens, state, human_bytes(b->size_bytes, size, sizeof(size)),
 		       human_bytes(b->stored_bytes, stored, sizeof(stored)), comp, tier, b->hits,
 		       human_time_ms(b->last_access_unix_ms, when, sizeof(when)));
 		print_safe(stdout, b->ns);
@@ -1526,13 +1540,19 @@ static const struct command commands[] = {
      ""},
     {"rm", cmd_rm, 1, "BLOB...", "Delete blobs (metadata first, then their files).", ""},
     {"ls", cmd_ls, 1, "[--namespace NS] [--json]", "List blobs, in blob id order.",
+     "STATE is the slot file's state layout: kv, kv-2025, recurrent, hybrid, or opaque\n"
+     "(a layout kvtier does not know, stored as it is); \",packed\" when its tokens are\n"
+     "in llama-server's packed form; \",media\" when it holds media and is indexed only up\n"
+     "to the first media position; \"?\" for a blob recorded before kvtier recorded it.\n"
      "COMPRESSION is \"-\" for a blob stored as is, else the codec (lz4, lz4+shuffle)\n"
      "and the ratio of slot file bytes to stored bytes.\n\n"
      "  -n, --namespace NS   only this namespace\n"
      "  --json               a JSON array of objects with blob, namespace, n_tokens,\n"
      "                       version, size_bytes, stored_bytes, tier, tier_index,\n"
-     "                       compression, compression_ratio, sidecars,\n"
-     "                       created_unix_ms, last_access_unix_ms, hits, crc32c\n"},
+     "                       compression, compression_ratio, state, token_form\n"
+     "                       (\"plain\" or \"packed\"; both null when not recorded),\n"
+     "                       media_cut, sidecars, created_unix_ms,\n"
+     "                       last_access_unix_ms, hits, crc32c\n"},
     {"stats", cmd_stats, 1, "[--json]", "Show the daemon's counters, per tier and per namespace.",
      "Each tier shows what `kvtier info` shows for it: use, I/O mode, restore model,\n"
      "watermarks, compression ratio, migrations in and out, evictions by reason.\n\n"

@@ -857,6 +857,9 @@ static void fill_blob_info(struct kvtier_blob_info *b, const Kvtier__V1__BlobInf
 	b->last_access_unix_ms = bi->last_access_unix_ms;
 	b->hits = bi->hits;
 	b->crc32c = bi->crc32c;
+	copy_str(b->state, sizeof(b->state), bi->state);
+	copy_str(b->token_form, sizeof(b->token_form), bi->token_form);
+	b->media_cut = bi->media_cut != 0;
 }
 
 KVTIER_API int kvtier_list(kvtier_client *c, const char *ns,

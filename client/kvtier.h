@@ -263,6 +263,18 @@ struct kvtier_blob_info {
 	int64_t created_unix_ms, last_access_unix_ms;
 	uint64_t hits;
 	uint32_t crc32c;
+	/* Appended after 0.2.0. The library fills this struct and hands it to
+	 * the kvtier_list callback by pointer, so a program built against an
+	 * older header reads the fields it knows and never sees these: it keeps
+	 * working unchanged, without a rebuild (same soname). From a kvtierd of
+	 * 0.2.0 or older, and for blobs such a daemon recorded, state and
+	 * token_form are "" and media_cut 0. */
+	char state[16];      /* the slot file's state layout: "opaque" (kvtier does not
+	                      * know it; stored as it is), "kv-2025", "kv", "recurrent",
+	                      * "hybrid" */
+	char token_form[8];  /* token payload: "plain" or "packed" */
+	int media_cut;       /* 1: the payload holds media; the blob is indexed (n_tokens)
+	                      * only up to the first media position */
 };
 
 /* Calls `cb` for every blob (of namespace `ns`, or all when ns is NULL or

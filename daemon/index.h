@@ -48,10 +48,39 @@ extern const char *const blob_part_suffix[PART_COUNT];
 /* Returns the part whose suffix is s, or -1. */
 int blob_part_from_suffix(const char *s);
 
+/* Flags of a blob record. Bits 2-4 and the state field are set at put from
+ * the slot file (slot_parse's struct slot_info) and never change; records
+ * written before kvtier recorded them have them all 0 (state unknown). */
 enum blob_flags {
 	BLOB_F_QUARANTINED = 1u << 0,
 	BLOB_F_LAST_KEY = 1u << 1, /* last_key holds the chain key of the last full block */
+	BLOB_F_OPAQUE = 1u << 2,   /* the state's layout was not walked (SLOT_STATE_OPAQUE) */
+	BLOB_F_PACKED = 1u << 3,   /* packed token payload (SLOT_TOKENS_PACKED) */
+	BLOB_F_MEDIA = 1u << 4,    /* the payload holds media: tokens indexed only up to
+	                            * the first media position (n_tokens < n_tokens_all) */
+	BLOB_F_STATE_MASK = 0xfu << 8, /* enum slot_state_kind + 1; 0: not recorded */
 };
+#define BLOB_F_STATE_SHIFT 8
+
+/* The flags recorded for a slot file parsed into *info. */
+static inline uint32_t blob_flags_of_slot(const struct slot_info *info)
+{
+	uint32_t f = ((info->state_kind + 1u) << BLOB_F_STATE_SHIFT) & BLOB_F_STATE_MASK;
+
+	if (info->state_kind == SLOT_STATE_OPAQUE)
+		f |= BLOB_F_OPAQUE;
+	if (info->token_form == SLOT_TOKENS_PACKED)
+		f |= BLOB_F_PACKED;
+	if (info->n_tokens < info->n_tokens_all)
+		f |= BLOB_F_MEDIA;
+	return f;
+}
+
+/* The blob's enum slot_state_kind, or -1 when its record predates it. */
+static inline int blob_state_kind(uint32_t flags)
+{
+	return (int)((flags & BLOB_F_STATE_MASK) >> BLOB_F_STATE_SHIFT) - 1;
+}
 
 struct blob_meta {
 	uint32_t rec_version;     /* 3 (1 and 2: written by older builds, read as they are) */

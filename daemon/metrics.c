@@ -399,6 +399,8 @@ static const struct metrics_field metrics_ns_fields[] = {
 		    "Blobs stored per namespace."),
 	METRICS_U64(struct store_ns_stats, bytes, "kvtier_namespace_bytes", "gauge",
 		    "Bytes of blobs stored per namespace."),
+	METRICS_U64(struct store_ns_stats, opaque_blobs, "kvtier_namespace_opaque_blobs", "gauge",
+		    "Blobs stored per namespace whose state layout kvtier did not walk (opaque)."),
 	METRICS_DBL(struct store_ns_stats, prefill_tps,
 		    "kvtier_namespace_prefill_tokens_per_second", "gauge",
 		    "Measured prefill speed per namespace as reported by clients (0: unknown)."),
@@ -479,6 +481,11 @@ static void metrics_render_store(FILE *f, const struct store_stats *st,
 			fputc('\n', f);
 		}
 	}
+	metrics_family(f, "kvtier_puts_by_state_total", "counter",
+		       "New blobs stored by Put or Adopt since start, by the slot file's state layout.");
+	for (uint32_t k = 0; k < STORE_STATE_KINDS; k++)
+		fprintf(f, "kvtier_puts_by_state_total{state=\"%s\"} %" PRIu64 "\n",
+			slot_state_kind_name(k), st->puts_state[k]);
 	metrics_family(f, "kvtier_evictions_total", "counter",
 		       "Blobs deleted from a tier by the placement policy, by reason.");
 	for (unsigned t = 0; t < n_tiers; t++)

@@ -892,6 +892,12 @@ static int list_collect(void *ctx, const struct blob_meta *m, const char *ns,
 	b->last_access_unix_ms = m->last_access_ms;
 	b->hits = m->hits;
 	b->crc32c = m->part_crc[PART_MAIN];
+	/* Static strings, not freed by list_acc_free; "" for a record written
+	 * before the state was recorded. */
+	int kind = blob_state_kind(m->flags);
+	b->state = (char *)(kind < 0 ? "" : slot_state_kind_name((uint32_t)kind));
+	b->token_form = (char *)(kind < 0 ? "" : (m->flags & BLOB_F_PACKED) ? "packed" : "plain");
+	b->media_cut = (m->flags & BLOB_F_MEDIA) != 0;
 	b->sidecars = calloc(PART_COUNT, sizeof(char *));
 	if (!b->sidecars)
 		return -ENOMEM;

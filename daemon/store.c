@@ -1215,6 +1215,7 @@ int store_put_finish(struct store_put *p, struct store_put_result *res, char *er
 	keys_blob_id(&h0, chain, tokens, info.n_tokens, s->block, &meta.id);
 	meta.n_tokens = info.n_tokens;
 	meta.version = info.version;
+	meta.flags = blob_flags_of_slot(&info);
 	meta.tier = 0;
 	meta.parts = p->parts;
 	for (int i = 0; i < PART_COUNT; i++) {
@@ -1284,10 +1285,15 @@ int store_put_finish(struct store_put *p, struct store_put_result *res, char *er
 	atomic_fetch_add(&s->place[0].stored_bytes, meta.stored_size);
 	atomic_fetch_add(&s->supersessions, ipr->n_superseded);
 	atomic_fetch_add(&s->puts, 1);
+	if (info.state_kind < STORE_STATE_KINDS)
+		atomic_fetch_add(&s->puts_state[info.state_kind], 1);
 	atomic_fetch_add(&s->put_bytes, meta.stored_size);
-	klog(LOG_INFO, "event=put blob=%s ns=\"%s\" tokens=%u bytes=%llu parts=%u superseded=%zu",
+	klog(LOG_INFO, "event=put blob=%s ns=\"%s\" tokens=%u bytes=%llu parts=%u superseded=%zu "
+	     "version=%u state=%s token_form=%s media_cut=%d",
 	     hex, p->ns, meta.n_tokens, (unsigned long long)meta.stored_size, meta.parts,
-	     ipr->n_superseded);
+	     ipr->n_superseded, info.version, slot_state_kind_name(info.state_kind),
+	     info.token_form == SLOT_TOKENS_PACKED ? "packed" : "plain",
+	     (meta.flags & BLOB_F_MEDIA) != 0);
 	rc = 0;
 out:
 	if (committed)
@@ -2134,6 +2140,8 @@ void store_get_stats(struct store *s, struct store_stats *o)
 	o->dedups = atomic_load(&s->dedups);
 	o->supersessions = atomic_load(&s->supersessions);
 	o->refused = atomic_load(&s->refused);
+	for (int k = 0; k < STORE_STATE_KINDS; k++)
+		o->puts_state[k] = atomic_load(&s->puts_state[k]);
 	o->fetches = atomic_load(&s->fetches);
 	o->fetch_bytes = atomic_load(&s->fetch_bytes);
 	o->stages = atomic_load(&s->stages);
@@ -2251,6 +2259,8 @@ static int ns_walk_blob(void *ctx, const struct blob_meta *m, const char *ns)
 		if (w->t[i].id == m->ns_id) {
 			w->t[i].st.blobs++;
 			w->t[i].st.bytes += m->stored_size;
+			if (m->flags & BLOB_F_OPAQUE)
+				w->t[i].st.opaque_blobs++;
 			break;
 		}
 	return 0;

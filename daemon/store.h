@@ -239,15 +239,19 @@ struct store_tier_stats {
 struct store_ns_stats {
 	char ns[INDEX_NS_MAX + 1];
 	uint64_t blobs, bytes, lookups, hits, matched_tokens;
+	uint64_t opaque_blobs;        /* blobs whose state layout was not walked (BLOB_F_OPAQUE) */
 	double prefill_tps;           /* EMA of reported prefill speeds */
 	double prefill_a, prefill_b;  /* model: seconds per token, extra per token of depth */
 	double prefill_samples;       /* reports fitted (decayed count is in the fit) */
 };
 
+#define STORE_STATE_KINDS (SLOT_STATE_HYBRID + 1) /* enum slot_state_kind values */
+
 struct store_stats {
 	uint64_t blobs, bytes;
 	uint64_t lookups, hits, matched_tokens;
 	uint64_t puts, put_bytes, adopts, dedups, supersessions, refused;
+	uint64_t puts_state[STORE_STATE_KINDS]; /* new blobs by enum slot_state_kind */
 	uint64_t fetches, fetch_bytes, stages, stage_copies, releases, lease_expiries, deletes;
 	uint64_t quarantined, active_leases;
 	uint64_t checksum_failures;   /* parts that failed their CRC on read: dropped */

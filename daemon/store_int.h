@@ -104,6 +104,7 @@ struct store {
 
 	_Atomic uint64_t lookups, hits, matched_tokens;
 	_Atomic uint64_t puts, put_bytes, adopts, dedups, supersessions, refused;
+	_Atomic uint64_t puts_state[STORE_STATE_KINDS]; /* new blobs by enum slot_state_kind */
 	_Atomic uint64_t fetches, fetch_bytes, stages, stage_copies, releases, lease_expiries,
 	    deletes, quarantined, active_leases;
 	uint64_t reconcile_files, reconcile_blobs;

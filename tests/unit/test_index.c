@@ -450,6 +450,57 @@ static void raw_blob_v2(const char *dir, const struct key *id)
 	mdb_env_close(env);
 }
 
+/* The slot file's state kind, token form and media cut are recorded in the
+ * blob's flags, and index_put keeps them. */
+static void test_slot_flags(const char *dir)
+{
+	static struct blob f;
+	static struct index_put_result res;
+	static int32_t T[MAXT];
+	struct slot_info si;
+	struct blob_meta m;
+	struct index *ix = NULL;
+	char err[512];
+
+	memset(&si, 0, sizeof(si));
+	si.state_kind = SLOT_STATE_KV;
+	si.token_form = SLOT_TOKENS_PLAIN;
+	si.n_tokens = si.n_tokens_all = 300;
+	CHECK_EQ_INT(blob_flags_of_slot(&si), (SLOT_STATE_KV + 1) << BLOB_F_STATE_SHIFT);
+	CHECK_EQ_INT(blob_state_kind(blob_flags_of_slot(&si)), SLOT_STATE_KV);
+	si.state_kind = SLOT_STATE_OPAQUE;
+	si.token_form = SLOT_TOKENS_PACKED;
+	si.n_tokens = 100; /* a media position at 100 */
+	CHECK_EQ_INT(blob_flags_of_slot(&si), (1u << BLOB_F_STATE_SHIFT) | BLOB_F_OPAQUE |
+						      BLOB_F_PACKED | BLOB_F_MEDIA);
+	CHECK_EQ_INT(blob_state_kind(blob_flags_of_slot(&si)), SLOT_STATE_OPAQUE);
+	si.state_kind = SLOT_STATE_HYBRID;
+	CHECK_EQ_INT(blob_state_kind(blob_flags_of_slot(&si)), SLOT_STATE_HYBRID);
+	CHECK_EQ_INT(blob_flags_of_slot(&si) & BLOB_F_OPAQUE, 0);
+	/* A record written before the state was recorded: unknown. */
+	CHECK_EQ_INT(blob_state_kind(0), -1);
+	CHECK_EQ_INT(blob_state_kind(BLOB_F_QUARANTINED | BLOB_F_LAST_KEY), -1);
+
+	for (size_t i = 0; i < MAXT; i++)
+		T[i] = (int32_t)(i * 7 % 32000);
+	CHECK_EQ_INT(index_open(dir, 0, 0, 1ull << 26, &ix, err, sizeof(err)), 0);
+	blob_make(&f, "nsF", T, 200);
+	memset(&m, 0, sizeof(m));
+	m.id = f.id;
+	m.n_tokens = 200;
+	m.version = 3;
+	m.parts = 1;
+	m.part_size[PART_MAIN] = m.stored_size = 5000;
+	m.flags = blob_flags_of_slot(&si);
+	CHECK_EQ_INT(index_put(ix, f.ns, NULL, 0, &m, f.tok, f.chain, 1, &res, err, sizeof(err)),
+		     0);
+	CHECK_EQ_INT(index_get(ix, &f.id, &m, NULL, 0), 0);
+	CHECK_EQ_INT(m.flags & ~(uint32_t)BLOB_F_LAST_KEY, blob_flags_of_slot(&si));
+	CHECK_EQ_INT(m.version, 3);
+	check_clean(ix);
+	index_close(ix);
+}
+
 int main(void)
 {
 	static struct blob a, b, c, d, e, a2, c2, e2, p[5], s1, s2, s3, small;
@@ -927,6 +978,13 @@ int main(void)
 		CHECK(mkdtemp(jdir) != NULL);
 		test_jumps(jdir);
 		CHECK_EQ_INT(nftw(jdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS), 0);
+	}
+	{
+		char fdir[] = "/tmp/test_index_flags.XXXXXX";
+
+		CHECK(mkdtemp(fdir) != NULL);
+		test_slot_flags(fdir);
+		CHECK_EQ_INT(nftw(fdir, rm_entry, 16, FTW_DEPTH | FTW_PHYS), 0);
 	}
 	printf("test_index: ok\n");
 	return 0;

@@ -314,6 +314,8 @@ static void test_store_families(void)
 	st.hits = 4;
 	st.matched_tokens = 1096;
 	st.puts = 6;
+	st.puts_state[SLOT_STATE_KV] = 4;
+	st.puts_state[SLOT_STATE_OPAQUE] = 2;
 	st.put_bytes = 1ull << 40;
 	st.supersessions = 1;
 	st.active_leases = 2;
@@ -328,6 +330,7 @@ static void test_store_families(void)
 						.read_fixed_s = NAN};
 	snprintf(ns[0].ns, sizeof(ns[0].ns), "ns-test");
 	ns[0].blobs = 3;
+	ns[0].opaque_blobs = 1;
 	ns[0].lookups = 5;
 	ns[0].hits = 4;
 	ns[0].prefill_tps = 93.75;
@@ -355,6 +358,13 @@ static void test_store_families(void)
 	CHECK(strstr(text, "\nkvtier_tier_model_read_fixed_seconds{tier=\"1\",kind=\"disk\"} NaN\n"));
 	CHECK(sample(text, "kvtier_tier_blobs{tier=\"0\",kind=\"tmpfs\"}") == 3);
 	CHECK(sample(text, "kvtier_namespace_blobs{namespace=\"ns-test\"}") == 3);
+	CHECK(sample(text, "kvtier_namespace_opaque_blobs{namespace=\"ns-test\"}") == 1);
+	CHECK(sample(text, "kvtier_namespace_opaque_blobs{namespace=\"we\\\"ird\\\\ns\\nx\"}") == 0);
+	CHECK(sample(text, "kvtier_puts_by_state_total{state=\"kv\"}") == 4);
+	CHECK(sample(text, "kvtier_puts_by_state_total{state=\"opaque\"}") == 2);
+	CHECK(sample(text, "kvtier_puts_by_state_total{state=\"kv-2025\"}") == 0);
+	CHECK(sample(text, "kvtier_puts_by_state_total{state=\"recurrent\"}") == 0);
+	CHECK(sample(text, "kvtier_puts_by_state_total{state=\"hybrid\"}") == 0);
 	CHECK(sample(text, "kvtier_namespace_lookups_total{namespace=\"ns-test\"}") == 5);
 	CHECK(sample(text, "kvtier_namespace_hits_total{namespace=\"ns-test\"}") == 4);
 	CHECK(strstr(text,
