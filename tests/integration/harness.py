@@ -60,6 +60,19 @@ def slot_tokens(path):
         return list(struct.unpack("<%di" % n, f.read(4 * n)))
 
 
+def opaque_copy(src, dst, version):
+    """Writes dst: slot file src's header and token payload under header
+    `version`, then a state no layout kvtier knows matches (what a future
+    llama.cpp could write): kvtierd stores it as an opaque state."""
+    with open(src, "rb") as f:
+        data = f.read()
+    n = struct.unpack("<I", data[8:12])[0]
+    head = data[:4] + struct.pack("<I", version) + data[8:12 + 4 * n]
+    with open(dst, "wb") as f:
+        f.write(head + b"\xab" * 4096)
+    return dst
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -5,7 +5,7 @@ import shutil
 import subprocess
 import urllib.request
 
-from harness import Daemon, Skip, check, eq, fixture, free_port, run
+from harness import Daemon, Skip, check, eq, fixture, free_port, opaque_copy, run
 
 
 def scrape(addr):
@@ -61,6 +61,16 @@ def test_metrics(root, daemons):
           "refused put counted by status")
     check('kvtier_tier_capacity_bytes{tier="0",kind="tmpfs"} 67108864' in text,
           "tier capacity")
+    # Puts by state kind, and opaque blobs per namespace.
+    d.put(opaque_copy(fixture("v2/chat-b-turn1.bin"), os.path.join(root, "odd.bin"), 3),
+          ns="odd")
+    text = scrape(addr)
+    eq(value(text, 'kvtier_puts_by_state_total{state="kv-2025"}'), 1, "kv-2025 puts")
+    eq(value(text, 'kvtier_puts_by_state_total{state="opaque"}'), 1, "opaque puts")
+    eq(value(text, 'kvtier_puts_by_state_total{state="kv"}'), 0, "kv puts")
+    eq(value(text, 'kvtier_namespace_opaque_blobs{namespace="odd"}'), 1, "opaque blobs")
+    eq(value(text, 'kvtier_namespace_opaque_blobs{namespace="ns-test"}'), 0,
+       "no opaque blobs in ns-test")
     # Read-only: other paths are 404, other methods 405.
     try:
         urllib.request.urlopen("http://%s/other" % addr, timeout=10)

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """The store end to end: real kvtierd, real CLI, real llama-server slot files."""
+import json
 import os
 import re
 import tempfile
 import shutil
 import stat
 
-from harness import (Daemon, check, eq, expect_fail, fixture, run, sha256, slot_tokens)
+from harness import (Daemon, check, eq, expect_fail, fixture, opaque_copy, run, sha256,
+                     slot_tokens)
 
 
 def start(root, daemons, **kw):
@@ -206,6 +208,162 @@ def test_stage_and_adopt(root, daemons):
     fsck_clean(d)
 
 
+def n_written(folder, name):
+    """The size llama-server reported for its save of folder/name.bin (n_written)."""
+    m = json.load(open(fixture(folder + "/manifest.json")))
+    n = m[name]["save"]["n_written"]
+    eq(os.path.getsize(fixture("%s/%s.bin" % (folder, name))), n, "fixture size = n_written")
+    return n
+
+
+def cut_copy(src, dst, keep):
+    """What a crash during llama-server's in-place save leaves: the first bytes,
+    header and tokens whole."""
+    data = open(src, "rb").read()
+    open(dst, "wb").write(data[:keep])
+    return dst
+
+
+def test_put_reported_size(root, daemons):
+    d = start(root, daemons)
+    src = fixture("v2-2026/chat-a-turn1.bin")
+    n = n_written("v2-2026", "chat-a-turn1")
+    # The server reported another size: refused, both sizes named, nothing stored.
+    for wrong in (n + 1, n - 1):
+        r = d.cli("put", "--namespace", "ns-test", "--expect-size", str(wrong), src,
+                  check_rc=False)
+        expect_fail(r, "INVALID_ARGUMENT", str(n), str(wrong), "reported")
+    # A save cut short keeps a valid header: the reported size catches it.
+    cut = cut_copy(src, os.path.join(root, "cut.bin"), n - 4096)
+    r = d.cli("put", "--namespace", "ns-test", "--expect-size", str(n), cut, check_rc=False)
+    expect_fail(r, "INVALID_ARGUMENT", str(n - 4096), str(n))
+    # An ik_llama.cpp file the same way, sidecar and all.
+    ik = os.path.join(root, "ik.bin")
+    shutil.copy(fixture("v4-ik/chat-a-turn1.bin.tokens.json"), ik + ".tokens.json")
+    ik_size = os.path.getsize(fixture("v4-ik/chat-a-turn1.bin"))
+    cut_copy(fixture("v4-ik/chat-a-turn1.bin"), ik, ik_size - 100)
+    r = d.cli("put", "--namespace", "ik", "--expect-size", str(ik_size), ik, check_rc=False)
+    expect_fail(r, "INVALID_ARGUMENT", str(ik_size - 100), str(ik_size))
+    eq(d.ls(), [], "nothing indexed after wrong sizes")
+    eq(d.tier_files(), [], "nothing left on the tier after wrong sizes")
+    r = d.cli("put", "--namespace", "ns-test", "--expect-size", "0", src, check_rc=False)
+    eq(r.rc, 2, "--expect-size 0 is a usage error: %r" % r)
+    # The right size: stored, and recorded as what it is.
+    blob = d.cli("put", "--namespace", "ns-test", "--expect-size", str(n), src).out.strip()
+    eq([b["blob"] for b in d.ls()], [blob], "stored with the right size")
+    b = d.ls()[0]
+    eq((b["version"], b["state"], b["token_form"], b["media_cut"], b["n_tokens"]),
+       (2, "kv", "plain", False, 274), "state of a v2-2026 file")
+    # Without --expect-size nothing is checked: the old behaviour.
+    blob2 = d.put(fixture("v4-ik/chat-a-turn1.bin"), ns="ik")
+    eq(len(d.ls()), 2, "put without a reported size")
+    eq([x["blob"] for x in d.ls(ns="ik")], [blob2], "ik blob listed")
+    fsck_clean(d)
+
+
+def test_adopt_reported_size(root, daemons):
+    d = start(root, daemons)
+    src = fixture("v2-2026-packed/chat-a-turn1.bin")
+    n = n_written("v2-2026-packed", "chat-a-turn1")
+    saved = os.path.join(d.slot_dir, "slot0.bin")
+    shutil.copy(src, saved)
+    r = d.cli("adopt", "--namespace", "ns-test", "--expect-size", str(n + 16), saved,
+              check_rc=False)
+    expect_fail(r, "INVALID_ARGUMENT", str(n), str(n + 16), "reported")
+    eq(sha256(saved), sha256(src), "refused source left in place, untouched")
+    # A save cut short by a crash (llama-server writes in place, no fsync).
+    cut = cut_copy(src, os.path.join(d.slot_dir, "slot1.bin"), n - 1000)
+    r = d.cli("adopt", "--namespace", "ns-test", "--expect-size", str(n), cut, check_rc=False)
+    expect_fail(r, "INVALID_ARGUMENT", str(n - 1000), str(n))
+    check(os.path.exists(cut), "refused cut file left in place")
+    eq(d.ls(), [], "nothing indexed after wrong sizes")
+    eq(d.tier_files(), [], "nothing left on the tier after wrong sizes")
+    # The right size: taken, the source name removed.
+    blob = d.cli("adopt", "--namespace", "ns-test", "--expect-size", str(n), saved).out.strip()
+    check(not os.path.exists(saved), "adopted source name removed")
+    b = d.ls()[0]
+    eq(b["blob"], blob, "adopted blob listed")
+    eq((b["version"], b["state"], b["token_form"], b["media_cut"], b["n_tokens"]),
+       (2, "kv", "packed", False, 274), "state of a packed file")
+    m = d.lookup(fixture("v2-2026/chat-a-turn1.bin"))
+    eq((m["blob"], m["matched_tokens"]), (blob, 274),
+       "a packed file is found by the tokens of a plain one")
+    out = os.path.join(root, "out.bin")
+    d.cli("get", blob, "-o", out)
+    eq(sha256(out), sha256(src), "adopted bytes")
+    # Adopt with the right size of an ik_llama.cpp file and its sidecar.
+    ik = os.path.join(d.slot_dir, "ik.bin")
+    shutil.copy(fixture("v4-ik/chat-a-turn1.bin"), ik)
+    shutil.copy(fixture("v4-ik/chat-a-turn1.bin.tokens.json"), ik + ".tokens.json")
+    r = d.cli("adopt", "--namespace", "ik", "--expect-size", str(os.path.getsize(ik) - 1), ik,
+              check_rc=False)
+    expect_fail(r, "INVALID_ARGUMENT")
+    check(os.path.exists(ik + ".tokens.json"), "refused sidecar left in place")
+    blob = d.cli("adopt", "--namespace", "ik", "--expect-size", str(os.path.getsize(ik)),
+                 ik).out.strip()
+    eq([x["sidecars"] for x in d.ls(ns="ik")], [[".tokens.json"]], "sidecar adopted")
+    check(not os.path.exists(ik + ".tokens.json"), "adopted sidecar name removed")
+    fsck_clean(d)
+
+
+# (folder, namespace, version, state, token_form) of the real files.
+STATES = [
+    ("v2", "feb-2025", 2, "kv-2025", "plain"),
+    ("v2-2026", "mid-2026", 2, "kv", "plain"),
+    ("v2-2026-packed", "packed", 2, "kv", "packed"),
+    ("v2-2026-iswa", "iswa", 2, "kv", "plain"),
+    ("v2-2026-recurrent", "recurrent", 2, "recurrent", "plain"),
+    ("v3-2026-10", "lib-v3", 3, "kv", "plain"),
+    ("v3-2026-10-recurrent", "lib-v3-recurrent", 3, "recurrent", "plain"),
+]
+
+
+def test_states_listed(root, daemons):
+    d = start(root, daemons)
+    want = {}
+    for folder, ns, version, state, form in STATES:
+        blob = d.put(fixture(folder + "/chat-a-turn1.bin"), ns=ns)
+        want[blob] = (ns, version, state, form, False)
+    # A state of no known layout is stored as it is, and says so.
+    odd = opaque_copy(fixture("v2-2026/chat-a-turn1.bin"), os.path.join(root, "odd.bin"), 3)
+    blob = d.put(odd, ns="odd")
+    want[blob] = ("odd", 3, "opaque", "plain", False)
+    odd_pk = opaque_copy(fixture("v2-2026-packed/chat-a-turn1.bin"),
+                         os.path.join(root, "odd-packed.bin"), 2)
+    blob = d.put(odd_pk, ns="odd-packed")
+    want[blob] = ("odd-packed", 2, "opaque", "packed", False)
+    # ik_llama.cpp: version 4, its state one of the known ones or opaque.
+    ik = d.put(fixture("v4-ik/chat-a-turn1.bin"), ns="ik")
+    got = {b["blob"]: (b["namespace"], b["version"], b["state"], b["token_form"],
+                       b["media_cut"]) for b in d.ls()}
+    check(got.pop(ik, (None,) * 5)[1:3] in [(4, k) for k in
+                                             ("opaque", "kv-2025", "kv", "recurrent", "hybrid")],
+          "v4 file listed with a state")
+    eq(got, want, "ls --json: version, state, token_form, media_cut per blob")
+    # The human table has a STATE column.
+    lines = d.cli("ls").out.splitlines()
+    check("STATE" in lines[0].split(), "STATE column: %r" % lines[0])
+    shown = {line.split()[0]: line.split()[2] for line in lines[1:]}
+    for blob, (ns, _, state, form, _) in want.items():
+        eq(shown[blob], state + (",packed" if form == "packed" else ""), "STATE of %s" % ns)
+    # Version 3 files are looked up like any other.
+    a = slot_tokens(fixture("v3-2026-10/chat-a-turn1.bin"))
+    b = slot_tokens(fixture("v3-2026-10/chat-b-turn1.bin"))
+    shared = next(i for i in range(min(len(a), len(b))) if a[i] != b[i])
+    m = d.lookup(fixture("v3-2026-10/chat-b-turn1.bin"), ns="lib-v3")
+    eq((m["blob"] is not None, m["matched_tokens"]), (True, shared), "v3 lookup")
+    # The namespace's recorded layout guards opaque files both ways.
+    odd_b = opaque_copy(fixture("v2-2026/chat-b-turn1.bin"), os.path.join(root, "odd-b.bin"), 3)
+    r = d.cli("put", "--namespace", "mid-2026", odd_b, check_rc=False)
+    expect_fail(r, "FAILED_PRECONDITION", "opaque")
+    r = d.cli("put", "--namespace", "odd", fixture("v2-2026/chat-b-turn1.bin"), check_rc=False)
+    expect_fail(r, "FAILED_PRECONDITION", "opaque")
+    eq(len(d.ls()), len(want) + 1, "nothing stored across layouts")
+    d.put(odd_b, ns="odd")
+    eq(len(d.ls(ns="odd")), 2, "an opaque file of the same version into its namespace")
+    fsck_clean(d)
+
+
 def test_corrupt_blob_never_served(root, daemons):
     d = start(root, daemons)
     blob = d.put(fixture("v2/chat-a-turn2.bin"))
@@ -384,5 +542,6 @@ def test_restart_keeps_blobs(root, daemons):
 if __name__ == "__main__":
     run([test_lookup_prefix, test_supersede_and_get, test_no_supersede, test_dedup,
          test_refusals, test_namespaces_isolated, test_v4_sidecar, test_stage_and_adopt,
+         test_put_reported_size, test_adopt_reported_size, test_states_listed,
          test_corrupt_blob_never_served, test_stage_copy_checked, test_start_guards,
          test_cancelled_put_stores_nothing, test_lease_expiry, test_restart_keeps_blobs])
