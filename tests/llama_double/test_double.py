@@ -647,7 +647,7 @@ def main():
     t_start = time.monotonic()
     ok = False
     try:
-        common = ["-c", "2048", "--parallel", "2", "--kv-bytes-per-token", "256", "--n-layer", "2",
+        common = ["--state-format", "2025", "-c", "2048", "--parallel", "2", "--kv-bytes-per-token", "256", "--n-layer", "2",
                   "--prefill-ms-per-token", "0.05", "--gen-ms-per-token", "0"]
         d = Double(tmp, "llama", *common)
         doubles.append(d)
