@@ -40,7 +40,7 @@
  *   [4]      u8  n_sections
  *   [5]      u8  flags: 1 = M-RoPE cells, 2 = V-less, 4 = entries differ
  *                across layers, streams or sections, 8 = ik_llama.cpp's
- *                8 bytes after the state
+ *                layout (versions 3 and 4: flag words after its KV)
  *   [6..10)  u32 n_stream of section 0
  *   [10..14) u32 n_layer of section 0
  *   [14..18) u32 v_trans (s_trans) of section 0
@@ -78,7 +78,7 @@
 #define SLOT_MAX_ROW (1ull << 30)
 #define SLOT_MAX_EMBD (1u << 20)
 #define SLOT_MAX_EL 256u
-#define SLOT_IK_TAIL 8u         /* ik_llama.cpp's version 4 ends the state with 8 bytes */
+#define SLOT_IK_SWAC 0x53574143u /* ik_llama.cpp --swa-compress block ('SWAC') */
 #define SLOT_PACKED_VERSION 1u  /* SERVER_TOKENS_STATE_VERSION */
 
 #define LAYOUT_F1 1
@@ -91,7 +91,7 @@
 #define LAYOUT_F2_EXT 0x01
 #define LAYOUT_F2_VLESS 0x02
 #define LAYOUT_F2_MIXED 0x04
-#define LAYOUT_F2_TAIL 0x08    /* ik_llama.cpp's 8 bytes after the state */
+#define LAYOUT_F2_TAIL 0x08    /* ik_llama.cpp's layout (flag words after its KV) */
 
 #define LAYOUT_F3 3
 #define LAYOUT_F3_LEN 3
@@ -114,12 +114,12 @@ struct slot_cursor {
 };
 
 /* The forms a section can take. */
-enum sec_form { FORM_KVS, FORM_K25, FORM_REC };
+enum sec_form { FORM_KVS, FORM_K25, FORM_REC, FORM_IK };
 
 /* How one section of a plan was walked. */
 struct sec_walk {
 	enum sec_form form;
-	uint8_t ext, vless;          /* FORM_KVS variants */
+	uint8_t ext, vless;          /* FORM_KVS variants: cell extension bytes, no V */
 	uint32_t n_k;                /* FORM_REC: entries walked (<= n_layer) */
 	struct slot_section out;
 	uint8_t first_k[SLOT_ENTRY_BYTES], first_v[SLOT_ENTRY_BYTES];
@@ -133,6 +133,7 @@ struct walk {
 	struct slot_parser *p;
 	struct slot_cursor c;
 	EVP_MD_CTX *md;              /* fed with the entries when not NULL */
+	uint32_t version;            /* the header's */
 	int plausible_eof;           /* the walk ran past the end while plausible */
 	int later_section;           /* walking a section after the first */
 	int sec_known;               /* that later section starts as a real one would */
@@ -259,7 +260,8 @@ static int walk_u32(struct walk *w, uint64_t *off, uint32_t *v, const char *what
 	return 0;
 }
 
-/* The cell table of n cells: i32 pos, u32 n_seq_id, [8 bytes], n_seq_id x i32. */
+/* The cell table of n cells: i32 pos, u32 n_seq_id, ext bytes (M-RoPE: 8 in
+ * version 2, 12 since version 3), n_seq_id x i32. */
 static int walk_cells(struct walk *w, uint64_t *offp, uint32_t n, int ext, int32_t *first_pos)
 {
 	uint64_t off = *offp;
@@ -282,7 +284,7 @@ static int walk_cells(struct walk *w, uint64_t *offp, uint32_t n, int ext, int32
 				       i, n_seq, SLOT_MAX_SEQ_ID);
 		if (i == 0)
 			*first_pos = pos;
-		if (__builtin_add_overflow(off, 8 + (ext ? 8u : 0u) + 4 * (uint64_t)n_seq, &off))
+		if (__builtin_add_overflow(off, 8 + (uint64_t)ext + 4 * (uint64_t)n_seq, &off))
 			return walk_no(w, "the cell table overflows");
 	}
 	if (off > w->p->size)
@@ -485,6 +487,141 @@ static int walk_flat(struct walk *w, uint64_t *offp, struct sec_walk *s)
 	return 0;
 }
 
+/* ik_llama.cpp's state (src/llama.cpp write_kv_cache, versions 3 and 4):
+ * [u32 'SWAC', 16 bytes], u32 cell_count, cells (i32 pos, u32 n_seq_id,
+ * ids), u32 v_state (0 V rows, 1 V transposed, 2 no V), u32 n_layer, n_layer
+ * K entries and (v_state < 2) V entries, an absent layer written as type -1
+ * and size 0; then u32 qnext_state (version 3+; 1: per layer i32 type, u64
+ * row bytes, u32 rows, the rows) and u32 dsa_indexer_state (version 4; its
+ * block is not walked: 1 is no known layout). */
+static int walk_ik_entries(struct walk *w, uint64_t *offp, uint32_t n_cells, int trans, uint32_t n,
+			   char side, struct sec_walk *s, uint8_t first[SLOT_ENTRY_BYTES])
+{
+	uint8_t e[SLOT_ENTRY_BYTES];
+	char what[48];
+	uint32_t l;
+	int rc;
+
+	for (l = 0; l < n; l++) {
+		snprintf(what, sizeof(what), "layer %" PRIu32 " %c header", l, side);
+		rc = walk_get(w, *offp, e, SLOT_ENTRY_BYTES, what);
+		if (rc)
+			return rc;
+		if (get_le32(e) == 0xffffffffu) {
+			/* an absent layer: no rows */
+			if (get_le64(e + 4) != 0)
+				return walk_no(w, "%s: absent layer with rows", what);
+			*offp += SLOT_ENTRY_BYTES;
+			if (w->md && !EVP_DigestUpdate(w->md, e, SLOT_ENTRY_BYTES))
+				return -ENOMEM;
+		} else {
+			rc = walk_entry(w, offp, n_cells, trans, e, what);
+			if (rc)
+				return rc;
+		}
+		if (!s->have_entries && l == 0)
+			memcpy(first, e, SLOT_ENTRY_BYTES);
+		else if (memcmp(first, e, SLOT_ENTRY_BYTES) != 0)
+			s->mixed = 1;
+	}
+	return 0;
+}
+
+static int walk_ik(struct walk *w, uint64_t *offp, struct sec_walk *s)
+{
+	uint64_t off = *offp;
+	uint32_t n_cells, v_state, n_layer, flag, l;
+	uint8_t b[4];
+	int rc;
+
+	s->ext = 0;
+	rc = walk_get(w, off, b, 4, "the state");
+	if (rc)
+		return rc;
+	if (get_le32(b) == SLOT_IK_SWAC) {
+		off += 20;
+		s->ext = 1; /* recorded as a flag of the section */
+	}
+	rc = walk_u32(w, &off, &n_cells, "the state's cell count");
+	if (rc)
+		return rc;
+	if (n_cells > SLOT_MAX_TOKENS)
+		return walk_no(w, "%" PRIu32 " cells, the limit is %u", n_cells, SLOT_MAX_TOKENS);
+	rc = walk_cells(w, &off, n_cells, 0, &s->first_pos);
+	if (rc)
+		return rc;
+	rc = walk_u32(w, &off, &v_state, "v_state");
+	if (!rc)
+		rc = walk_u32(w, &off, &n_layer, "n_layer");
+	if (rc)
+		return rc;
+	if (v_state > 2)
+		return walk_no(w, "v_state is %" PRIu32 ", expected 0..2", v_state);
+	if (n_layer < 1 || n_layer > SLOT_MAX_LAYERS)
+		return walk_no(w, "n_layer is %" PRIu32 ", expected 1..%u", n_layer,
+			       SLOT_MAX_LAYERS);
+	rc = walk_ik_entries(w, &off, n_cells, 0, n_layer, 'K', s, s->first_k);
+	if (!rc && v_state < 2)
+		rc = walk_ik_entries(w, &off, n_cells, (int)v_state, n_layer, 'V', s, s->first_v);
+	if (rc)
+		return rc;
+	rc = walk_u32(w, &off, &flag, "qnext_state");
+	if (rc)
+		return rc;
+	if (flag > 1)
+		return walk_no(w, "qnext_state is %" PRIu32, flag);
+	for (l = 0; flag && l < n_layer; l++) {
+		uint8_t e[16];
+		uint64_t row, bytes;
+		rc = walk_get(w, off, e, 16, "a qnext state header");
+		if (rc)
+			return rc;
+		off += 16;
+		row = get_le64(e + 4);
+		if (get_le32(e) == 0xffffffffu)
+			continue;
+		if ((int32_t)get_le32(e) < 0 || get_le32(e) >= SLOT_MAX_TYPE || row > SLOT_MAX_ROW)
+			return walk_no(w, "a qnext state header of type %" PRIu32, get_le32(e));
+		bytes = row * get_le32(e + 12);
+		if (__builtin_add_overflow(off, bytes, &off) || off > w->p->size)
+			return walk_eof(w, "a qnext state", off);
+		if (w->md && !EVP_DigestUpdate(w->md, e, 12))
+			return -ENOMEM;
+	}
+	if (w->version >= 4) {
+		rc = walk_u32(w, &off, &flag, "dsa_indexer_state");
+		if (rc)
+			return rc;
+		if (flag != 0)
+			return walk_no(w, "dsa_indexer_state is %" PRIu32
+				       " (its block is not walked)", flag);
+	}
+	s->have_entries = 1;
+	s->out.kind = SLOT_SEC_KV;
+	s->out.cell_ext = s->ext;
+	s->out.v_less = v_state == 2;
+	s->out.n_stream = 1;
+	s->out.n_cells = n_cells;
+	s->out.v_trans = v_state;
+	s->out.n_layer = n_layer;
+	s->out.n_k = n_layer;
+	s->out.n_v = v_state < 2 ? n_layer : 0;
+	*offp = off;
+	return 0;
+}
+
+static int walk_form(struct walk *w, uint64_t *off, struct sec_walk *s)
+{
+	switch (s->form) {
+	case FORM_KVS:
+		return walk_kvs(w, off, s);
+	case FORM_IK:
+		return walk_ik(w, off, s);
+	default:
+		return walk_flat(w, off, s);
+	}
+}
+
 static int walk_section(struct walk *w, uint64_t *off, struct sec_walk *s, int index)
 {
 	w->later_section = index > 0;
@@ -497,7 +634,7 @@ static int walk_section(struct walk *w, uint64_t *off, struct sec_walk *s, int i
 	memset(s->first_v, 0, sizeof(s->first_v));
 	if (w->md) {
 		uint8_t d[3 + 5 * 4];
-		int rc = s->form == FORM_KVS ? walk_kvs(w, off, s) : walk_flat(w, off, s);
+		int rc = walk_form(w, off, s);
 		if (rc)
 			return rc;
 		/* The section's shape after its entries (fed by the walk). */
@@ -511,7 +648,7 @@ static int walk_section(struct walk *w, uint64_t *off, struct sec_walk *s, int i
 		put_le32(d + 19, s->out.n_v);
 		return EVP_DigestUpdate(w->md, d, sizeof(d)) ? 0 : -ENOMEM;
 	}
-	return s->form == FORM_KVS ? walk_kvs(w, off, s) : walk_flat(w, off, s);
+	return walk_form(w, off, s);
 }
 
 /* Plans: the sequences of section forms tried, in this order. */
@@ -519,18 +656,17 @@ struct plan {
 	const char *name;
 	uint8_t n;
 	enum sec_form form[3];
-	uint8_t tail;                /* bytes after the last section */
 	uint8_t min_version, max_version;
 };
 
 static const struct plan plans[] = {
-	{ "kv", 1, { FORM_KVS }, 0, 2, 4 },
-	{ "kv+kv", 2, { FORM_KVS, FORM_KVS }, 0, 2, 4 },
-	{ "kv+recurrent", 2, { FORM_KVS, FORM_REC }, 0, 2, 4 },
-	{ "kv+kv+recurrent", 3, { FORM_KVS, FORM_KVS, FORM_REC }, 0, 2, 4 },
-	{ "flat", 1, { FORM_K25 }, 0, 2, 3 },
-	{ "flat+recurrent", 2, { FORM_K25, FORM_REC }, 0, 2, 2 },
-	{ "ik", 1, { FORM_K25 }, SLOT_IK_TAIL, 4, 4 },
+	{ "kv", 1, { FORM_KVS }, 2, 4 },
+	{ "kv+kv", 2, { FORM_KVS, FORM_KVS }, 2, 4 },
+	{ "kv+recurrent", 2, { FORM_KVS, FORM_REC }, 2, 4 },
+	{ "kv+kv+recurrent", 3, { FORM_KVS, FORM_KVS, FORM_REC }, 2, 4 },
+	{ "flat", 1, { FORM_K25 }, 2, 3 },
+	{ "flat+recurrent", 2, { FORM_K25, FORM_REC }, 2, 2 },
+	{ "ik", 1, { FORM_IK }, 3, 4 },
 };
 #define N_PLANS (sizeof(plans) / sizeof(plans[0]))
 
@@ -544,20 +680,19 @@ static int try_plan(struct walk *w, const struct plan *pl, int i, uint64_t off,
 	int v, rc;
 
 	if (i == pl->n) {
-		if (w->p->size - off == pl->tail)
+		if (w->p->size == off)
 			return 0;
-		if (w->p->size - off < pl->tail)
-			return walk_eof(w, "the state", off + pl->tail);
 		return walk_no(w, "%" PRIu64 " trailing bytes after the state (it ends at %" PRIu64
 			       ", file is %" PRIu64 " bytes)",
-			       w->p->size - off - pl->tail, off, w->p->size);
+			       w->p->size - off, off, w->p->size);
 	}
 	s->form = pl->form[i];
 	if (s->form == FORM_KVS) {
-		/* plain, M-RoPE cells, V-less, both */
-		for (v = 0; v < 4; v++) {
-			s->ext = (uint8_t)(v & 1);
-			s->vless = (uint8_t)(v >> 1);
+		/* plain, M-RoPE cells (8 bytes; 12 since version 3), V-less */
+		static const uint8_t ext_of[3] = { 0, 8, 12 };
+		for (v = 0; v < 6; v++) {
+			s->ext = ext_of[v % 3];
+			s->vless = (uint8_t)(v / 3);
 			end = off;
 			rc = walk_section(w, &end, s, i);
 			if (rc < 0)
@@ -645,6 +780,7 @@ static int layout_f1(struct slot_parser *p, uint64_t state_off, struct sec_walk 
 	/* Which side differs, and the digest of every entry. */
 	memset(&w, 0, sizeof(w));
 	w.p = p;
+	w.version = info->version;
 	w.md = EVP_MD_CTX_new();
 	if (!w.md)
 		return slot_fail(p, -ENOMEM, "out of memory for the layout digest");
@@ -738,7 +874,7 @@ static int layout_f2(struct slot_parser *p, const struct plan *pl, struct sec_wa
 		     memcmp(sw[i].first_v, sw[0].first_v, SLOT_ENTRY_BYTES)))
 			flags |= LAYOUT_F2_MIXED;
 	}
-	if (pl->tail)
+	if (pl->form[0] == FORM_IK)
 		flags |= LAYOUT_F2_TAIL;
 	memset(info->layout, 0, sizeof(info->layout));
 	info->layout[0] = LAYOUT_F2;
@@ -755,6 +891,7 @@ static int layout_f2(struct slot_parser *p, const struct plan *pl, struct sec_wa
 
 	memset(&w, 0, sizeof(w));
 	w.p = p;
+	w.version = info->version;
 	w.md = EVP_MD_CTX_new();
 	if (!w.md)
 		return slot_fail(p, -ENOMEM, "out of memory for the layout digest");
@@ -825,6 +962,7 @@ static int parse_state(struct slot_parser *p, struct slot_info *info)
 			continue;
 		memset(&w, 0, sizeof(w));
 		w.p = p;
+		w.version = info->version;
 		memset(sw, 0, sizeof(sw));
 		rc = try_plan(&w, &plans[i], 0, info->state_offset, sw);
 		if (rc < 0)
@@ -860,6 +998,8 @@ static int parse_state(struct slot_parser *p, struct slot_info *info)
 		info->state_kind = flat_kind(info, &sw[0]);
 		if (info->state_kind == SLOT_STATE_RECURRENT)
 			sw[0].out.kind = info->sec[0].kind = SLOT_SEC_RECURRENT;
+	} else if (pl->form[0] == FORM_IK) {
+		info->state_kind = SLOT_STATE_KV_2025;
 	} else if (pl->form[pl->n - 1] == FORM_REC) {
 		info->state_kind = SLOT_STATE_HYBRID;
 	} else {

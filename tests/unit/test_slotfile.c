@@ -465,9 +465,16 @@ static void test_mutations(void)
 	expect_refused(big, len, "unsupported version 5");
 	put32(big + 4, 0);
 	expect_refused(big, len, "unsupported version 0");
-	/* Version 3 never wrote the early 2025 KV layout: opaque. */
+	/* Version 3 of llama.cpp never wrote the early 2025 KV layout; ik's
+	 * version 3 did, with a qnext_state word after it: here it is missing. */
 	put32(big + 4, 3);
-	expect_opaque(big, len, 274);
+	expect_refused(big, len, "truncated: ik layout: qnext_state ends at 73508");
+	memset(big + len, 0, 4);
+	CHECK_EQ_INT(parse_mem(big, len + 4, &info, &t, err, sizeof(err)), 0);
+	CHECK_EQ_INT(info.state_kind, SLOT_STATE_KV_2025);
+	CHECK(info.layout[5] & 0x08); /* ik's layout */
+	free(t);
+	t = NULL;
 
 	/* Token count bounds, checked before anything is allocated. */
 	put32(hdr, SLOT_MAGIC);
@@ -520,7 +527,7 @@ static void test_mutations(void)
 
 		memcpy(big, buf, len); /* an early 2025 file under version 4: ik's */
 		put32(big + 4, 4);     /* layout short of its 8 last bytes */
-		expect_refused(big, len, "truncated: ik layout: the state ends at 73512");
+		expect_refused(big, len, "truncated: ik layout: qnext_state ends at 73508");
 		memset(big + len, 0, 8);
 		CHECK_EQ_INT(parse_mem(big, len + 8, &info, &t, err, sizeof(err)), 0);
 		CHECK_EQ_INT(info.state_kind, SLOT_STATE_KV_2025);
@@ -790,6 +797,8 @@ static void test_synthetic(void)
 	CHECK(!same_layout(&b, &c));
 }
 
+#define SLOT_IK_SWAC_TEST 0x53574143u /* 'SWAC' */
+
 /* A growing buffer for the layouts of today's llama.cpp. */
 struct gb {
 	uint8_t *b;
@@ -986,6 +995,86 @@ static void test_layouts(void)
 	expect_kind(&g, SLOT_STATE_HYBRID, 3, &c);
 	slot_layout_describe(c.layout, c.layout_len, desc, sizeof(desc));
 	CHECK(strncmp(desc, "v3 plain kv+kv+recurrent", 24) == 0);
+
+	/* llama.cpp v3 writes 12 bytes of cell extension (x, y, tok). */
+	gb_header(&g, 3, 20);
+	gb32(&g, 1);
+	gb32(&g, 20);
+	for (uint32_t i = 0; i < 20; i++) {
+		gb32(&g, i);
+		gb32(&g, 1);
+		gb_put(&g, NULL, 12);
+		gb32(&g, 0);
+	}
+	gb32(&g, 0);
+	gb32(&g, 2);
+	for (int l = 0; l < 4; l++) {
+		gb32(&g, 1);
+		gb64(&g, 64);
+		gb_put(&g, NULL, 20 * 64);
+	}
+	expect_kind(&g, SLOT_STATE_KV, 1, &c);
+	CHECK_EQ_INT(c.sec[0].cell_ext, 12);
+
+	/* ik_llama.cpp version 4: no V (MLA), an absent layer, a qnext block,
+	 * then the DSA word. */
+	gb_header(&g, 4, 20);
+	gb32(&g, SLOT_IK_SWAC_TEST);
+	gb_put(&g, NULL, 16);
+	gb32(&g, 20);
+	for (uint32_t i = 0; i < 20; i++) {
+		gb32(&g, i);
+		gb32(&g, 0);
+	}
+	gb32(&g, 2); /* v_state: no V */
+	gb32(&g, 3);
+	gb32(&g, 1);
+	gb64(&g, 96);
+	gb_put(&g, NULL, 20 * 96);
+	gb32(&g, 0xffffffffu); /* absent layer */
+	gb64(&g, 0);
+	gb32(&g, 1);
+	gb64(&g, 96);
+	gb_put(&g, NULL, 20 * 96);
+	gb32(&g, 1); /* qnext_state: per layer type, row, rows */
+	for (int l = 0; l < 3; l++) {
+		gb32(&g, l == 1 ? 0xffffffffu : 0);
+		gb64(&g, l == 1 ? 0 : 256);
+		gb32(&g, l == 1 ? 0 : 2);
+		if (l != 1)
+			gb_put(&g, NULL, 512);
+	}
+	{
+		size_t dsa_at = g.n;
+		uint8_t *copy;
+		size_t n;
+
+		gb32(&g, 0); /* dsa_indexer_state */
+		n = g.n;
+		copy = malloc(n);
+		CHECK(copy);
+		memcpy(copy, g.b, n);
+		expect_kind(&g, SLOT_STATE_KV_2025, 1, &a);
+		CHECK(a.sec[0].v_less);
+		CHECK_EQ_INT(a.v_trans, 2);
+		slot_layout_describe(a.layout, a.layout_len, desc, sizeof(desc));
+		CHECK(strncmp(desc, "v4 plain ik streams=1 n_layer=3", 31) == 0);
+		/* A DSA indexer block is not walked: opaque. */
+		put32(copy + dsa_at, 1);
+		gb_put(&g, copy, n);
+		gb_put(&g, NULL, 64);
+		expect_kind(&g, SLOT_STATE_OPAQUE, 0, &b);
+		/* Without its last word: truncated. */
+		gb_put(&g, copy, n - 4);
+		{
+			int32_t *t = NULL;
+			char err[256];
+			CHECK_EQ_INT(parse_mem(g.b, g.n, &b, &t, err, sizeof(err)), KVTIER_E_INVALID);
+			CHECK(strstr(err, "dsa_indexer_state"));
+		}
+		g.n = 0;
+		free(copy);
+	}
 
 	/* An unknown section after a known one: opaque, not refused. */
 	gb_header(&g, 2, 20);
