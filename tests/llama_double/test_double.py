@@ -25,6 +25,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOUBLE = os.path.join(HERE, "llama_double.py")
 FIX = os.environ.get("KVTIER_FIXTURES", os.path.join(HERE, "..", "fixtures", "llama-slots"))
+SHARED_FIX = "/work/shared/fixtures/llama-slots"   # until the copy in tests/fixtures is complete
 TIMEOUT = 10.0          # every HTTP call is bounded
 HANG_PROBE = 1.0        # how long we wait to call a request "hung"
 MAGIC = 0x67677371
@@ -81,6 +82,118 @@ def parse_slot_file(path):
     return {"magic": magic, "version": version, "n": n, "tokens": tokens, "cell_count": cell_count,
             "cells": cells, "v_trans": v_trans, "n_layer": n_layer, "k": k, "v": v,
             "state_end": off, "size": len(b), "tail": b[off:]}
+
+
+def parse_state_file(b, kind="dense", fmt=2026):
+    """Any slot file, written from llama.cpp's sources (independent of the double):
+    fmt 2025 (Feb 2025 and ik), fmt 2026 dense/iswa (llama-kv-cache.cpp state_write, one KV cache
+    or two), recurrent (llama-memory-recurrent.cpp state_write). Returns the fields and `rows`,
+    the (offset, length) spans of K/V/R/S row data."""
+    magic, version, nw = struct.unpack_from("<III", b, 0)
+    off = 12
+    words = list(struct.unpack_from("<%di" % nw, b, off))
+    off += 4 * nw
+    tokens = words
+    if words and words[0] == -1:                     # upstream's packed form
+        n = words[2]
+        tokens = words[3:3 + n]
+        assert words[1] == 1 and words[3 + n] == 0 and len(words) == n + 4, "packed words %r" % words[:4]
+    rows = []
+    out = {"magic": magic, "version": version, "words": words, "tokens": tokens, "rows": rows}
+
+    def u32():
+        nonlocal off
+        v, = struct.unpack_from("<I", b, off)
+        off += 4
+        return v
+
+    def kv(c, n_layer, v_trans):
+        nonlocal off
+        k, v = [], []
+        for _ in range(n_layer):
+            t, row = struct.unpack_from("<iQ", b, off)
+            rows.append((off + 12, row * c))
+            off += 12 + row * c
+            k.append((t, row))
+        for _ in range(n_layer):
+            if v_trans == 0:
+                t, row = struct.unpack_from("<iQ", b, off)
+                rows.append((off + 12, row * c))
+                off += 12 + row * c
+                v.append((t, row))
+            else:
+                t, el, ne = struct.unpack_from("<iII", b, off)
+                rows.append((off + 12, el * ne * c))
+                off += 12 + el * ne * c
+                v.append((t, el, ne))
+        return k, v
+
+    if fmt == 2025:
+        c = u32()
+        cells = [struct.unpack_from("<iI", b, off + 8 * i) for i in range(c)]
+        off += 8 * c
+        v_trans, n_layer = u32(), u32()
+        k, v = kv(c, n_layer, v_trans)
+        out.update({"cell_count": c, "cells": cells, "v_trans": v_trans, "n_layer": n_layer, "k": k, "v": v})
+    elif kind == "recurrent":
+        c = u32()
+        cells = [struct.unpack_from("<iI", b, off + 8 * i) for i in range(c)]
+        off += 8 * c
+        s_trans, n_layer = u32(), u32()
+        ents = []
+        for _ in range(2 * n_layer):
+            t, row = struct.unpack_from("<iQ", b, off)
+            rows.append((off + 12, row * c))
+            off += 12 + row * c
+            ents.append((t, row))
+        out.update({"cell_count": c, "cells": cells, "s_trans": s_trans, "n_layer": n_layer,
+                    "r": ents[:n_layer], "s": ents[n_layer:]})
+    else:
+        sections = []
+        for _ in range(2 if kind == "iswa" else 1):
+            n_stream = u32()
+            streams = []
+            for _ in range(n_stream):
+                c = u32()
+                st = {"cell_count": c}
+                if c:
+                    cells = []
+                    for _ in range(c):
+                        pos, n_seq = struct.unpack_from("<iI", b, off)
+                        off += 8
+                        ids = list(struct.unpack_from("<%di" % n_seq, b, off))
+                        off += 4 * n_seq
+                        cells.append((pos, n_seq, ids))
+                    v_trans, n_layer = u32(), u32()
+                    k, v = kv(c, n_layer, v_trans)
+                    st.update({"cells": cells, "v_trans": v_trans, "n_layer": n_layer, "k": k, "v": v})
+                streams.append(st)
+            sections.append({"n_stream": n_stream, "streams": streams})
+        out["sections"] = sections
+    out["state_end"] = off
+    out["size"] = len(b)
+    out["tail"] = b[off:]
+    return out
+
+
+def same_but_rows(mine, real, what):
+    """Byte-for-byte equal except inside the K/V/R/S row data of `real`."""
+    with open(mine, "rb") as f:
+        a = f.read()
+    with open(real, "rb") as f:
+        b = f.read()
+    eq(len(a), len(b), "%s: size (double vs real file)" % what)
+    return a, b
+
+
+def compare_masked(a, b, rows, what):
+    prev = 0
+    for start, length in sorted(rows) + [(len(b), 0)]:
+        if a[prev:start] != b[prev:start]:
+            i = next(j for j in range(prev, start) if a[j] != b[j])
+            raise Failure("%s: byte %d differs outside the KV rows (double %r, real %r)"
+                          % (what, i, a[i:i + 8], b[i:i + 8]))
+        prev = start + length
 
 
 def v2_size(n, n_layer, k_row, v_bytes_per_cell):
@@ -212,8 +325,11 @@ class Double:
 
 
 def fixture(rel):
-    p = os.path.join(FIX, rel)
-    return p if os.path.exists(p) else None
+    for root in (FIX, SHARED_FIX):
+        p = os.path.join(root, rel)
+        if os.path.exists(p):
+            return p
+    return None
 
 
 # --------------------------------------------------------------------------
@@ -641,6 +757,96 @@ def t_ik(d):
     check(d.state()["wedged"], "state reports the wedge")
 
 
+# --------------------------------------------------------------------------
+# the double's files against the real ones, configured like the servers that wrote them
+
+MICRO = ["-c", "8192", "--parallel", "2", "--n-layer", "2", "--kv-bytes-per-token", "256"]
+MICRO_Q8 = ["-c", "8192", "--parallel", "2", "--n-layer", "2", "--kv-bytes-per-token", "136",
+            "-ctk", "q8_0", "-ctv", "q8_0"]
+ISWA = ["-c", "8192", "--parallel", "2", "--model-kind", "iswa", "--n-layer", "6",
+        "--n-embd-k-gqa", "32", "--n-embd-v-gqa", "32"]
+RECURRENT = ["-c", "8192", "--parallel", "2", "--model-kind", "recurrent", "--n-layer", "2"]
+FIXTURE_SETUPS = [
+    # folder, model kind, layout generation, the double's options
+    ("v2", "dense", 2025, MICRO + ["--state-format", "2025", "--slots"]),
+    ("v2-flash-attn", "dense", 2025, MICRO + ["--state-format", "2025", "--slots", "-fa"]),
+    ("v2-q8", "dense", 2025, MICRO_Q8 + ["--state-format", "2025", "--slots", "-fa"]),
+    ("v4-ik", "dense", 2025, MICRO + ["--flavor", "ik"]),
+    ("v2-2026", "dense", 2026, MICRO + ["-fa", "off"]),
+    ("v2-2026-kvu", "dense", 2026, MICRO + ["-kvu", "-fa", "off"]),
+    ("v2-2026-fa", "dense", 2026, MICRO + ["-fa", "on"]),
+    ("v2-2026-q8", "dense", 2026, MICRO_Q8 + ["-fa", "on"]),
+    ("v2-2026-iswa", "iswa", 2026, ISWA),
+    ("v2-2026-iswa-swafull", "iswa", 2026, ISWA + ["--swa-full"]),
+    ("v2-2026-recurrent", "recurrent", 2026, RECURRENT),
+    ("v2-2026-packed", "dense", 2026, MICRO + ["--token-form", "packed"]),
+    ("v3-2026-10", "dense", 2026, MICRO + ["--file-version", "3"]),
+    ("v3-2026-10-iswa", "iswa", 2026, ISWA + ["--file-version", "3"]),
+    ("v3-2026-10-recurrent", "recurrent", 2026, RECURRENT + ["--file-version", "3"]),
+]
+CHAT_FILES = ("chat-a-turn1", "chat-a-turn2", "chat-b-turn1")
+FAST = ["--prefill-ms-per-token", "0", "--gen-ms-per-token", "0"]
+
+
+def start_fixture_doubles(tmp):
+    """One double per fixture folder (started together: they are independent)."""
+    out = []
+    for folder, kind, fmt, opts in FIXTURE_SETUPS:
+        if not fixture(folder + "/empty.bin"):
+            note("SKIP %s: no fixture folder" % folder)
+            continue
+        out.append((folder, kind, fmt, Double(tmp, "fx-" + folder, *(opts + FAST))))
+    return out
+
+
+def t_fixture_layouts(setups):
+    """Save through the double the token arrays of the real files: the same size and the same
+    bytes except K/V/R/S row data; empty.bin exactly."""
+    for folder, kind, fmt, d in setups:
+        try:
+            man = {}
+            if fixture(folder + "/manifest.json"):
+                with open(fixture(folder + "/manifest.json")) as f:
+                    man = json.load(f)
+            for name in CHAT_FILES:
+                real_path = fixture("%s/%s.bin" % (folder, name))
+                with open(real_path, "rb") as f:
+                    real_b = f.read()
+                real = parse_state_file(real_b, kind, fmt)
+                toks = real["tokens"]
+                r = d.completion(toks, slot=0, n_predict=1)
+                eq(r["tokens_cached"], len(toks), "%s/%s: the slot holds the file's tokens" % (folder, name))
+                st, sv = d.action(0, "save", {"filename": name + ".bin"})
+                eq(st, 200, "%s/%s: save" % (folder, name))
+                what = "%s/%s" % (folder, name)
+                mine_b, _ = same_but_rows(d.path(name + ".bin"), real_path, what)
+                mine = parse_state_file(mine_b, kind, fmt)
+                eq(sorted(mine["rows"]), sorted(real["rows"]), what + ": row spans")
+                compare_masked(mine_b, real_b, real["rows"], what)
+                eq(sv["n_written"], len(real_b), what + ": n_written")
+                if isinstance(man.get(name), dict) and "save" in man[name]:
+                    eq((sv["n_saved"], sv["n_written"]),
+                       (man[name]["save"]["n_saved"], man[name]["save"]["n_written"]), what + ": save answer")
+                if folder == "v4-ik":
+                    with open(d.path(name + ".bin.tokens.json"), "rb") as f1, \
+                            open(real_path + ".tokens.json", "rb") as f2:
+                        eq(f1.read(), f2.read(), what + ": the .tokens.json sidecar, byte for byte")
+            st, _ = d.action(0, "erase", {})
+            eq(st, 200, folder + ": erase")
+            st, sv = d.action(0, "save", {"filename": "empty.bin"})
+            with open(d.path("empty.bin"), "rb") as f1, open(fixture(folder + "/empty.bin"), "rb") as f2:
+                a, b = f1.read(), f2.read()
+            eq(a, b, folder + "/empty.bin, byte for byte")
+            eq(sv["n_written"], len(b), folder + "/empty.bin n_written")
+            if folder == "v4-ik":
+                with open(d.path("empty.bin.tokens.json"), "rb") as f1, \
+                        open(fixture(folder + "/empty.bin.tokens.json"), "rb") as f2:
+                    eq(f1.read(), f2.read(), folder + "/empty.bin.tokens.json")
+        except Failure as e:
+            raise Failure("%s (double started with %s)" % (e, " ".join(
+                next(o for f, _, _, o in FIXTURE_SETUPS if f == folder))))
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="llama-double-test-")
     doubles = []
@@ -680,6 +886,12 @@ def main():
         t0 = time.monotonic()
         t_ik(ik)
         print("ok   %-45s %.2fs" % ("ik flavour", time.monotonic() - t0), flush=True)
+        t0 = time.monotonic()
+        fx = start_fixture_doubles(tmp)
+        doubles.extend(x[3] for x in fx)
+        t_fixture_layouts(fx)
+        print("ok   %-45s %.2fs" % ("layouts match the real files (%d folders)" % len(fx),
+                                    time.monotonic() - t0), flush=True)
         ok = True
     except Failure as e:
         print("FAIL: %s" % e, flush=True)
