@@ -847,6 +847,85 @@ def t_fixture_layouts(setups):
                 next(o for f, _, _, o in FIXTURE_SETUPS if f == folder))))
 
 
+def t_fixture_restores(setups):
+    """Real files restored into doubles configured like their servers (verify_kv off), and the
+    reuse rules of today's server: n_stream mismatch, SWA pos_min check, recurrent rollback."""
+    by = {f: (kind, fmt, d) for f, kind, fmt, d in setups}
+    extra = [300, 301, 302]
+    # prompt_n of the next request: (file tokens + 3, the turn-2 prompt, the file's tokens again)
+    expect = {"v2-2026": (3, 45, 1), "v2-2026-kvu": (3, 45, 1), "v2-2026-fa": (3, 45, 1),
+              "v2-2026-q8": (3, 45, 1), "v2-2026-packed": (3, 45, 1),
+              "v2-2026-iswa": (277, 319, 274), "v2-2026-iswa-swafull": (3, 60, 1),
+              "v2-2026-recurrent": (3, 319, 274)}
+    for folder, (kind, fmt, d) in sorted(by.items()):
+        if fmt != 2026:
+            continue
+        d.config(verify_kv=False)
+        path = fixture(folder + "/chat-a-turn1.bin")
+        shutil.copy(path, d.path("real.bin"))
+        with open(path, "rb") as f:
+            real = parse_state_file(f.read(), kind, fmt)
+        toks = real["tokens"]
+        st, r = d.action(1, "restore", {"filename": "real.bin"})
+        eq((st, r.get("n_restored"), r.get("n_read")), (200, len(toks), real["size"]),
+           folder + ": the real file restores into slot 1")
+        eq(d.slot_state(1)["tokens"], toks, folder + ": restored tokens")
+        if folder not in expect:
+            continue
+        with open(fixture(folder + "/manifest.json")) as f:
+            turn2 = json.load(f)["chat-a-turn2"]["prompt_tokens"]
+        for prompt, want, what in ((toks + extra, expect[folder][0], "the file's tokens + 3"),
+                                   (turn2, expect[folder][1], "the turn-2 prompt"),
+                                   (toks, expect[folder][2], "the file's tokens again")):
+            st, r = d.action(1, "restore", {"filename": "real.bin"})
+            eq(st, 200, folder + ": restore")
+            c = d.completion(prompt, slot=1, n_predict=1)
+            eq(c["timings"]["prompt_n"], want, "%s: prompt_n after a restore, prompt = %s" % (folder, what))
+            eq(c["timings"]["cache_n"], len(prompt) - want, folder + ": cache_n")
+    if "v2-2026" in by and "v2-2026-kvu" in by:
+        d = by["v2-2026"][2]
+        d.action(1, "restore", {"filename": "real.bin"})
+        for other, why in (("v2-2026-kvu", "n_stream 1 into 2 streams"), ("v2", "the Feb 2025 layout"),
+                           ("v3-2026-10", "version 3 into a version-2 server")):
+            if not fixture(other + "/chat-a-turn1.bin"):
+                continue
+            shutil.copy(fixture(other + "/chat-a-turn1.bin"), d.path(other + ".bin"))
+            eq(d.slot_state(1)["n_tokens"] > 0, True, "slot 1 holds tokens before the failed restore")
+            st, r = d.action(1, "restore", {"filename": other + ".bin"})
+            eq((st, r["error"]["message"]), (400, "Unable to restore slot, no available space in KV cache "
+                                                  "or invalid slot save file"), "refused: " + why)
+            eq(d.slot_state(1)["n_tokens"], 0, "a failed restore clears the slot (%s)" % why)
+            d.action(1, "restore", {"filename": "real.bin"})
+        # a 0-token file restores on today's server (no crash)
+        shutil.copy(fixture("v2-2026/empty.bin"), d.path("real-empty.bin"))
+        st, r = d.action(1, "restore", {"filename": "real-empty.bin"})
+        eq((st, r.get("n_restored"), r.get("n_read")), (200, 0, 24), "a 0-token file restores (2026)")
+        eq(d.slot_state(1)["n_tokens"], 0, "and leaves the slot empty")
+        st, _ = d.get("/health")
+        eq(st, 200, "the server lives on after a 0-token restore")
+    if "v2-2026-packed" in by and "v2-2026-fa" in by:
+        up, mid = by["v2-2026-packed"][2], by["v2-2026-fa"][2]
+        shutil.copy(fixture("v2-2026-fa/chat-a-turn1.bin"), up.path("plain.bin"))
+        st, r = up.action(0, "restore", {"filename": "plain.bin"})
+        eq((st, r.get("n_restored")), (200, 274), "upstream (packed) reads a plain token list too")
+        shutil.copy(fixture("v2-2026-packed/chat-a-turn1.bin"), mid.path("packed.bin"))
+        st, r = mid.action(0, "restore", {"filename": "packed.bin"})
+        eq((st, r.get("n_restored")), (200, 278),
+           "mid-2026 takes the packed words for tokens (restore succeeds with n + 4 'tokens')")
+        eq(mid.slot_state(0)["tokens"][:3], [-1, 1, 274], "the slot holds the packed words")
+        c = mid.completion(parse_state_file(open(fixture("v2-2026-packed/chat-a-turn1.bin"), "rb").read())["tokens"],
+                           slot=0, n_predict=1)
+        eq(c["timings"]["prompt_n"], 274, "so nothing of it is reused")
+        with open(up.path("bad-tokens.bin"), "wb") as f:
+            f.write(struct.pack("<III", MAGIC, 2, 3) + struct.pack("<3i", 5, 99999, 7)
+                    + open(fixture("v2-2026-fa/chat-a-turn1.bin"), "rb").read()[12 + 274 * 4:])
+        st, r = up.action(0, "restore", {"filename": "bad-tokens.bin"})
+        eq((st, r["error"]["message"]), (400, "Unable to restore slot: Invalid tokens in slot save file"),
+           "upstream validates the restored tokens")
+    for _, _, d in by.values():
+        d.config(verify_kv=True)
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="llama-double-test-")
     doubles = []
@@ -892,6 +971,10 @@ def main():
         t_fixture_layouts(fx)
         print("ok   %-45s %.2fs" % ("layouts match the real files (%d folders)" % len(fx),
                                     time.monotonic() - t0), flush=True)
+        t0 = time.monotonic()
+        t_fixture_restores(fx)
+        print("ok   %-45s %.2fs" % ("real files restore, with today's reuse rules", time.monotonic() - t0),
+              flush=True)
         ok = True
     except Failure as e:
         print("FAIL: %s" % e, flush=True)
