@@ -205,10 +205,11 @@ def v2_size(n, n_layer, k_row, v_bytes_per_cell):
 # --------------------------------------------------------------------------
 # HTTP helpers
 
-def call(base, method, path, body=None, timeout=TIMEOUT, raw=None):
+def call(base, method, path, body=None, timeout=TIMEOUT, raw=None, headers=None):
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(base + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    h = {"Content-Type": "application/json"}
+    h.update(headers or {})
+    req = urllib.request.Request(base + path, data=data, method=method, headers=h)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -926,6 +927,216 @@ def t_fixture_restores(setups):
         d.config(verify_kv=True)
 
 
+# --------------------------------------------------------------------------
+# today's server (2026): slots, streams, the RAM prompt cache, keys, router, /health
+
+def conv(tag, n=40):
+    """A prompt of its own from the first byte after BOS (no prefix shared with another tag)."""
+    return ("%s: " % tag) * n
+
+
+def t_today_defaults(d):
+    st, p = d.get("/props")
+    eq((st, p["total_slots"], p["default_generation_settings"]["n_ctx"]), (200, 4, 4096),
+       "no -np: 4 slots (auto), each with the whole context (unified KV)")
+    s = d.state()
+    eq((s["kv_unified"], s["layout"]["n_stream"], s["flash_attn"], s["state_format"]), (True, 1, True, 2026),
+       "auto: unified KV (n_stream 1), -fa auto on, 2026 layout")
+    st, sl = d.get("/slots")
+    eq((st, len(sl)), (200, 4), "GET /slots is on by default")
+    eq(sorted(sl[0]), ["id", "is_processing", "n_ctx", "speculative"], "a slot that never ran a task")
+    st, r = d.post("/slots/0?action=save", raw=b"")
+    eq((st, r["error"]["code"], r["error"]["type"]), (500, 500, "server_error"),
+       "an empty body to save: 500 (json::parse)")
+    check("empty input" in r["error"]["message"], "the nlohmann message: %r" % r["error"]["message"])
+    st, r = d.post("/slots/1?action=erase", raw=b"")
+    eq((st, r), (200, {"id_slot": 1, "n_erased": 0}), "erase reads no body")
+    st, r = d.post("/slots/5?action=erase", {})
+    eq((st, r.get("id_slot")), (200, 5), "a slot id beyond the slots wraps around (get_slot_by_id)")
+    st, r = d.post("/slots/-1?action=erase", {})
+    eq((st, r["error"]["message"]), (400, "Invalid slot ID"), "a negative id")
+    # a POST without Content-Length is read until the connection closes: no answer
+    sk = socket.create_connection(("127.0.0.1", int(d.base.rsplit(":", 1)[1])), timeout=HANG_PROBE)
+    try:
+        sk.sendall(b"POST /slots/0?action=erase HTTP/1.1\r\nHost: x\r\n\r\n")
+        try:
+            got = sk.recv(100)
+        except socket.timeout:
+            got = None
+        eq(got, None, "a POST without Content-Length gets no answer")
+    finally:
+        sk.close()
+    # a task at a time: A on the LRU slot (the last of the never-used ones), B on another; B's
+    # start moves idle A into the RAM cache and clears it (unified KV)
+    a = d.completion(conv("A"), n_predict=4)
+    eq(a["id_slot"], 3, "LRU among never-used slots: the last one")
+    b = d.completion(conv("B"), n_predict=4)
+    check(b["id_slot"] != 3, "B goes to another slot")
+    eq(d.slot_state(3)["n_tokens"], 0, "idle slot A was cleared when B started")
+    st, sv = d.action(3, "save", {"filename": "a-cleared.bin"})
+    eq((st, sv["n_saved"]), (200, 0), "a save of the cleared slot holds nothing")
+    cache = d.state()["prompt_cache"]
+    eq([e["n_tokens"] for e in cache], [a["tokens_cached"]], "A's prompt is in the RAM cache")
+    a2_prompt = conv("A") + a["content"] + " and more"
+    a2 = d.completion(a2_prompt, n_predict=4)
+    n_a2 = len(d.tokenize(a2_prompt))
+    eq(a2["timings"]["prompt_n"], n_a2 - a["tokens_cached"], "A's next turn is loaded from the RAM cache")
+    eq(a2["timings"]["cache_n"], a["tokens_cached"], "cache_n")
+    eq(d.state()["counters"]["cache_loads"], 1, "one load from the cache")
+    st, sv = d.action(a2["id_slot"], "save", {"filename": "a2.bin"})
+    eq(sv["n_saved"], a2["tokens_cached"], "a save then holds the loaded prompt and the new turn")
+    f = parse_state_file(open(d.path("a2.bin"), "rb").read())
+    eq((f["sections"][0]["n_stream"], f["sections"][0]["streams"][0]["cells"][0][2]),
+       (1, [a2["id_slot"]]), "unified: one stream, seq_id = the slot's id")
+    # naming an empty slot: no similarity, f_keep NaN, so no cache lookup: full prefill
+    b2_prompt = conv("B") + b["content"] + " and more"
+    empty = next(i for i in range(4) if d.slot_state(i)["n_tokens"] == 0 and i != b["id_slot"])
+    b2 = d.completion(b2_prompt, slot=empty, n_predict=4)
+    eq(b2["timings"]["prompt_n"], len(d.tokenize(b2_prompt)), "a request naming an empty slot prefills in full")
+    # the context check of today's server
+    st, r = d.post("/completion", {"prompt": "x" * 5000, "n_predict": 1})
+    eq((st, r["error"]["type"], r["error"]["n_ctx"], r["error"]["n_prompt_tokens"]),
+       (400, "exceed_context_size_error", 4096, 5001), "too long a prompt")
+    return "a2.bin"
+
+
+def t_today_streams(tmp, d2, nocache, today, a2_file):
+    """Explicit -np 2 (one KV stream per slot): idle slots cached but kept; cache loads; the
+    n_stream rule of restores."""
+    a = d2.completion(conv("A"), slot=0, n_predict=4)
+    d2.completion(conv("B"), slot=1, n_predict=4)
+    eq(d2.slot_state(0)["n_tokens"], a["tokens_cached"], "without unified KV an idle slot is kept")
+    eq(len(d2.state()["prompt_cache"]), 1, "but copied into the RAM cache")
+    c = d2.completion(conv("C"), slot=0, n_predict=4)
+    eq(c["timings"]["prompt_n"], len(d2.tokenize(conv("C"))) - 1, "C replaces A in slot 0 (BOS is shared)")
+    a2_prompt = conv("A") + a["content"] + " more"
+    a2 = d2.completion(a2_prompt, slot=0, n_predict=4)
+    eq(a2["timings"]["prompt_n"], len(d2.tokenize(a2_prompt)) - a["tokens_cached"],
+       "A comes back from the RAM cache into slot 0 (it prefixes the prompt better than C)")
+    # the same without the cache
+    for x in (nocache,):
+        x.completion(conv("A"), slot=0, n_predict=4)
+        x.completion(conv("C"), slot=0, n_predict=4)
+        r = x.completion(a2_prompt, slot=0, n_predict=4)
+        eq(r["timings"]["prompt_n"], len(x.tokenize(a2_prompt)) - 1, "--cache-ram 0: A is prefilled again")
+        eq(x.state()["prompt_cache"], None, "no cache")
+    st, sv = d2.action(1, "save", {"filename": "s1.bin"})
+    f = parse_state_file(open(d2.path("s1.bin"), "rb").read())
+    sec = f["sections"][0]
+    eq((sec["n_stream"], [x["cell_count"] for x in sec["streams"]], sec["streams"][1]["cells"][0][2]),
+       (2, [0, sv["n_saved"]], [1]), "slot 1's file: 2 streams, its cells in stream 1 with seq_id 1")
+    st, r = d2.action(0, "restore", {"filename": "s1.bin"})
+    eq((st, r["n_restored"]), (200, sv["n_saved"]), "restored into slot 0 (stream 0)")
+    shutil.copy(d2.path("s1.bin"), today.path("s1.bin"))
+    shutil.copy(today.path(a2_file), d2.path("u.bin"))
+    for x, name, why in ((today, "s1.bin", "2 streams into 1"), (d2, "u.bin", "1 stream into 2")):
+        x.action(0, "erase", {})
+        x.completion(conv("Z"), slot=0, n_predict=2)
+        st, r = x.action(0, "restore", {"filename": name})
+        eq(st, 400, "n_stream mismatch: " + why)
+        eq(x.slot_state(0)["n_tokens"], 0, "the failed restore cleared the slot (%s)" % why)
+
+
+def t_today_models(iswa, rec):
+    """The double's own iswa and recurrent files (KV verified); in-slot reuse with checkpoints."""
+    p = conv("S", 60)
+    n = len(iswa.tokenize(p))
+    r = iswa.completion(p, slot=0, n_predict=2)
+    eq(r["timings"]["prompt_n"], n, "iswa first prompt")
+    r2 = iswa.completion(p + r["content"] + " more", slot=0, n_predict=2)
+    eq(r2["timings"]["prompt_n"], len(iswa.tokenize(p + r["content"] + " more")) - r["tokens_cached"],
+       "iswa: the next turn in the same slot reuses it")
+    st, sv = iswa.action(0, "save", {"filename": "i.bin"})
+    f = parse_state_file(open(iswa.path("i.bin"), "rb").read(), "iswa")
+    base, swa = (x["streams"][0] for x in f["sections"])
+    eq((base["cell_count"], swa["cell_count"], swa["cells"][0][0], base["n_layer"], swa["n_layer"]),
+       (sv["n_saved"], 128, sv["n_saved"] - 128, 1, 5), "iswa file: all cells, then the last n_swa")
+    st, rr = iswa.action(1, "restore", {"filename": "i.bin"})
+    eq(st, 200, "iswa: the double's own file restores with its KV verified")
+    toks = iswa.slot_state(1)["tokens"]
+    r3 = iswa.completion(toks + [300, 301], slot=1, n_predict=1)
+    eq(r3["timings"]["prompt_n"], len(toks) + 2, "iswa without --swa-full: a restored slot is prefilled in full")
+    # recurrent: checkpoints let a slot roll back a little; a restore does not
+    p = conv("R", 60)
+    n = len(rec.tokenize(p))
+    r = rec.completion(p, slot=0, n_predict=1)
+    eq(rec.slot_state(0)["checkpoints"], [{"n_tokens": n - 4, "pos_min": n - 5, "pos_max": n - 5}],
+       "recurrent: a checkpoint 4 tokens before the end of the prompt")
+    q = rec.tokenize(p)[:n - 2] + [300, 301, 302]
+    r2 = rec.completion(q, slot=0, n_predict=1)
+    eq(r2["timings"]["prompt_n"], len(q) - (n - 4), "recurrent: a rollback restores the checkpoint")
+    st, sv = rec.action(0, "save", {"filename": "r.bin"})
+    f = parse_state_file(open(rec.path("r.bin"), "rb").read(), "recurrent")
+    eq((f["cell_count"], f["cells"], f["r"], f["s"]), (1, [(sv["n_saved"] - 1, 0)], [(0, 1536)] * 2, [(0, 8192)] * 2),
+       "recurrent file: one cell at the last position, f32 R and S rows")
+    st, rr = rec.action(1, "restore", {"filename": "r.bin"})
+    eq(st, 200, "recurrent: the double's own file restores with its state verified")
+    toks = rec.slot_state(1)["tokens"]
+    r3 = rec.completion(toks[:-1] + [400], slot=1, n_predict=1)
+    eq(r3["timings"]["prompt_n"], len(toks), "recurrent: no rollback after a restore")
+    rec.action(1, "restore", {"filename": "r.bin"})
+    r4 = rec.completion(toks + [400], slot=1, n_predict=1)
+    eq(r4["timings"]["prompt_n"], 1, "recurrent: an exact extension reuses the restore")
+
+
+def t_api_key(d):
+    st, r = d.get("/props")
+    eq((st, r), (401, {"error": {"code": 401, "message": "Invalid API Key", "type": "authentication_error"}}),
+       "no key: 401")
+    for path in ("/health", "/v1/health", "/models", "/v1/models"):
+        eq(d.get(path)[0], 200, "%s needs no key" % path)
+    eq(d.get("/props", headers={"Authorization": "Bearer k2"})[0], 200, "Authorization: Bearer")
+    eq(d.get("/props", headers={"X-Api-Key": "k1"})[0], 200, "X-Api-Key")
+    eq(d.get("/props", headers={"Authorization": "Bearer nope"})[0], 401, "a wrong key")
+    eq(d.post("/slots/0?action=erase", {})[0], 401, "slot actions need the key")
+    eq(d.post("/slots/0?action=erase", {}, headers={"Authorization": "k1"})[0], 200, "a key without Bearer")
+    eq(d.get("/no/such/path")[0], 401, "the key is checked before routing")
+
+
+def t_router(d):
+    st, m = d.get("/models")
+    eq((st, [x["id"] for x in m["data"]], [x["status"]["value"] for x in m["data"]]),
+       (200, ["A", "B"], ["unloaded", "unloaded"]), "router: the models, none loaded")
+    for body, msg in (({"filename": "x.bin"}, "model name is missing from the request"),
+                      ({"filename": "x.bin", "model": "C"}, "model 'C' not found")):
+        st, r = d.post("/slots/0?action=save", body)
+        eq((st, r["error"]["message"], r["error"]["type"]), (400, msg, "invalid_request_error"), "router: " + msg)
+    st, r = d.get("/slots")
+    eq((st, r["error"]["message"]), (400, "model name is missing from the request"), "GET /slots needs ?model=")
+    eq(d.post("/slots/0?action=save", raw=b"")[0], 500, "router: an empty body is a JSON error")
+    r = d.completion(conv("A"), n_predict=2, model="A", id_slot=0)
+    st, sa = d.get("/slots?model=A")
+    st2, sb = d.get("/slots?model=B")
+    eq((st, st2, "id_task" in sa[0], "id_task" in sb[0]), (200, 200, True, False),
+       "router: each model has its own slots (B autoloaded, unused)")
+    st, sv = d.post("/slots/0?action=save", {"filename": "ra.bin", "model": "A"})
+    eq((st, sv["n_saved"]), (200, r["tokens_cached"]), "router: a save names its model")
+    st, sv = d.post("/slots/0?action=save", {"filename": "rb.bin", "model": "B"})
+    eq((st, sv["n_saved"]), (200, 0), "model B's slot 0 is empty")
+    st, m = d.get("/models")
+    eq([x["status"]["value"] for x in m["data"]], ["loaded", "loaded"], "both loaded now")
+
+
+def t_health_blocks(blocking, free):
+    for d, blocks in ((blocking, True), (free, False)):
+        d.config(prefill_ms_per_token=3.0)
+        try:
+            th = threading.Thread(target=lambda: d.completion(conv("H", 70), n_predict=1))
+            th.start()
+            time.sleep(0.15)
+            t0 = time.monotonic()
+            st, _ = d.get("/health")
+            dt = time.monotonic() - t0
+            th.join(TIMEOUT)
+            eq(st, 200, "/health")
+            if blocks:
+                check(dt > 0.25, "--health-blocks-during-prefill: /health waited for the prefill (%.3f s)" % dt)
+            else:
+                check(dt < 0.2, "/health is answered during a prefill (%.3f s)" % dt)
+        finally:
+            d.config(prefill_ms_per_token=0.0)
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="llama-double-test-")
     doubles = []
@@ -971,6 +1182,31 @@ def main():
         t_fixture_layouts(fx)
         print("ok   %-45s %.2fs" % ("layouts match the real files (%d folders)" % len(fx),
                                     time.monotonic() - t0), flush=True)
+        t0 = time.monotonic()
+        z = ["--prefill-ms-per-token", "0", "--gen-ms-per-token", "0"]
+        today = Double(tmp, "today", *z)
+        d2 = Double(tmp, "np2", "-np", "2", "-c", "4096", *z)
+        nocache = Double(tmp, "nocache", "-np", "2", "-c", "4096", "--cache-ram", "0", *z)
+        iswa = Double(tmp, "iswa", "-np", "2", "-c", "4096", "--model-kind", "iswa", "--n-layer", "6",
+                      "--kv-bytes-per-token", "768", *z)
+        rec = Double(tmp, "rec", "-np", "2", "-c", "4096", "--model-kind", "recurrent", *z)
+        keyed = Double(tmp, "keyed", "--api-key", "k1,k2", *z)
+        router = Double(tmp, "router", "--router-models", "A,B", *z)
+        blocking = Double(tmp, "blocking", "--health-blocks-during-prefill", "-np", "1", *z)
+        doubles.extend([today, d2, nocache, iswa, rec, keyed, router, blocking])
+        steps = [
+            ("today: auto slots, unified KV, RAM cache", lambda: state.update(a2=t_today_defaults(today))),
+            ("today: streams per slot, cache, n_stream", lambda: t_today_streams(tmp, d2, nocache, today,
+                                                                                  state["a2"])),
+            ("today: iswa and recurrent slots", lambda: t_today_models(iswa, rec)),
+            ("--api-key", lambda: t_api_key(keyed)),
+            ("--router-models", lambda: t_router(router)),
+            ("--health-blocks-during-prefill", lambda: t_health_blocks(blocking, today)),
+        ]
+        for name, fn in steps:
+            t1 = time.monotonic()
+            fn()
+            print("ok   %-45s %.2fs" % (name, time.monotonic() - t1), flush=True)
         t0 = time.monotonic()
         t_fixture_restores(fx)
         print("ok   %-45s %.2fs" % ("real files restore, with today's reuse rules", time.monotonic() - t0),
