@@ -1939,6 +1939,8 @@ class Handler(BaseHTTPRequestHandler):
                         tokens = lay.unpack_words(words)        # what the KV cells hold
                     except ValueError:
                         pass
+                if d.era == 2025 and not words:
+                    raise Crash("restoring a slot file with 0 tokens")
                 if d.cfg("kv_fragmented"):
                     r.fail("no contiguous run of %d free cells in the KV cache (kv_fragmented)" % len(tokens))
                 if d.era == 2025:

@@ -997,6 +997,17 @@ def t_today_defaults(d):
     st, r = d.post("/completion", {"prompt": "x" * 5000, "n_predict": 1})
     eq((st, r["error"]["type"], r["error"]["n_ctx"], r["error"]["n_prompt_tokens"]),
        (400, "exceed_context_size_error", 4096, 5001), "too long a prompt")
+    # the slots share the 4096 cells of the unified KV cache: a restore finds no room while an
+    # idle slot holds too many of them (nothing clears idle slots for a restore)
+    big = d.completion("y" * 3000, n_predict=1)
+    st, sv = d.action(big["id_slot"], "save", {"filename": "big.bin"})
+    other = (big["id_slot"] + 1) % 4
+    st, r = d.action(other, "restore", {"filename": "big.bin"})
+    eq(st, 400, "no room in the unified KV cache for a second copy of 3001 cells")
+    d.action(big["id_slot"], "erase", {})
+    st, r = d.action(other, "restore", {"filename": "big.bin"})
+    eq((st, r.get("n_restored")), (200, 3001), "room again once the other slot is erased")
+    d.action(other, "erase", {})
     return "a2.bin"
 
 
