@@ -86,6 +86,49 @@ static int rc_of(CURLcode c)
 	}
 }
 
+/* The backends' API key header (--backend-api-key-file), or "" for none.
+ * Set once before any thread exists. */
+static char key_header[BACKEND_KEY_MAX + 32];
+
+int backend_set_api_key(const char *key)
+{
+	size_t n = key ? strlen(key) : 0;
+
+	if (n == 0) {
+		key_header[0] = '\0';
+		return 0;
+	}
+	if (n > BACKEND_KEY_MAX)
+		return -EINVAL;
+	for (size_t i = 0; i < n; i++)
+		if ((unsigned char)key[i] < 0x21 || (unsigned char)key[i] > 0x7e)
+			return -EINVAL;
+	snprintf(key_header, sizeof(key_header), "Authorization: Bearer %s", key);
+	return 0;
+}
+
+/* A backend "URL#MODEL" is model MODEL of a llama-server in router mode:
+ * url receives the URL part, *model the model (NULL when there is none). */
+static int split_base(const char *base, char *url, size_t len, const char **model)
+{
+	const char *hash = strchr(base, '#');
+	size_t n = hash ? (size_t)(hash - base) : strlen(base);
+
+	*model = hash && hash[1] ? hash + 1 : NULL;
+	if (n >= len)
+		return -EINVAL;
+	memcpy(url, base, n);
+	url[n] = '\0';
+	return 0;
+}
+
+const char *backend_model(const char *base)
+{
+	const char *hash = strchr(base, '#');
+
+	return hash && hash[1] ? hash + 1 : NULL;
+}
+
 /* A handle with the options every call shares. NULL when out of memory. */
 static CURL *handle_new(const char *url, unsigned timeout_ms, char *errbuf)
 {
@@ -170,9 +213,28 @@ static int json_call(const char *base, const char *path, const char *body, unsig
 	int rc = 0;
 
 	memset(r, 0, sizeof(*r));
-	if ((size_t)snprintf(url, sizeof(url), "%s%s", base, path) >= sizeof(url)) {
-		snprintf(r->err, sizeof(r->err), "URL too long");
-		return -EINVAL;
+	{
+		char root[1024];
+		const char *model;
+		char *esc = NULL;
+		int n;
+
+		if (split_base(base, root, sizeof(root), &model)) {
+			snprintf(r->err, sizeof(r->err), "URL too long");
+			return -EINVAL;
+		}
+		/* A router takes the model of a GET from the query, of a POST
+		 * from the body (backend_post_json adds it). */
+		if (model && !body && strcmp(path, "/health") != 0)
+			esc = curl_easy_escape(NULL, model, 0);
+		n = snprintf(url, sizeof(url), "%s%s%s%s%s", root, path,
+		             esc ? (strchr(path, '?') ? "&" : "?") : "", esc ? "model=" : "",
+		             esc ? esc : "");
+		curl_free(esc);
+		if (n < 0 || (size_t)n >= sizeof(url)) {
+			snprintf(r->err, sizeof(r->err), "URL too long");
+			return -EINVAL;
+		}
 	}
 	h = handle_new(url, timeout_ms, errbuf);
 	if (!h) {
@@ -183,6 +245,15 @@ static int json_call(const char *base, const char *path, const char *body, unsig
 	t = curl_slist_append(hdrs, "Expect:");
 	if (t)
 		hdrs = t;
+	if (key_header[0]) {
+		t = curl_slist_append(hdrs, key_header);
+		if (!t) {
+			rc = -ENOMEM;
+			snprintf(r->err, sizeof(r->err), "out of memory");
+			goto out;
+		}
+		hdrs = t;
+	}
 	if (body) {
 		t = curl_slist_append(hdrs, "Content-Type: application/json");
 		if (!t) {
@@ -253,9 +324,19 @@ int backend_get_json(const char *base, const char *path, unsigned timeout_ms,
 int backend_post_json(const char *base, const char *path, const json_t *body, unsigned timeout_ms,
                       struct backend_reply *r)
 {
-	char *s = json_dumps(body, JSON_COMPACT);
+	const char *model = backend_model(base);
+	char *s = NULL;
 	int rc;
 
+	if (model && json_is_object(body) && !json_object_get(body, "model")) {
+		json_t *copy = json_copy((json_t *)body);
+
+		if (copy && json_object_set_new(copy, "model", json_string(model)) == 0)
+			s = json_dumps(copy, JSON_COMPACT);
+		json_decref(copy);
+	} else {
+		s = json_dumps(body, JSON_COMPACT);
+	}
 	if (!s) {
 		memset(r, 0, sizeof(*r));
 		snprintf(r->err, sizeof(r->err), "out of memory");
@@ -409,6 +490,8 @@ int backend_slot_action(const char *base, unsigned id, const char *action, const
 	}
 	snprintf(path, sizeof(path), "/slots/%u?action=%s", id, action);
 	q = json_pack("{s:s}", "filename", filename);
+	if (q && backend_model(base))
+		json_object_set_new(q, "model", json_string(backend_model(base)));
 	body = q ? json_dumps(q, JSON_COMPACT) : NULL;
 	json_decref(q);
 	if (!body) {
@@ -578,10 +661,16 @@ int backend_forward(const struct backend_request *q, const struct backend_sink *
 	int rc = 0;
 
 	memset(res, 0, sizeof(*res));
-	if ((size_t)snprintf(url, sizeof(url), "%s%s", q->base, q->uri) >= sizeof(url)) {
-		rc = -EINVAL;
-		snprintf(res->err, sizeof(res->err), "URL too long");
-		goto out;
+	{
+		char root[1024];
+		const char *model;
+
+		if (split_base(q->base, root, sizeof(root), &model) ||
+		    (size_t)snprintf(url, sizeof(url), "%s%s", root, q->uri) >= sizeof(url)) {
+			rc = -EINVAL;
+			snprintf(res->err, sizeof(res->err), "URL too long");
+			goto out;
+		}
 	}
 	h = handle_new(url, q->timeout_ms, errbuf);
 	if (!h) {
@@ -590,6 +679,11 @@ int backend_forward(const struct backend_request *q, const struct backend_sink *
 		goto out;
 	}
 	for (size_t i = 0; q->headers && q->headers[i]; i++) {
+		/* The client's key is the plugin's (--api-key-file); the backends
+		 * get theirs. */
+		if (key_header[0] && (strncasecmp(q->headers[i], "Authorization:", 14) == 0 ||
+		                      strncasecmp(q->headers[i], "X-Api-Key:", 10) == 0))
+			continue;
 		t = curl_slist_append(hdrs, q->headers[i]);
 		if (!t) {
 			rc = -ENOMEM;
@@ -604,6 +698,14 @@ int backend_forward(const struct backend_request *q, const struct backend_sink *
 		goto out;
 	}
 	hdrs = t;
+	if (key_header[0]) {
+		t = curl_slist_append(hdrs, key_header);
+		if (!t) {
+			rc = -ENOMEM;
+			goto out;
+		}
+		hdrs = t;
+	}
 	if (strcmp(q->method, "GET") == 0) {
 		c = curl_easy_setopt(h, CURLOPT_HTTPGET, 1L);
 	} else if (strcmp(q->method, "HEAD") == 0) {

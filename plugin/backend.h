@@ -29,6 +29,19 @@ struct backend_reply {
 	char err[256];  /* what failed, or "" */
 };
 
+#define BACKEND_KEY_MAX 512
+
+/* The API key every call to a backend carries (llama-server --api-key), as
+ * "Authorization: Bearer KEY"; NULL or "" for none. Call before any thread
+ * exists. Returns 0, or -EINVAL for a key longer than BACKEND_KEY_MAX or
+ * with bytes outside printable ASCII. */
+int backend_set_api_key(const char *key);
+
+/* A backend written "URL#MODEL" is model MODEL of a llama-server in router
+ * mode (--models-dir): its GETs carry ?model=MODEL, its POSTs "model":
+ * MODEL in the body. Returns MODEL, or NULL for a plain backend. */
+const char *backend_model(const char *base);
+
 /* Starts libcurl; call once before any thread exists. Returns 0 or -EIO. */
 int backend_global_init(void);
 void backend_global_cleanup(void);

@@ -43,9 +43,11 @@
 #include <unistd.h>
 
 #include <jansson.h>
+#include <openssl/evp.h>
 
 #include "backend.h"
 #include "log.h"
+#include "promptcache.h"
 #include "slotfile.h"
 #include "slots.h"
 
@@ -57,6 +59,8 @@
 #define HEALTH_TIMEOUT_MS 3000u
 #define SWEEP_EVERY_S 60
 #define VERIFY_SLACK_MIN 32 /* prompt_n may exceed the expectation by this much */
+#define IGNORED_STREAK_MAX 3 /* ignored restores in a row that stop restores... */
+#define IGNORED_BACKOFF_S 600 /* ...for this long, then one is tried again */
 
 struct save_job {
 	struct save_job *next;
@@ -84,6 +88,8 @@ struct engine {
 	unsigned n_savers;
 	atomic_uint rr;                              /* round robin for pass-through */
 	atomic_uint health_fail[SLOTS_MAX_BACKENDS]; /* failed health checks in a row */
+	pthread_mutex_t pc_lock; /* the models of the backends' prompt caches; after t.lock */
+	struct pcache pc[SLOTS_MAX_BACKENDS];
 };
 
 /* A backend's state copied out of the table. */
@@ -94,6 +100,12 @@ struct bsnap {
 	unsigned n_slots;
 	uint32_t n_ctx;
 	int has_slots_api;
+	uint32_t mem_kind;
+	int swa;
+	double restores_off_until;
+	int retry_probe;
+	int server_cache;
+	int clears_idle;
 };
 
 /* Timings picked out of an answer on its way to the client. */
@@ -160,6 +172,12 @@ static void snap(struct engine *e, unsigned bi, struct bsnap *o)
 	o->n_slots = b->n_slots;
 	o->n_ctx = b->n_ctx;
 	o->has_slots_api = b->has_slots_api;
+	o->mem_kind = b->mem_kind;
+	o->swa = b->swa;
+	o->restores_off_until = b->restores_off_until;
+	o->retry_probe = b->retry_probe;
+	o->server_cache = b->server_cache;
+	o->clears_idle = b->clears_idle;
 	pthread_mutex_unlock(&e->t.lock);
 }
 
@@ -217,6 +235,188 @@ static void namespace_of(struct engine *e, const json_t *props, const json_t *mo
 	fingerprint_from_props(props, models, &e->cfg.kv, fp);
 }
 
+/* ---- layout probe ----
+ *
+ * Whether a slot file loads into a server depends on the model, the KV types,
+ * flash attention (which -fa auto turns on by itself on many builds), the
+ * number of KV streams (--parallel without -kvu writes one per slot, and a
+ * file loads only where n_stream is the same), the memory's sections
+ * (sliding-window, recurrent, hybrid) and the server's state format: none of
+ * which llama-server reports. A failed restore clears the slot and can leave
+ * corrupt KV behind (llama.cpp #27068), so a blob must never reach a server
+ * it does not fit. At discovery the plugin therefore saves a slot and reads
+ * the layout from the file itself (common/slotfile.c): an idle slot as it
+ * is; when that save shows no layer headers (an empty slot of a KV cache), a
+ * three-token completion first, then the save, then the slot is erased. The
+ * layout's signature becomes part of the namespace. */
+
+/* Saves slot s of url into a probe file and parses it. Returns 0 when the
+ * file parsed (*si filled; an empty slot's file too), else -1 with why. */
+static int probe_save(struct engine *e, const char *url, unsigned s, struct slot_info *si,
+                      char *why, size_t whylen)
+{
+	struct backend_reply r = {0};
+	char name[96], path[4096 + 100], err[256] = "";
+	const json_t *nw;
+	struct stat st;
+	int rc, fd;
+
+	kvclient_new_name("probe", name, sizeof(name));
+	snprintf(path, sizeof(path), "%s/%s", kvclient_slot_dir(e->kv), name);
+	rc = backend_slot_action(url, s, "save", name, e->cfg.slot_timeout_ms, NULL, &r);
+	nw = json_object_get(r.json, "n_written");
+	if (rc || r.status != 200 || !json_is_integer(nw) || json_integer_value(nw) <= 0) {
+		snprintf(why, whylen, "saving slot %u failed: %.160s", s,
+		         rc || r.status != 200 ? r.err : "n_written 0");
+		rc = -1;
+		goto out;
+	}
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0 || fstat(fd, &st) < 0 || st.st_size != (off_t)json_integer_value(nw)) {
+		snprintf(why, whylen, "the saved file %.160s is not in --slot-dir as the server "
+		         "reported it", path);
+		if (fd >= 0)
+			close(fd);
+		rc = -1;
+		goto out;
+	}
+	rc = slot_parse_fd(fd, si, NULL, err, sizeof(err));
+	close(fd);
+	if (rc && !(rc == KVTIER_E_INVALID && si->n_words == si->n_tokens_all &&
+	            si->n_tokens == 0 && si->version)) {
+		snprintf(why, whylen, "the saved file does not parse: %.160s", err);
+		rc = -1;
+		goto out;
+	}
+	rc = 0;
+out:
+	kvclient_discard(e->kv, name);
+	backend_reply_free(&r);
+	return rc;
+}
+
+/* Does the probe show the whole layout: every section with its layer
+ * headers, and tokens enough to tell a recurrent state from a KV one? */
+static int probe_complete(const struct slot_info *si)
+{
+	if (si->state_kind == SLOT_STATE_OPAQUE)
+		return si->n_tokens >= 2;
+	if (si->n_tokens < 2 || si->n_sections == 0)
+		return 0;
+	for (uint32_t i = 0; i < si->n_sections; i++)
+		if (si->sec[i].n_layer == 0)
+			return 0;
+	return 1;
+}
+
+/* The layout of backend url's slot files, as a namespace suffix in tag.
+ * Returns 0, or -1 with why. */
+static int probe_layout(struct engine *e, const char *url, const json_t *slots_json,
+                        unsigned n_slots, const json_t *props, struct slot_info *si,
+                        char *tag, size_t taglen, char *why, size_t whylen)
+{
+	unsigned s = 0;
+	uint8_t md[32];
+	char hex[21];
+	int rc;
+
+	/* An idle slot (the save waits for a busy one). */
+	for (unsigned i = 0; json_is_array(slots_json) && i < json_array_size(slots_json); i++) {
+		const json_t *sj = json_array_get(slots_json, i);
+
+		if (!json_is_true(json_object_get(sj, "is_processing")) && i < n_slots) {
+			s = i;
+			break;
+		}
+	}
+	rc = probe_save(e, url, s, si, why, whylen);
+	if (rc)
+		return -1;
+	if (!probe_complete(si)) {
+		struct backend_reply tr = {0}, cr = {0}, er = {0};
+		int32_t *tok = NULL;
+		size_t n = 0;
+		json_t *q = NULL, *arr;
+
+		rc = backend_tokenize(url, "kvtier layout probe", short_ms(e), &tok, &n, &tr);
+		if (rc || n < 3) {
+			snprintf(why, whylen, "tokenizing the probe prompt failed: %.160s",
+			         rc ? tr.err : "fewer than 3 tokens");
+			rc = -1;
+			goto done;
+		}
+		arr = json_array();
+		for (size_t i = 0; arr && i < n; i++)
+			json_array_append_new(arr, json_integer(tok[i]));
+		q = json_pack("{s:o,s:i,s:i,s:b,s:f}", "prompt", arr, "n_predict", 1, "id_slot",
+		              (int)s, "cache_prompt", 1, "temperature", 0.0);
+		rc = q ? backend_post_json(url, "/completion", q, e->cfg.slot_timeout_ms, &cr)
+		       : -ENOMEM;
+		if (rc || cr.status != 200) {
+			snprintf(why, whylen, "the probe completion failed: %.160s",
+			         rc ? cr.err : "HTTP error");
+			rc = -1;
+			goto done;
+		}
+		rc = probe_save(e, url, s, si, why, whylen);
+		/* The slot held nothing before: leave it so. */
+		backend_slot_action(url, s, "erase", "kvtier-llama-probe.bin",
+		                    e->cfg.slot_timeout_ms, NULL, &er);
+		if (rc == 0 && !probe_complete(si)) {
+			snprintf(why, whylen, "the probe's save holds %u tokens and %u sections",
+			         si->n_tokens, si->n_sections);
+			rc = -1;
+		}
+	done:
+		json_decref(q);
+		free(tok);
+		backend_reply_free(&tr);
+		backend_reply_free(&cr);
+		backend_reply_free(&er);
+		if (rc)
+			return -1;
+	}
+	/* The tag: kind, header version, token form and a digest of the
+	 * signature; for an opaque state also the server's build, since
+	 * nothing else tells two builds' formats apart. */
+	{
+		EVP_MD_CTX *c = EVP_MD_CTX_new();
+		unsigned int len = 0;
+
+		if (!c || !EVP_DigestInit_ex(c, EVP_sha256(), NULL) ||
+		    !EVP_DigestUpdate(c, si->layout, si->layout_len) ||
+		    !EVP_DigestFinal_ex(c, md, &len)) {
+			EVP_MD_CTX_free(c);
+			snprintf(why, whylen, "out of memory");
+			return -1;
+		}
+		EVP_MD_CTX_free(c);
+		for (int i = 0; i < 10; i++)
+			snprintf(hex + 2 * i, 3, "%02x", md[i]);
+	}
+	if (si->state_kind == SLOT_STATE_OPAQUE) {
+		const json_t *bi = json_object_get(props, "build_info");
+		char build[48] = "unknown";
+
+		if (json_is_string(bi)) {
+			size_t k = 0;
+			for (const char *p = json_string_value(bi); *p && k + 1 < sizeof(build); p++)
+				if ((*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'z') ||
+				    (*p >= 'A' && *p <= 'Z') || *p == '-' || *p == '.')
+					build[k++] = *p;
+			build[k] = '\0';
+		}
+		snprintf(tag, taglen, "L=opaque-v%u-%s-%s-%s", si->version,
+		         si->token_form == SLOT_TOKENS_PACKED ? "packed" : "plain", build, hex);
+	} else {
+		snprintf(tag, taglen, "L=%s%s-v%u-%s-%s", slot_state_kind_name(si->state_kind),
+		         si->n_sections == 2 && si->state_kind == SLOT_STATE_KV ? "+swa" : "",
+		         si->version, si->token_form == SLOT_TOKENS_PACKED ? "packed" : "plain",
+		         hex);
+	}
+	return 0;
+}
+
 /* Asks backend bi for /props, /v1/models and /slots and, when it answers,
  * puts it (back) into service with a fresh slot table row. Returns 0 or the
  * error of the /props call. */
@@ -224,6 +424,9 @@ static int discover(struct engine *e, unsigned bi, int log_failure)
 {
 	struct backend_reply props = {0}, models = {0}, slots = {0};
 	struct fingerprint fp;
+	struct slot_info si;
+	char layout[200] = "-";
+	int probe_failed = 0, server_cache = 0, clears_idle = 0;
 	const char *url = e->t.b[bi].url;
 	unsigned n_slots = 0;
 	uint32_t n_ctx = 0;
@@ -278,12 +481,75 @@ static int discover(struct engine *e, unsigned bi, int log_failure)
 		n_slots = SLOTS_MAX_PER_BACKEND;
 	}
 	namespace_of(e, props.json, models.json, &fp);
+	memset(&si, 0, sizeof(si));
+	if (fp.ns[0] && !e->cfg.ns_override) {
+		char tag[128], why[256];
+
+		if (probe_layout(e, url, slots.json, n_slots, props.json, &si, tag, sizeof(tag), why,
+		                 sizeof(why)) == 0 &&
+		    strlen(fp.ns) + 1 + strlen(tag) < sizeof(fp.ns)) {
+			size_t l = strlen(fp.ns);
+			snprintf(fp.ns + l, sizeof(fp.ns) - l, "/%s", tag);
+			slot_layout_describe(si.layout, si.layout_len, layout, sizeof(layout));
+		} else {
+			/* Retried every health round: warn once. */
+			klog(e->t.b[bi].retry_probe ? LOG_DEBUG : LOG_WARN,
+			     "event=layout_probe_failed url=%s reason=\"%s\" "
+			     "hint=\"without the layout of its slot files no blob is restored or "
+			     "saved for this backend; retried every --health-interval-ms\"",
+			     url, why);
+			fp.ns[0] = '\0';
+			probe_failed = 1;
+		}
+	}
+	if (si.state_kind == SLOT_STATE_KV && si.n_sections == 2)
+		klog(LOG_WARN,
+		     "event=sliding_window_model url=%s hint=\"a sliding-window model: llama-server "
+		     "uses a restored slot only when started with --swa-full (llama.cpp; "
+		     "ik_llama.cpp has none). Without it every restore is ignored, and the plugin "
+		     "stops restoring into this namespace after %u ignored restores in a row "
+		     "(retried every %u s)\"",
+		     url, IGNORED_STREAK_MAX, IGNORED_BACKOFF_S);
+	if (si.state_kind == SLOT_STATE_RECURRENT || si.state_kind == SLOT_STATE_HYBRID)
+		klog(LOG_INFO,
+		     "event=recurrent_model url=%s kind=%s hint=\"a recurrent state cannot be "
+		     "rolled back: a blob is restored only when the prompt extends its tokens "
+		     "exactly\"",
+		     url, slot_state_kind_name(si.state_kind));
+	/* llama-server's own RAM prompt cache: a server whose slot files have
+	 * today's layouts has one (since late 2025; ik_llama.cpp and older
+	 * servers write the early-2025 layout). With unified KV (one stream for
+	 * several slots, the default) it clears idle slots when a task starts. */
+	{
+		int today = si.state_kind == SLOT_STATE_KV || si.state_kind == SLOT_STATE_RECURRENT ||
+		            si.state_kind == SLOT_STATE_HYBRID;
+		int unified = si.state_kind == SLOT_STATE_RECURRENT ||
+		              (si.n_sections && si.sec[0].n_stream == 1);
+		double bpt = si.n_tokens_all && si.file_size > si.state_offset
+		                 ? (double)(si.file_size - si.state_offset) / si.n_tokens_all
+		                 : 1;
+
+		server_cache = today && e->cfg.server_cache_ram_mib > 0;
+		clears_idle = server_cache && e->cfg.server_cache_idle_slots && unified && n_slots > 1;
+		pthread_mutex_lock(&e->pc_lock);
+		pcache_clear(&e->pc[bi]);
+		pcache_init(&e->pc[bi], server_cache ? (uint64_t)e->cfg.server_cache_ram_mib << 20 : 0,
+		            bpt);
+		pthread_mutex_unlock(&e->pc_lock);
+	}
 	slots_forget_backend(&e->t, bi);
 	pthread_mutex_lock(&e->t.lock);
 	{
 		struct slot_backend *b = &e->t.b[bi];
 
 		snprintf(b->ns, sizeof(b->ns), "%s", fp.ns);
+		b->server_cache = server_cache;
+		b->clears_idle = clears_idle;
+		b->retry_probe = probe_failed;
+		b->mem_kind = si.state_kind;
+		b->swa = si.state_kind == SLOT_STATE_KV && si.n_sections == 2;
+		b->ignored_streak = 0;
+		b->restores_off_until = 0;
 		b->n_slots = n_slots;
 		b->n_ctx = n_ctx;
 		b->has_slots_api = has_slots;
@@ -295,9 +561,10 @@ static int discover(struct engine *e, unsigned bi, int log_failure)
 	metrics_backend_up(bi, 1);
 	klog(fp.ns[0] ? LOG_INFO : LOG_WARN,
 	     "event=backend url=%s up=1 namespace=%s source=%s n_slots=%u n_ctx=%u slots_api=%s "
-	     "why=\"%s\"%s",
+	     "layout=\"%s\" server_cache=%s why=\"%s\"%s",
 	     url, fp.ns[0] ? fp.ns : "-", fp.source, n_slots, n_ctx, has_slots ? "yes" : "no",
-	     fp.why, fp.ns[0] ? "" : " hint=\"no blobs are restored or saved for this backend\"");
+	     layout, clears_idle ? "clears-idle-slots" : server_cache ? "on" : "off", fp.why,
+	     fp.ns[0] ? "" : " hint=\"no blobs are restored or saved for this backend\"");
 out:
 	backend_reply_free(&props);
 	backend_reply_free(&models);
@@ -346,9 +613,23 @@ static void health_round(struct engine *e)
 			pthread_mutex_unlock(&e->disc_lock);
 			continue;
 		}
+		if (b.retry_probe) {
+			/* The layout probe failed at discovery: try it again. */
+			pthread_mutex_lock(&e->disc_lock);
+			discover(e, bi, 0);
+			pthread_mutex_unlock(&e->disc_lock);
+			continue;
+		}
 		rc = backend_get_json(b.url, "/health", HEALTH_TIMEOUT_MS, &r);
 		if (rc == -ECONNREFUSED) {
 			mark_down(e, bi, r.err);
+		} else if (rc == -ETIMEDOUT && slots_held(&e->t, bi) > 0) {
+			/* A server busy with our own requests may be slow to answer
+			 * (ik_llama.cpp's /health timed out during a 4K-token prefill);
+			 * a restart refuses connections or changes its slots' task ids,
+			 * and that is seen. */
+			klog(LOG_DEBUG, "event=health_slow url=%s busy_slots=%u", b.url,
+			     slots_held(&e->t, bi));
 		} else if (rc || r.status != 200) {
 			/* One slow answer is not a restart; two in a row is trouble. */
 			if (++e->health_fail[bi] >= 2)
@@ -481,7 +762,7 @@ static void run_save(struct engine *e, struct save_job *j)
 		kvclient_discard(e->kv, name);
 		goto out;
 	}
-	rc = kvclient_ingest(e->kv, j->ns, name, &pr, &bytes, err, sizeof(err));
+	rc = kvclient_ingest(e->kv, j->ns, name, (uint64_t)n_written, &pr, &bytes, err, sizeof(err));
 	if (rc) {
 		metrics_save(METRICS_SAVE_FAILED);
 		klog(LOG_WARN, "event=save outcome=failed url=%s slot=%u ns=%s reason=\"%s\"",
@@ -926,9 +1207,10 @@ static int tokenize_group(struct job *j, struct group *g, const struct prompt *p
 	return rc;
 }
 
-/* Groups the up backends by namespace and tokenizes once per group.
- * Returns the number of groups whose tokens are known. */
-static unsigned tokenize_all(struct job *j, const struct prompt *p)
+/* Groups the up backends by namespace and tokenizes once per group. A
+ * backend that is one model of a router ("URL#MODEL") serves only requests
+ * naming that model. Returns the number of groups whose tokens are known. */
+static unsigned tokenize_all(struct job *j, const struct prompt *p, const char *model)
 {
 	struct engine *e = j->e;
 	unsigned ok = 0;
@@ -941,6 +1223,8 @@ static unsigned tokenize_all(struct job *j, const struct prompt *p)
 		j->group_of[bi] = -1;
 		snap(e, bi, &b);
 		if (!b.up)
+			continue;
+		if (backend_model(b.url) && (!model || strcmp(backend_model(b.url), model) != 0))
 			continue;
 		/* Backends without a namespace are each their own group: nothing
 		 * says they share a tokenizer. */
@@ -985,9 +1269,15 @@ static int slot_unchanged(struct engine *e, const struct bsnap *b, unsigned s, i
 		const json_t *id = json_object_get(e0, "id"),
 		             *task = json_object_get(e0, "id_task");
 
-		if (!json_is_integer(id) || json_integer_value(id) != (json_int_t)s ||
-		    !json_is_integer(task))
+		if (!json_is_integer(id) || json_integer_value(id) != (json_int_t)s)
 			continue;
+		if (!json_is_integer(task)) {
+			/* Today's llama-server shows id_task only for a slot that ran a
+			 * task since it started: a slot we used without one restarted. */
+			if (recorded != SLOTS_NO_TASK && json_object_get(e0, "n_ctx"))
+				same = 0;
+			break;
+		}
 		*now_task = json_integer_value(task);
 		if (recorded != SLOTS_NO_TASK && *now_task != recorded)
 			same = 0;
@@ -1023,7 +1313,7 @@ struct restore {
  * *tracked is the slot's known prefix, updated to what it holds after. */
 static void maybe_restore(struct engine *e, unsigned bi, unsigned s, const struct bsnap *b,
                           const int32_t *tokens, size_t n, const struct kvtier_match *m, size_t be,
-                          size_t *tracked, struct restore *rs)
+                          size_t own, size_t *tracked, struct restore *rs)
 {
 	struct backend_reply r = {0};
 	struct kvclient_file f;
@@ -1035,11 +1325,36 @@ static void maybe_restore(struct engine *e, unsigned bi, unsigned s, const struc
 	if (!m->found || m->matched_tokens <= *tracked)
 		return;
 	if (m->matched_tokens - *tracked < be) {
-		metrics_restore(METRICS_RESTORE_SKIPPED_SMALL);
+		/* The server's own RAM cache brings what the slot lacks: no restore. */
+		int cache = *tracked > own && m->matched_tokens - own >= be;
+
+		metrics_restore(cache ? METRICS_RESTORE_SKIPPED_SERVER_CACHE
+		                      : METRICS_RESTORE_SKIPPED_SMALL);
 		klog(LOG_DEBUG,
-		     "event=restore outcome=skipped_small url=%s slot=%u matched=%u "
-		     "tracked=%zu break_even=%zu",
-		     b->url, s, m->matched_tokens, *tracked, be);
+		     "event=restore outcome=%s url=%s slot=%u matched=%u "
+		     "tracked=%zu server_cache=%zu break_even=%zu",
+		     cache ? "skipped_server_cache" : "skipped_small", b->url, s, m->matched_tokens,
+		     own, *tracked, be);
+		return;
+	}
+	if ((b->mem_kind == SLOT_STATE_RECURRENT || b->mem_kind == SLOT_STATE_HYBRID) &&
+	    (m->matched_tokens != m->n_tokens || n <= m->n_tokens)) {
+		/* A recurrent state holds its last position only: llama-server uses it
+		 * when the prompt extends the saved tokens exactly (no rollback
+		 * without checkpoints), and prefills in full otherwise. */
+		metrics_restore(METRICS_RESTORE_SKIPPED_ROLLBACK);
+		klog(LOG_DEBUG,
+		     "event=restore outcome=skipped_rollback url=%s slot=%u blob=%s matched=%u "
+		     "n_tokens=%u n_prompt=%zu",
+		     b->url, s, m->blob, m->matched_tokens, m->n_tokens, n);
+		return;
+	}
+	if (b->restores_off_until > 0 && now_s() < b->restores_off_until) {
+		metrics_restore(METRICS_RESTORE_SKIPPED_IGNORED);
+		klog(LOG_DEBUG,
+		     "event=restore outcome=skipped_ignored url=%s slot=%u blob=%s "
+		     "retry_in_s=%.0f",
+		     b->url, s, m->blob, b->restores_off_until - now_s());
 		return;
 	}
 	if (m->n_tokens == 0 || (b->n_ctx && m->n_tokens > b->n_ctx)) {
@@ -1109,6 +1424,117 @@ out:
 	backend_reply_free(&r);
 }
 
+/* ---- llama-server's own prompt cache (promptcache.h) ---- */
+
+/* The prefix of the prompt the server will hold on slot s before prefill
+ * when nothing is restored: `tracked`, or what its RAM cache loads there. */
+static size_t server_cache_predict(struct engine *e, unsigned bi, unsigned s,
+                                   const int32_t *tokens, size_t n, size_t tracked)
+{
+	int32_t *st = NULL;
+	size_t sn = 0, lcp = 0;
+	int idx;
+
+	if (slots_copy_tokens(&e->t, bi, s, &st, &sn))
+		return tracked;
+	pthread_mutex_lock(&e->pc_lock);
+	idx = pcache_choose(&e->pc[bi], tokens, n, st, sn, &lcp);
+	pthread_mutex_unlock(&e->pc_lock);
+	free(st);
+	return idx >= 0 && lcp > tracked ? lcp : tracked;
+}
+
+struct pcache_ctx {
+	struct engine *e;
+	unsigned bi;
+};
+
+/* Runs under the slot table's lock: pc_lock is taken after it. */
+static void pcache_save_cb(void *ctx, const int32_t *tokens, size_t n)
+{
+	struct pcache_ctx *c = ctx;
+
+	pthread_mutex_lock(&c->e->pc_lock);
+	pcache_save(&c->e->pc[c->bi], tokens, n);
+	pthread_mutex_unlock(&c->e->pc_lock);
+}
+
+/* A task starts on slot s: the server's get_available_slot saves the slot
+ * into its cache and loads a better entry when the slot holds little of the
+ * prompt; then every idle slot is copied into the cache and, with unified
+ * KV, cleared (--cache-idle-slots). A save of another slot waiting in the
+ * server's queue would then find its slot empty: the task waits for it. */
+static void server_cache_task(struct engine *e, unsigned bi, unsigned s, const struct bsnap *b,
+                              const int32_t *tokens, size_t n)
+{
+	struct pcache_ctx c = {e, bi};
+	int32_t *st = NULL;
+	size_t sn = 0, lcp;
+	int idx;
+
+	if (b->clears_idle &&
+	    slots_wait_saves(&e->t, bi, s, e->cfg.slot_timeout_ms) == -ETIMEDOUT)
+		klog(LOG_WARN, "event=save_wait_timeout url=%s slot=%u", b->url, s);
+	if (slots_copy_tokens(&e->t, bi, s, &st, &sn) == 0) {
+		pthread_mutex_lock(&e->pc_lock);
+		if (pcache_consults(&e->pc[bi], tokens, n, st, sn)) {
+			pcache_save(&e->pc[bi], st, sn);
+			idx = pcache_choose(&e->pc[bi], tokens, n, st, sn, &lcp);
+			pcache_remove(&e->pc[bi], idx);
+		}
+		pthread_mutex_unlock(&e->pc_lock);
+		free(st);
+	}
+	slots_idle_each(&e->t, bi, s, b->clears_idle, pcache_save_cb, &c);
+}
+
+static void server_cache_off(struct engine *e, unsigned bi, const struct bsnap *b, double pn,
+                             size_t expected)
+{
+	pthread_mutex_lock(&e->t.lock);
+	e->t.b[bi].server_cache = 0;
+	e->t.b[bi].clears_idle = 0;
+	pthread_mutex_unlock(&e->t.lock);
+	pthread_mutex_lock(&e->pc_lock);
+	pcache_clear(&e->pc[bi]);
+	pcache_init(&e->pc[bi], 0, 1);
+	pthread_mutex_unlock(&e->pc_lock);
+	klog(LOG_WARN,
+	     "event=server_cache_off url=%s prompt_n=%.0f expected=%zu "
+	     "hint=\"the server did not load a prompt its RAM cache should hold: taken as "
+	     "running with --cache-ram 0 until it restarts (give --server-cache-ram 0 to say "
+	     "so)\"",
+	     b->url, pn, expected);
+}
+
+/* Counts restores the server did not use, per backend: after
+ * IGNORED_STREAK_MAX in a row (a sliding-window model without --swa-full
+ * ignores every one), restores stop for IGNORED_BACKOFF_S, then one is tried
+ * again; a used one resets the count. */
+static void note_ignored(struct engine *e, unsigned bi, const struct bsnap *b, int ignored)
+{
+	int stop = 0;
+	unsigned streak;
+
+	pthread_mutex_lock(&e->t.lock);
+	if (!ignored) {
+		e->t.b[bi].ignored_streak = 0;
+		e->t.b[bi].restores_off_until = 0;
+	} else if (++e->t.b[bi].ignored_streak >= IGNORED_STREAK_MAX) {
+		e->t.b[bi].restores_off_until = now_s() + IGNORED_BACKOFF_S;
+		stop = 1;
+	}
+	streak = e->t.b[bi].ignored_streak;
+	pthread_mutex_unlock(&e->t.lock);
+	if (stop)
+		klog(LOG_WARN,
+		     "event=restores_paused url=%s ignored_in_a_row=%u retry_in_s=%u%s", b->url,
+		     streak, IGNORED_BACKOFF_S,
+		     b->swa ? " hint=\"a sliding-window model: start llama-server with --swa-full, "
+		              "or restores are never used\""
+		            : "");
+}
+
 /* Serves the request on the slot tk owns. Returns RUN_RETRY when the
  * backend could not be reached and nothing was sent to the client. */
 static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_ticket *tk,
@@ -1120,7 +1546,7 @@ static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_tick
 	struct restore rs = {0};
 	struct backend_result res;
 	struct bsnap b;
-	size_t tracked, be = e->cfg.break_even, tracked_before;
+	size_t tracked, be = e->cfg.break_even, tracked_before, own;
 	int64_t recorded, task;
 	char *fwd = NULL;
 	double t_forward, t0, t1, age_s;
@@ -1148,9 +1574,14 @@ static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_tick
 		slots_set_tokens(&e->t, bi, s, NULL, 0, SLOTS_NO_TASK);
 		tracked = 0;
 	}
-	tracked_before = tracked;
 	t1 = now_s();
 	j->t_check += t1 - t0;
+	/* What the server will hold without a restore: the slot's own prefix,
+	 * or what its RAM cache would load into the slot. */
+	own = tracked;
+	if (b.server_cache)
+		tracked = server_cache_predict(e, bi, s, tokens, n, tracked);
+	tracked_before = tracked;
 	if (b.ns[0] && n >= e->cfg.break_even) {
 		if (kvclient_lookup(e->kv, b.ns, tokens, n, &m) == 0)
 			be = kvclient_break_even(e->kv, b.ns, m.est_restore_s);
@@ -1158,9 +1589,11 @@ static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_tick
 			be = kvclient_break_even(e->kv, b.ns, -1);
 		t0 = now_s();
 		j->t_lookup += t0 - t1;
-		maybe_restore(e, bi, s, &b, tokens, n, &m, be, &tracked, &rs);
+		maybe_restore(e, bi, s, &b, tokens, n, &m, be, own, &tracked, &rs);
 		j->t_restore += now_s() - t0;
 	}
+	if (b.server_cache)
+		server_cache_task(e, bi, s, &b, tokens, n);
 
 	/* The forward: the client's body with our slot and prompt caching. */
 	if (json_object_set_new(body, "id_slot", json_integer(s)) ||
@@ -1223,6 +1656,7 @@ static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_tick
 			rep.restore_ms = rs.ms;
 			rep.restored_tokens = rs.matched;
 			rep.restore_ignored = ignored;
+			note_ignored(e, bi, &b, ignored);
 			if (ignored) {
 				metrics_restore(METRICS_RESTORE_IGNORED);
 				klog(LOG_WARN,
@@ -1233,6 +1667,11 @@ static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_tick
 				metrics_restore(METRICS_RESTORE_OK);
 				metrics_restored_tokens(rs.matched - tracked_before);
 			}
+		} else if (tracked_before > own && pn > (double)(n - tracked_before) + slack) {
+			/* The model of the server's RAM cache promised a prefix the
+			 * server did not have: it runs without that cache (--cache-ram
+			 * 0), or the model is wrong. Stop trusting it for this backend. */
+			server_cache_off(e, bi, &b, pn, n - tracked_before);
 		} else if (tracked >= be && pn > (double)(n - tracked) + slack) {
 			/* The server did not hold what we tracked (a restart we did not
 			 * see, or another client): the slot now holds this prompt. */
@@ -1316,7 +1755,7 @@ static int managed(struct engine *e, const struct engine_request *rq,
 	j->sink = sink;
 	revive(e);
 	t0 = now_s();
-	n_tok = tokenize_all(j, &p);
+	n_tok = tokenize_all(j, &p, json_string_value(json_object_get(body, "model")));
 	j->t_tokenize = now_s() - t0;
 	if (n_tok == 0)
 		goto out; /* no backend could tokenize it: let one answer as it would */
@@ -1409,6 +1848,7 @@ int engine_start(const struct engine_config *cfg, struct engine **out, char *err
 	e->cfg = *cfg;
 	pthread_mutex_init(&e->lock, NULL);
 	pthread_mutex_init(&e->disc_lock, NULL);
+	pthread_mutex_init(&e->pc_lock, NULL);
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&e->cond, &ca);
@@ -1470,6 +1910,7 @@ fail:
 fail_slots:
 	pthread_cond_destroy(&e->cond);
 	pthread_mutex_destroy(&e->disc_lock);
+	pthread_mutex_destroy(&e->pc_lock);
 	pthread_mutex_destroy(&e->lock);
 	free(e);
 	return rc;
@@ -1498,8 +1939,11 @@ void engine_stop(struct engine *e)
 		pthread_join(e->savers[i], NULL);
 	kvclient_close(e->kv);
 	slots_destroy(&e->t);
+	for (unsigned i = 0; i < SLOTS_MAX_BACKENDS; i++)
+		pcache_clear(&e->pc[i]);
 	pthread_cond_destroy(&e->cond);
 	pthread_mutex_destroy(&e->disc_lock);
+	pthread_mutex_destroy(&e->pc_lock);
 	pthread_mutex_destroy(&e->lock);
 	free(e);
 }

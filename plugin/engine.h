@@ -41,6 +41,8 @@ struct engine_config {
 	unsigned health_ms;       /* backend health poll interval */
 	unsigned slot_check_ms;   /* GET /slots before relying on a slot idle this long; 0 always */
 	unsigned save_workers;    /* threads running saves */
+	unsigned server_cache_ram_mib; /* the backends' --cache-ram; 0 = off (promptcache.h) */
+	int server_cache_idle_slots;   /* the backends' --cache-idle-slots */
 };
 
 /* Where the answer to a request goes (implemented by the proxy). Callbacks

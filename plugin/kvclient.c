@@ -387,14 +387,15 @@ static int check_header(struct kvclient *k, const char *name, const struct kvtie
 		snprintf(err, errlen, "blob %s refused before restore: %s", m->blob, why);
 		return KVTIER_E_INVALID;
 	}
-	f->n_tokens = si.n_tokens;
+	f->n_tokens = si.n_tokens_all;
 	f->version = si.version;
-	if (si.n_tokens == 0 || (max_tokens && si.n_tokens > max_tokens) ||
-	    (m->n_tokens && si.n_tokens != m->n_tokens) || (si.version != 2 && si.version != 4)) {
+	/* The server loads every token of the payload (media positions too). */
+	if (si.n_tokens == 0 || (max_tokens && si.n_tokens_all > max_tokens) ||
+	    (m->n_tokens && si.n_tokens != m->n_tokens)) {
 		snprintf(err, errlen,
 		         "blob %s refused before restore: %u tokens (lookup said %u, slot holds at "
 		         "most %u), header version %u",
-		         m->blob, si.n_tokens, m->n_tokens, max_tokens, si.version);
+		         m->blob, si.n_tokens_all, m->n_tokens, max_tokens, si.version);
 		return KVTIER_E_INVALID;
 	}
 	return 0;
@@ -511,7 +512,7 @@ static uint64_t parts_size(const char *path)
 	return n;
 }
 
-int kvclient_ingest(struct kvclient *k, const char *ns, const char *name,
+int kvclient_ingest(struct kvclient *k, const char *ns, const char *name, uint64_t reported_size,
                     struct kvtier_put_result *r, uint64_t *bytes, char *err, size_t errlen)
 {
 	kvtier_client *c = pool_get(k);
@@ -538,7 +539,7 @@ int kvclient_ingest(struct kvclient *k, const char *ns, const char *name,
 	snprintf(remote, sizeof(remote), "%s/%s", k->daemon_dir, name);
 	pthread_mutex_unlock(&k->lock);
 	if (mode == KVCLIENT_LOCAL) {
-		rc = kvtier_adopt(c, ns, remote, 0, r);
+		rc = kvtier_adopt_sized(c, ns, remote, 0, reported_size, r);
 		if (rc) {
 			metrics_kvtier_error(METRICS_KV_ADOPT);
 			snprintf(err, errlen, "adopt failed: %s: %s", kvtier_status_name(rc),
@@ -547,7 +548,7 @@ int kvclient_ingest(struct kvclient *k, const char *ns, const char *name,
 		/* Adopt removed the names on success; a refused file stays: remove it. */
 		unlink_parts(path);
 	} else {
-		rc = kvtier_put_file(c, ns, path, r);
+		rc = kvtier_put_file_sized(c, ns, path, reported_size, r);
 		if (rc) {
 			metrics_kvtier_error(METRICS_KV_PUT);
 			snprintf(err, errlen, "put failed: %s: %s", kvtier_status_name(rc),

@@ -83,9 +83,11 @@ void kvclient_unstage(struct kvclient *k, struct kvclient_file *f);
 
 /* Hands the slot file `name` (inside the slot directory, just saved by
  * llama-server, sidecars beside it) to kvtierd in namespace ns: Adopt
- * locally, else Put and delete the local files. On failure the local files
+ * locally, else Put and delete the local files. reported_size is the
+ * server's n_written: kvtierd refuses a file of another size (a save cut
+ * short; llama-server writes in place without fsync). On failure the local files
  * are deleted too: nothing is left behind. *bytes receives the size moved. */
-int kvclient_ingest(struct kvclient *k, const char *ns, const char *name,
+int kvclient_ingest(struct kvclient *k, const char *ns, const char *name, uint64_t reported_size,
                     struct kvtier_put_result *r, uint64_t *bytes, char *err, size_t errlen);
 
 /* Deletes slot_dir/name and its sidecars (a failed save's leftovers). */

@@ -38,6 +38,8 @@ enum opt_id {
 	OPT_BACKEND,
 	OPT_KVTIER,
 	OPT_KVTIER_TOKEN_FILE,
+	OPT_API_KEY_FILE,
+	OPT_BACKEND_API_KEY_FILE,
 	OPT_KVTIER_MODE,
 	OPT_SLOT_DIR,
 	OPT_MODEL_FILE,
@@ -53,6 +55,8 @@ enum opt_id {
 	OPT_SAVE_WORKERS,
 	OPT_MAX_REQUEST_SIZE,
 	OPT_MAX_CONNECTIONS,
+	OPT_SERVER_CACHE_RAM,
+	OPT_SERVER_CACHE_IDLE,
 	OPT_IDLE_TIMEOUT,
 	OPT_LOG_LEVEL,
 	OPT_HELP,
@@ -65,11 +69,19 @@ static const struct option_def options[] = {
      "Where clients connect instead of llama-server ([ADDR]:PORT for IPv6)."},
     {"backend", OPT_BACKEND, "URL", "(required)",
      "A llama-server (or ik_llama.cpp server), e.g. http://127.0.0.1:8080; repeat for several "
-     "instances. All must share --slot-dir."},
+     "instances. All must share --slot-dir. URL#MODEL is model MODEL of a llama-server in "
+     "router mode (--models-dir): requests naming that model go there."},
     {"kvtier", OPT_KVTIER, "ADDRESS", "(required)",
      "kvtierd's address: unix:PATH (same host) or HOST:PORT (needs --kvtier-token-file)."},
     {"kvtier-token-file", OPT_KVTIER_TOKEN_FILE, "FILE", "(none)",
      "File whose first line is kvtierd's bearer token (for a HOST:PORT address)."},
+    {"api-key-file", OPT_API_KEY_FILE, "FILE", "(none)",
+     "File whose first line is the key clients must send (Authorization: Bearer KEY, or "
+     "X-Api-Key: KEY), as llama-server's --api-key; /health stays open. Without it the plugin "
+     "takes every request on its --listen address."},
+    {"backend-api-key-file", OPT_BACKEND_API_KEY_FILE, "FILE", "(none)",
+     "File whose first line is the backends' --api-key: the plugin sends it on every call to "
+     "them (and in place of the client's key on forwarded requests)."},
     {"kvtier-mode", OPT_KVTIER_MODE, "MODE", "auto",
      "auto, local or remote. local: kvtierd stages blobs into --slot-dir and adopts saves "
      "(zero copy); remote: blobs are streamed in and out. auto probes which one works."},
@@ -102,6 +114,16 @@ static const struct option_def options[] = {
      "ago; 0 checks before every request. A back-to-back turn skips the call, which waits for "
      "the server's decode loop."},
     {"save-workers", OPT_SAVE_WORKERS, "N", "2", "Threads running slot saves (1..8)."},
+    {"server-cache-ram", OPT_SERVER_CACHE_RAM, "MIB", "8192",
+     "The backends' --cache-ram: llama-server's own RAM prompt cache (on by default since late "
+     "2025). The plugin models it and skips a restore the server would take from there itself. "
+     "0 when the backends run with --cache-ram 0. Not used for ik_llama.cpp and older servers "
+     "(found from their slot files)."},
+    {"server-cache-idle-slots", OPT_SERVER_CACHE_IDLE, "on|off", "on",
+     "The backends' --cache-idle-slots: when a task starts, llama-server copies every idle slot "
+     "into its RAM cache and, with unified KV (the default with --parallel auto), clears it. "
+     "The plugin then knows those slots are empty, and delays a request while a save of that "
+     "backend runs (the save would find its slot cleared)."},
     {"max-request-size", OPT_MAX_REQUEST_SIZE, "SIZE", "64M",
      "Largest request body accepted (K, M, G suffixes)."},
     {"max-connections", OPT_MAX_CONNECTIONS, "N", "256", "Client connections served at once."},
@@ -185,7 +207,9 @@ int main(int argc, char **argv)
 	struct proxy_config pc = {0};
 	struct engine *engine = NULL;
 	struct proxy *proxy = NULL;
-	const char *token_file = NULL, *mode = "auto";
+	const char *token_file = NULL, *mode = "auto", *api_key_file = NULL,
+		   *backend_key_file = NULL;
+	static char api_key[BACKEND_KEY_MAX + 2], backend_key[BACKEND_KEY_MAX + 2];
 	char token[512] = "", err[1024] = "";
 	unsigned n_backends = 0;
 	struct stat st;
@@ -200,6 +224,8 @@ int main(int argc, char **argv)
 	ec.health_ms = 1000;
 	ec.slot_check_ms = 1000;
 	ec.save_workers = 2;
+	ec.server_cache_ram_mib = 8192;
+	ec.server_cache_idle_slots = 1;
 	pc.listen = "127.0.0.1:8081";
 	pc.max_request_bytes = 64u << 20;
 	pc.max_connections = 256;
@@ -239,6 +265,12 @@ int main(int argc, char **argv)
 			break;
 		case OPT_KVTIER_TOKEN_FILE:
 			token_file = optarg;
+			break;
+		case OPT_API_KEY_FILE:
+			api_key_file = optarg;
+			break;
+		case OPT_BACKEND_API_KEY_FILE:
+			backend_key_file = optarg;
 			break;
 		case OPT_KVTIER_MODE:
 			mode = optarg;
@@ -296,6 +328,18 @@ int main(int argc, char **argv)
 		case OPT_SLOT_CHECK_MS:
 			if (options_parse_uint(optarg, 0, 3600000, &ec.slot_check_ms))
 				return die("--slot-check-ms %s: expected 0..3600000", optarg);
+			break;
+		case OPT_SERVER_CACHE_RAM:
+			if (options_parse_uint(optarg, 0, 16u << 20, &ec.server_cache_ram_mib))
+				return die("--server-cache-ram %s: expected 0..16777216 (MiB)", optarg);
+			break;
+		case OPT_SERVER_CACHE_IDLE:
+			if (!strcmp(optarg, "on"))
+				ec.server_cache_idle_slots = 1;
+			else if (!strcmp(optarg, "off"))
+				ec.server_cache_idle_slots = 0;
+			else
+				return die("--server-cache-idle-slots %s: expected on or off", optarg);
 			break;
 		case OPT_SAVE_WORKERS:
 			if (options_parse_uint(optarg, 1, 8, &ec.save_workers))
@@ -361,6 +405,22 @@ int main(int argc, char **argv)
 			return die("--kvtier-token-file %s: %s (the first line must be the token)",
 			           token_file, strerror(-rc));
 		ec.kvtier_token = token;
+	}
+	if (api_key_file) {
+		rc = read_token(api_key_file, api_key, sizeof(api_key));
+		if (rc)
+			return die("--api-key-file %s: %s (the first line must be the key)",
+			           api_key_file, strerror(-rc));
+		pc.api_key = api_key;
+	}
+	if (backend_key_file) {
+		rc = read_token(backend_key_file, backend_key, sizeof(backend_key));
+		if (rc == 0 && backend_set_api_key(backend_key) != 0)
+			rc = -EINVAL;
+		if (rc)
+			return die("--backend-api-key-file %s: %s (the first line must be the key: "
+			           "printable ASCII, at most %u bytes)",
+			           backend_key_file, strerror(-rc), BACKEND_KEY_MAX);
 	}
 	ec.backends = backend_ptrs;
 	ec.n_backends = n_backends;

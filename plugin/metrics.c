@@ -38,7 +38,9 @@ static const char *const endpoint_names[METRICS_EP_COUNT] = {
 };
 static const char *const handling_names[METRICS_HANDLING_COUNT] = {"slot", "passthrough"};
 static const char *const restore_names[METRICS_RESTORE_COUNT] = {
-    "ok", "failed", "timeout", "ignored", "skipped_small", "skipped_invalid",
+    "ok", "failed", "timeout", "ignored", "skipped_small", "skipped_rollback", "skipped_ignored",
+    "skipped_server_cache",
+    "skipped_invalid",
 };
 static const char *const save_names[METRICS_SAVE_COUNT] = {"ok", "failed", "timeout", "skipped",
                                                                 "answer_lost"};

@@ -37,6 +37,9 @@ enum metrics_restore {
 	METRICS_RESTORE_TIMEOUT, /* the slot action did not answer in --slot-timeout-ms */
 	METRICS_RESTORE_IGNORED, /* answered OK, but the prefill shows it was not used */
 	METRICS_RESTORE_SKIPPED_SMALL,   /* a match, but not worth more than the break-even */
+	METRICS_RESTORE_SKIPPED_ROLLBACK, /* recurrent state: the prompt does not extend the blob */
+	METRICS_RESTORE_SKIPPED_IGNORED,  /* the namespace's restores were ignored lately */
+	METRICS_RESTORE_SKIPPED_SERVER_CACHE, /* the server's own RAM cache holds the prefix */
 	METRICS_RESTORE_SKIPPED_INVALID, /* a match that must not be sent: 0 tokens, > n_ctx, bad
 	                                    header */
 	METRICS_RESTORE_COUNT

@@ -75,6 +75,7 @@ struct preq {
 	char *body;
 	size_t body_len, body_cap;
 	int too_big;
+	int key_ok; /* no --api-key-file, or the client sent the key */
 	double t_arrival;
 	/* filled by the worker */
 	int hdr_ready;
@@ -472,6 +473,41 @@ static enum MHD_Result collect_header(void *cls, enum MHD_ValueKind kind, const 
 	return MHD_YES;
 }
 
+/* Compares without leaking where the first difference is. */
+static int same_secret(const char *a, const char *b)
+{
+	size_t la = strlen(a), lb = strlen(b);
+	unsigned char d = la != lb;
+
+	for (size_t i = 0; i < la; i++)
+		d |= (unsigned char)(a[i] ^ b[i % (lb ? lb : 1)]);
+	return d == 0;
+}
+
+/* llama-server's rule (tools/server/server-http.cpp): the key in
+ * Authorization, with or without "Bearer ", else in X-Api-Key. */
+static int client_key_ok(struct MHD_Connection *conn, const char *key)
+{
+	const char *a = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
+
+	if (a && *a) {
+		if (strncasecmp(a, "Bearer ", 7) == 0)
+			a += 7;
+		return same_secret(a, key);
+	}
+	a = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Api-Key");
+	return a && same_secret(a, key);
+}
+
+/* /health and /v1/health answer without the key, as llama-server's do. */
+static int is_public_path(const char *uri)
+{
+	size_t len = strcspn(uri, "?");
+
+	return (len == 7 && strncmp(uri, "/health", 7) == 0) ||
+	       (len == 10 && strncmp(uri, "/v1/health", 10) == 0);
+}
+
 /* Answers with a buffer (freed by libmicrohttpd when must_free). */
 static enum MHD_Result respond_buffer(struct MHD_Connection *conn, unsigned status,
                                       const char *ctype, char *body, size_t len, int must_free)
@@ -610,6 +646,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 			r->fd = ci ? ci->connect_fd : -1;
 		}
 		MHD_get_connection_values(conn, MHD_HEADER_KIND, collect_header, r);
+		r->key_ok = !p->cfg.api_key || !strcmp(method, "OPTIONS") ||
+		            is_public_path(r->uri) || client_key_ok(conn, p->cfg.api_key);
 		return MHD_YES;
 	}
 	if (*upload_size) {
@@ -642,6 +680,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 	if (r->phase == 2)
 		return MHD_YES;
 	r->phase = 2;
+	if (!r->key_ok)
+		return respond_error(conn, 401, "authentication_error", "Invalid API Key");
 	if (is_metrics_path(r->uri)) {
 		size_t len = 0;
 		char *page;

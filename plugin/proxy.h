@@ -19,6 +19,7 @@ struct proxy_config {
 	size_t max_request_bytes; /* larger request bodies get 413 */
 	unsigned max_connections;
 	unsigned idle_timeout_s; /* an idle keep-alive connection is closed after this */
+	const char *api_key;     /* clients must send it (but for /health); NULL: no check */
 };
 
 struct proxy;

@@ -304,6 +304,7 @@ void slots_save_done(struct slot_table *t, unsigned b, unsigned si)
 
 	pthread_mutex_lock(&t->lock);
 	grant_next_locked(t, s);
+	pthread_cond_broadcast(&t->cond); /* slots_wait_saves() */
 	pthread_mutex_unlock(&t->lock);
 }
 
@@ -352,4 +353,79 @@ unsigned slots_forget_backend(struct slot_table *t, unsigned b)
 	}
 	pthread_mutex_unlock(&t->lock);
 	return n;
+}
+
+unsigned slots_held(struct slot_table *t, unsigned b)
+{
+	unsigned n = 0;
+
+	pthread_mutex_lock(&t->lock);
+	for (unsigned si = 0; si < t->b[b].n_slots && si < SLOTS_MAX_PER_BACKEND; si++)
+		n += t->b[b].slots[si].held != 0;
+	pthread_mutex_unlock(&t->lock);
+	return n;
+}
+
+int slots_copy_tokens(struct slot_table *t, unsigned b, unsigned si, int32_t **tokens, size_t *n)
+{
+	struct slot *s = &t->b[b].slots[si];
+
+	*tokens = NULL;
+	*n = 0;
+	pthread_mutex_lock(&t->lock);
+	copy_tokens(tokens, n, s->tokens, s->n_tokens);
+	pthread_mutex_unlock(&t->lock);
+	return *n || !s->n_tokens ? 0 : -ENOMEM;
+}
+
+unsigned slots_idle_each(struct slot_table *t, unsigned b, unsigned except, int forget,
+                         void (*cb)(void *ctx, const int32_t *tokens, size_t n), void *ctx)
+{
+	unsigned n = 0;
+
+	pthread_mutex_lock(&t->lock);
+	for (unsigned si = 0; si < t->b[b].n_slots && si < SLOTS_MAX_PER_BACKEND; si++) {
+		struct slot *s = &t->b[b].slots[si];
+
+		if (si == except || s->held || s->requests || !s->n_tokens)
+			continue;
+		cb(ctx, s->tokens, s->n_tokens);
+		if (forget) {
+			copy_tokens(&s->tokens, &s->n_tokens, NULL, 0);
+			s->id_task = SLOTS_NO_TASK;
+			settle_expect_locked(s);
+		}
+		n++;
+	}
+	pthread_mutex_unlock(&t->lock);
+	return n;
+}
+
+int slots_wait_saves(struct slot_table *t, unsigned b, unsigned except, unsigned timeout_ms)
+{
+	struct timespec dl;
+	int rc = 0;
+
+	clock_gettime(CLOCK_MONOTONIC, &dl);
+	dl.tv_sec += timeout_ms / 1000;
+	dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+	if (dl.tv_nsec >= 1000000000L) {
+		dl.tv_sec++;
+		dl.tv_nsec -= 1000000000L;
+	}
+	pthread_mutex_lock(&t->lock);
+	for (;;) {
+		int saving = 0;
+
+		for (unsigned si = 0; si < t->b[b].n_slots && si < SLOTS_MAX_PER_BACKEND; si++)
+			saving |= si != except && t->b[b].slots[si].saving;
+		if (!saving || t->stopping)
+			break;
+		if (pthread_cond_timedwait(&t->cond, &t->lock, &dl) == ETIMEDOUT) {
+			rc = -ETIMEDOUT;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&t->lock);
+	return rc;
 }

@@ -48,6 +48,13 @@ struct slot_backend {
 	unsigned n_slots;    /* usable slots: [0, n_slots) */
 	uint32_t n_ctx;      /* context of one slot, tokens; 0 = unknown */
 	int has_slots_api;   /* GET /slots answers */
+	uint32_t mem_kind;   /* enum slot_state_kind of its slot files (layout probe) */
+	int swa;             /* sliding-window model: its state has two KV sections */
+	unsigned ignored_streak;    /* restores in a row the server did not use */
+	double restores_off_until;  /* monotonic s: no restores before (see engine.c) */
+	int retry_probe;            /* the layout probe failed: discover again */
+	int server_cache;           /* it has llama-server's RAM prompt cache (promptcache.h) */
+	int clears_idle;            /* ...and clears idle slots when a task starts */
 	unsigned generation; /* bumped whenever the backend came (back) up */
 	struct slot *slots;  /* SLOTS_MAX_PER_BACKEND entries */
 };
@@ -130,5 +137,24 @@ size_t slots_tracked_prefix(struct slot_table *t, unsigned b, unsigned s, const 
 /* Forgets what every slot of backend b holds (it restarted or went away).
  * Owners keep their slots. Returns how many slots held something. */
 unsigned slots_forget_backend(struct slot_table *t, unsigned b);
+
+/* Slots of backend b that a request or a save owns now. */
+unsigned slots_held(struct slot_table *t, unsigned b);
+
+/* A malloc'd copy of what slot si of backend b holds (NULL, 0 when nothing
+ * is known). Returns 0 or -ENOMEM. */
+int slots_copy_tokens(struct slot_table *t, unsigned b, unsigned si, int32_t **tokens, size_t *n);
+
+/* Calls cb with the tokens of every slot of backend b other than `except`
+ * that nothing owns or waits for and that holds something, and, when forget
+ * is set, forgets them: what llama-server does to its idle slots when a task
+ * starts (--cache-idle-slots). cb runs under the table's lock. Returns the
+ * number of such slots. */
+unsigned slots_idle_each(struct slot_table *t, unsigned b, unsigned except, int forget,
+                         void (*cb)(void *ctx, const int32_t *tokens, size_t n), void *ctx);
+
+/* Waits until no slot of backend b but `except` is being saved. Returns 0,
+ * or -ETIMEDOUT after timeout_ms. */
+int slots_wait_saves(struct slot_table *t, unsigned b, unsigned except, unsigned timeout_ms);
 
 #endif /* KVTIER_PLUGIN_SLOTS_H */

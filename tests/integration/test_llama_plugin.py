@@ -260,13 +260,19 @@ class Plugin(Proc):
 
 
 def setup(root, procs, n_backends=1, parallel=1, remote=False, double_extra=(), plugin_extra=(),
-          ctx=8192, kvtierd_extra=()):
+          ctx=8192, kvtierd_extra=(), server_cache=False):
     """kvtierd, the doubles and the plugin. Local: the slot dir is kvtierd's --slot-dir.
-    Remote: kvtierd listens on TCP with a token and the slot dir is elsewhere."""
+    Remote: kvtierd listens on TCP with a token and the slot dir is elsewhere.
+    server_cache: the doubles keep today's RAM prompt cache (--cache-ram 8192, idle slots
+    cached); without it they run with --cache-ram 0 and the plugin is told so, so that
+    what is tested is kvtier's own restores."""
     d = Daemon(root, extra=list(kvtierd_extra))
     slot_dir = d.slot_dir
     kvtier = "unix:" + d.sock
     extra = list(plugin_extra)
+    if not server_cache:
+        double_extra = ["--cache-ram", "0"] + list(double_extra)
+        extra = ["--server-cache-ram", "0"] + extra
     if remote:
         tok = os.path.join(root, "token")
         with open(tok, "w") as f:
@@ -424,19 +430,22 @@ def test_two_backends(root, procs):
     """A conversation started on one backend continues on the other with a restore."""
     d, (x, y), p, slot_dir = setup(root, procs, n_backends=2)
     eq(p.namespace(x.url), p.namespace(y.url), "same model, same namespace")
+    # The layout probe of each backend ran a one-token completion on its empty slot.
+    x0, y0 = x.state()["counters"]["completions"], y.state()["counters"]["completions"]
+    eq((x0, y0), (1, 1), "one probe completion per backend")
     a, b, c = conversation(0), conversation(1), conversation(2)
     turn(p, x, a, "first question of A")            # A on x (both idle: the first)
     wait_saves(p, 1)
     saved_a = slot_tokens(x)
     turn(p, x, b, "first question of B")            # B on y (least recently used)
     wait_saves(p, 2)
-    eq(y.state()["counters"]["completions"], 1, "B went to the second backend")
+    eq(y.state()["counters"]["completions"] - y0, 1, "B went to the second backend")
     turn(p, x, c, "first question of C")            # C evicts A from x
     wait_saves(p, 3)
-    eq(x.state()["counters"]["completions"], 2, "C went to the first backend")
+    eq(x.state()["counters"]["completions"] - x0, 2, "C went to the first backend")
     r, toks, expected = turn(p, x, a, "second question of A", saved_a)
     # A's second turn: x holds C, y holds B; y is the least recently used.
-    eq(y.state()["counters"]["completions"], 2, "A continued on the second backend")
+    eq(y.state()["counters"]["completions"] - y0, 2, "A continued on the second backend")
     eq(y.state()["counters"]["restores"], 1, "with a restore")
     eq(r["timings"]["prompt_n"], expected, "A prefilled only its new tokens on the other backend")
     p.wait_restores("ok", 1)
@@ -450,7 +459,7 @@ def test_backend_restart(root, procs):
         os.makedirs(sub)
         sub_procs = []
         procs.append(ProcGroup(sub_procs))
-        extra = ["--slots"] if slots_api else []
+        extra = ["--slots"] if slots_api else ["--no-slots"]
         # A restart faster than the health check is seen through the slot's task id, read
         # before every request here (by default only when the slot was idle >= 1 s).
         d, (dbl,), p, slot_dir = setup(sub, sub_procs, double_extra=extra,
@@ -468,7 +477,8 @@ def test_backend_restart(root, procs):
         if wait_down:
             wait_for("backend_up 0", lambda: p.m('kvtier_llama_backend_up{backend="%s"}' %
                                                  dbl.url) == 0)
-        dbl2 = LlamaDouble(sub, "double-restarted", slot_dir, port=port, extra=extra)
+        dbl2 = LlamaDouble(sub, "double-restarted", slot_dir, port=port,
+                           extra=["--cache-ram", "0"] + extra)
         sub_procs.append(dbl2)
         dbl2.start()
         if wait_down:
@@ -658,7 +668,7 @@ def test_never_send_bad_blobs(root, procs):
     toks = dbl.chat_tokens(a)
     check(64 <= len(toks) < 550, "prompt fits the 600-token slot (%d)" % len(toks))
     big = os.path.join(root, "big.bin")
-    make_slot(big, toks + [40] * (700 - len(toks)))
+    make_slot(big, toks + [40] * (1100 - len(toks)))  # past n_ctx (600, padded to 768)
     d.cli("put", "--namespace", ns, big)
     st, r = post_json(p.url + "/v1/chat/completions", {"messages": a, "max_tokens": 4})
     eq(st, 200, "served")
