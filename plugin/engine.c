@@ -282,8 +282,8 @@ static int probe_save(struct engine *e, const char *url, unsigned s, struct slot
 	}
 	rc = slot_parse_fd(fd, si, NULL, err, sizeof(err));
 	close(fd);
-	if (rc && !(rc == KVTIER_E_INVALID && si->n_words == si->n_tokens_all &&
-	            si->n_tokens == 0 && si->version)) {
+	/* An empty slot's file is refused as such (slotfile.h), its shape filled. */
+	if (rc && !(rc == KVTIER_E_INVALID && strncmp(err, "empty slot file", 15) == 0)) {
 		snprintf(why, whylen, "the saved file does not parse: %.160s", err);
 		rc = -1;
 		goto out;
@@ -481,6 +481,14 @@ static int discover(struct engine *e, unsigned bi, int log_failure)
 		n_slots = SLOTS_MAX_PER_BACKEND;
 	}
 	namespace_of(e, props.json, models.json, &fp);
+	if (fp.ns[0] && !e->cfg.ns_override && backend_model(url)) {
+		/* One model of a router: the router's name for it is part of its
+		 * identity (its /props may describe another file under one name). */
+		size_t l = strlen(fp.ns);
+		if (snprintf(fp.ns + l, sizeof(fp.ns) - l, "/M=%s", backend_model(url)) >=
+		    (int)(sizeof(fp.ns) - l))
+			fp.ns[l] = '\0';
+	}
 	memset(&si, 0, sizeof(si));
 	if (fp.ns[0] && !e->cfg.ns_override) {
 		char tag[128], why[256];

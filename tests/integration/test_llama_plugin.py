@@ -210,7 +210,8 @@ class Plugin(Proc):
             if not self.alive():
                 raise Failure("kvtier-llama exited during start:\n" + self.read_log())
             try:
-                return request("GET", self.url + "/metrics", timeout=2)[0] == 200
+                # 401: the plugin takes requests, with --api-key-file only with the key
+                return request("GET", self.url + "/metrics", timeout=2)[0] in (200, 401)
             except OSError:
                 return False
         wait_for("kvtier-llama on port %d" % self.port, up)

@@ -628,7 +628,9 @@ class Layout:
                     if verify and c and rows != self._rec_row(kind, l, tokens, want):
                         fail("%s bytes of layer %d are not the ones for these tokens" % (kind.decode(), l))
             if c:
-                out["cells"], out["pos_min"] = c, cells[-1]
+                # the memory then holds positions 0..pos (n_cells counts positions, not
+                # the one recurrent cell)
+                out["cells"], out["pos_min"] = cells[-1] + 1, cells[-1]
             return out
         for sec in self.sections:
             n_stream, = struct.unpack("<I", take(4))
