@@ -55,9 +55,14 @@ def sha256(path):
 
 
 def slot_tokens(path):
+    """The tokens of a slot file's header: the plain list, or the tokens of the packed
+    payload (words -1, 1, n, the n tokens, ...) of llama-server since August 2026."""
     with open(path, "rb") as f:
         magic, version, n = struct.unpack("<III", f.read(12))
-        return list(struct.unpack("<%di" % n, f.read(4 * n)))
+        words = list(struct.unpack("<%di" % n, f.read(4 * n)))
+    if len(words) >= 3 and words[0] == -1:
+        return words[3:3 + words[2]]
+    return words
 
 
 def opaque_copy(src, dst, version):

@@ -364,6 +364,83 @@ def test_states_listed(root, daemons):
     fsck_clean(d)
 
 
+FOLDERS = sorted(f for f in os.listdir(fixture(".")) if os.path.isdir(fixture(f)))
+
+
+def test_every_folder(root, daemons):
+    """Every fixture folder, old and new, through the store: put with the size the server
+    reported, lookup (chat B shares exactly its 225 first tokens with chat A), supersession
+    where turn 2 extends turn 1 (the micro model's folders; the iswa and recurrent models
+    generate other tokens), get and stage byte for byte, adopt, and the empty save refused."""
+    d = start(root, daemons, tier_size="256M")
+    eq(len(FOLDERS), 15, "fifteen folders: %r" % FOLDERS)
+    for folder in FOLDERS:
+        ns = "every-" + folder
+        f = {n: fixture("%s/%s.bin" % (folder, n))
+             for n in ("chat-a-turn1", "chat-a-turn2", "chat-b-turn1", "empty")}
+        toks = {n: slot_tokens(f[n]) for n in f if n != "empty"}
+        a1 = d.cli("put", "--namespace", ns, "--expect-size",
+                   str(os.path.getsize(f["chat-a-turn1"])), f["chat-a-turn1"]).out.strip()
+        m = d.lookup(f["chat-b-turn1"], ns=ns)
+        eq((m["blob"], m["matched_tokens"]), (a1, 225), "%s: chat B finds chat A" % folder)
+        extends = toks["chat-a-turn2"][:274] == toks["chat-a-turn1"]
+        eq(extends, folder not in ("v2-2026-iswa", "v2-2026-iswa-swafull",
+                                   "v2-2026-recurrent", "v3-2026-10-iswa",
+                                   "v3-2026-10-recurrent"), "%s: turn 2 extends turn 1" % folder)
+        a2 = d.put(f["chat-a-turn2"], ns=ns)
+        b1 = d.put(f["chat-b-turn1"], ns=ns)
+        listed = sorted(b["blob"] for b in d.ls(ns=ns))
+        eq(listed, sorted([a2, b1] + ([] if extends else [a1])),
+           "%s: supersession as the README says" % folder)
+        m = d.lookup(f["chat-a-turn1"], ns=ns)
+        eq(m["blob"], a2 if extends else a1, "%s: turn 1's tokens find the longest" % folder)
+        eq(m["matched_tokens"], 274, "%s: all 274 tokens" % folder)
+        for blob, src in ((a2, f["chat-a-turn2"]), (b1, f["chat-b-turn1"])):
+            out = os.path.join(root, "got.bin")
+            d.cli("get", blob, "-o", out)
+            eq(sha256(out), sha256(src), "%s: get returns the bytes" % folder)
+            if os.path.exists(src + ".tokens.json"):
+                eq(sha256(out + ".tokens.json"), sha256(src + ".tokens.json"),
+                   "%s: the sidecar comes with it" % folder)
+            st = d.cli("stage", blob, "--dir", d.slot_dir, "--json").json()
+            eq(sha256(st["path"]), sha256(src), "%s: staged bytes" % folder)
+            d.cli("release", st["lease"])
+        # Adopt a copy, as the plugin does after a save, with the reported size.
+        saved = os.path.join(d.slot_dir, "save-%s.bin" % folder)
+        shutil.copy(f["chat-b-turn1"], saved)
+        if os.path.exists(f["chat-b-turn1"] + ".tokens.json"):
+            shutil.copy(f["chat-b-turn1"] + ".tokens.json", saved + ".tokens.json")
+        adopted = d.cli("adopt", "--namespace", ns + "-adopt", "--expect-size",
+                        str(os.path.getsize(saved)), saved).out.strip()
+        eq(d.lookup(f["chat-b-turn1"], ns=ns + "-adopt")["blob"], adopted,
+           "%s: adopted and found" % folder)
+        r = d.cli("put", "--namespace", ns, f["empty"], check_rc=False)
+        expect_fail(r, "INVALID_ARGUMENT", "empty")
+    fsck_clean(d)
+
+
+def test_layouts_never_cross(root, daemons):
+    """v2-2026 (V transposed) and v2-2026-fa (flash attention) hold the same tokens: a
+    namespace holds one of the two layouts, and a lookup in the other's never offers it."""
+    d = start(root, daemons)
+    x = d.put(fixture("v2-2026/chat-a-turn1.bin"), ns="mid-fa-off")
+    r = d.cli("put", "--namespace", "mid-fa-off", fixture("v2-2026-fa/chat-b-turn1.bin"),
+              check_rc=False)
+    expect_fail(r, "FAILED_PRECONDITION", "layout")
+    y = d.put(fixture("v2-2026-fa/chat-a-turn1.bin"), ns="mid-fa-on")
+    check(x != y, "different files, different blobs")
+    for ns, want in (("mid-fa-off", x), ("mid-fa-on", y)):
+        for folder in ("v2-2026", "v2-2026-fa"):
+            m = d.lookup(fixture(folder + "/chat-b-turn1.bin"), ns=ns)
+            eq(m["blob"], want, "only %s's own layout is offered" % ns)
+    # The same goes for the stream count (v2-2026-kvu: one stream) and the token form.
+    for folder in ("v2-2026-kvu", "v2-2026-packed", "v3-2026-10"):
+        r = d.cli("put", "--namespace", "mid-fa-on", fixture(folder + "/chat-b-turn1.bin"),
+                  check_rc=False)
+        expect_fail(r, "FAILED_PRECONDITION", "layout")
+    fsck_clean(d)
+
+
 def test_corrupt_blob_never_served(root, daemons):
     d = start(root, daemons)
     blob = d.put(fixture("v2/chat-a-turn2.bin"))
@@ -542,6 +619,7 @@ def test_restart_keeps_blobs(root, daemons):
 if __name__ == "__main__":
     run([test_lookup_prefix, test_supersede_and_get, test_no_supersede, test_dedup,
          test_refusals, test_namespaces_isolated, test_v4_sidecar, test_stage_and_adopt,
-         test_put_reported_size, test_adopt_reported_size, test_states_listed,
+         test_put_reported_size, test_adopt_reported_size, test_states_listed, test_every_folder,
+         test_layouts_never_cross,
          test_corrupt_blob_never_served, test_stage_copy_checked, test_start_guards,
          test_cancelled_put_stores_nothing, test_lease_expiry, test_restart_keeps_blobs])
