@@ -331,9 +331,11 @@ static int walk_entry(struct walk *w, uint64_t *offp, uint32_t n_cells, int tran
 	return 0;
 }
 
-/* n entries of one side; records the first and whether they differ. */
+/* n entries of one side; records the first and whether they differ. With
+ * `absent`, an entry of type -1 and size 0 is a layer without rows
+ * (ik_llama.cpp writes one for every layer its cache does not hold). */
 static int walk_entries(struct walk *w, uint64_t *offp, uint32_t n_cells, int trans, uint32_t n,
-			char side, struct sec_walk *s, uint8_t first[SLOT_ENTRY_BYTES])
+			char side, struct sec_walk *s, uint8_t first[SLOT_ENTRY_BYTES], int absent)
 {
 	uint8_t e[SLOT_ENTRY_BYTES];
 	char what[48];
@@ -342,7 +344,20 @@ static int walk_entries(struct walk *w, uint64_t *offp, uint32_t n_cells, int tr
 
 	for (l = 0; l < n; l++) {
 		snprintf(what, sizeof(what), "layer %" PRIu32 " %c header", l, side);
-		rc = walk_entry(w, offp, n_cells, trans, e, what);
+		if (absent) {
+			rc = walk_get(w, *offp, e, SLOT_ENTRY_BYTES, what);
+			if (rc)
+				return rc;
+		}
+		if (absent && get_le32(e) == 0xffffffffu) {
+			if (get_le64(e + 4) != 0)
+				return walk_no(w, "%s: absent layer with rows", what);
+			*offp += SLOT_ENTRY_BYTES;
+			if (w->md && !EVP_DigestUpdate(w->md, e, SLOT_ENTRY_BYTES))
+				return -ENOMEM;
+		} else {
+			rc = walk_entry(w, offp, n_cells, trans, e, what);
+		}
 		if (rc)
 			return rc;
 		if (!s->have_entries && l == 0)
@@ -423,10 +438,10 @@ static int walk_kvs(struct walk *w, uint64_t *offp, struct sec_walk *s)
 			if (s->have_entries)
 				w->md = NULL;
 			rc = walk_entries(w, &off, n_cells, 0, n_layer, 'K', s,
-					  s->have_entries ? k0 : s->first_k);
+					  s->have_entries ? k0 : s->first_k, 0);
 			if (!rc && !s->vless)
 				rc = walk_entries(w, &off, n_cells, (int)trans, n_layer, 'V', s,
-						  s->have_entries ? v0 : s->first_v);
+						  s->have_entries ? v0 : s->first_v, 0);
 			w->md = md;
 			if (rc)
 				return rc;
@@ -469,11 +484,12 @@ static int walk_flat(struct walk *w, uint64_t *offp, struct sec_walk *s)
 	n = s->form == FORM_REC && s->n_k ? s->n_k : n_layer;
 	if (n > n_layer)
 		return walk_no(w, "%" PRIu32 " recurrent layers of %" PRIu32, n, n_layer);
-	rc = walk_entries(w, &off, n_cells, 0, n, s->form == FORM_REC ? 'R' : 'K', s, s->first_k);
+	rc = walk_entries(w, &off, n_cells, 0, n, s->form == FORM_REC ? 'R' : 'K', s, s->first_k,
+			  0);
 	if (rc)
 		return rc;
 	rc = walk_entries(w, &off, n_cells, (int)trans, n, s->form == FORM_REC ? 'S' : 'V', s,
-			  s->first_v);
+			  s->first_v, 0);
 	if (rc)
 		return rc;
 	s->have_entries = 1;
@@ -494,39 +510,6 @@ static int walk_flat(struct walk *w, uint64_t *offp, struct sec_walk *s)
  * and size 0; then u32 qnext_state (version 3+; 1: per layer i32 type, u64
  * row bytes, u32 rows, the rows) and u32 dsa_indexer_state (version 4; its
  * block is not walked: 1 is no known layout). */
-static int walk_ik_entries(struct walk *w, uint64_t *offp, uint32_t n_cells, int trans, uint32_t n,
-			   char side, struct sec_walk *s, uint8_t first[SLOT_ENTRY_BYTES])
-{
-	uint8_t e[SLOT_ENTRY_BYTES];
-	char what[48];
-	uint32_t l;
-	int rc;
-
-	for (l = 0; l < n; l++) {
-		snprintf(what, sizeof(what), "layer %" PRIu32 " %c header", l, side);
-		rc = walk_get(w, *offp, e, SLOT_ENTRY_BYTES, what);
-		if (rc)
-			return rc;
-		if (get_le32(e) == 0xffffffffu) {
-			/* an absent layer: no rows */
-			if (get_le64(e + 4) != 0)
-				return walk_no(w, "%s: absent layer with rows", what);
-			*offp += SLOT_ENTRY_BYTES;
-			if (w->md && !EVP_DigestUpdate(w->md, e, SLOT_ENTRY_BYTES))
-				return -ENOMEM;
-		} else {
-			rc = walk_entry(w, offp, n_cells, trans, e, what);
-			if (rc)
-				return rc;
-		}
-		if (!s->have_entries && l == 0)
-			memcpy(first, e, SLOT_ENTRY_BYTES);
-		else if (memcmp(first, e, SLOT_ENTRY_BYTES) != 0)
-			s->mixed = 1;
-	}
-	return 0;
-}
-
 static int walk_ik(struct walk *w, uint64_t *offp, struct sec_walk *s)
 {
 	uint64_t off = *offp;
@@ -560,9 +543,9 @@ static int walk_ik(struct walk *w, uint64_t *offp, struct sec_walk *s)
 	if (n_layer < 1 || n_layer > SLOT_MAX_LAYERS)
 		return walk_no(w, "n_layer is %" PRIu32 ", expected 1..%u", n_layer,
 			       SLOT_MAX_LAYERS);
-	rc = walk_ik_entries(w, &off, n_cells, 0, n_layer, 'K', s, s->first_k);
+	rc = walk_entries(w, &off, n_cells, 0, n_layer, 'K', s, s->first_k, 1);
 	if (!rc && v_state < 2)
-		rc = walk_ik_entries(w, &off, n_cells, (int)v_state, n_layer, 'V', s, s->first_v);
+		rc = walk_entries(w, &off, n_cells, (int)v_state, n_layer, 'V', s, s->first_v, 1);
 	if (rc)
 		return rc;
 	rc = walk_u32(w, &off, &flag, "qnext_state");

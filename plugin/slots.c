@@ -98,6 +98,19 @@ static void copy_tokens(int32_t **dst, size_t *dn, const int32_t *src, size_t n)
 	}
 }
 
+/* The CLOCK_MONOTONIC time timeout_ms from now (the table's condition
+ * variable waits on that clock). */
+static void deadline_after(unsigned timeout_ms, struct timespec *dl)
+{
+	clock_gettime(CLOCK_MONOTONIC, dl);
+	dl->tv_sec += timeout_ms / 1000;
+	dl->tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+	if (dl->tv_nsec >= 1000000000L) {
+		dl->tv_sec++;
+		dl->tv_nsec -= 1000000000L;
+	}
+}
+
 /* Hands slot s to its first waiter, or marks it free. */
 static void grant_next_locked(struct slot_table *t, struct slot *s)
 {
@@ -229,13 +242,7 @@ int slots_wait(struct slot_table *t, struct slot_ticket *tk, unsigned timeout_ms
 	struct timespec dl;
 	int rc = 0;
 
-	clock_gettime(CLOCK_MONOTONIC, &dl);
-	dl.tv_sec += timeout_ms / 1000;
-	dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-	if (dl.tv_nsec >= 1000000000L) {
-		dl.tv_sec++;
-		dl.tv_nsec -= 1000000000L;
-	}
+	deadline_after(timeout_ms, &dl);
 	pthread_mutex_lock(&t->lock);
 	while (!tk->w.granted) {
 		int stop = t->stopping;
@@ -406,13 +413,7 @@ int slots_wait_saves(struct slot_table *t, unsigned b, unsigned except, unsigned
 	struct timespec dl;
 	int rc = 0;
 
-	clock_gettime(CLOCK_MONOTONIC, &dl);
-	dl.tv_sec += timeout_ms / 1000;
-	dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-	if (dl.tv_nsec >= 1000000000L) {
-		dl.tv_sec++;
-		dl.tv_nsec -= 1000000000L;
-	}
+	deadline_after(timeout_ms, &dl);
 	pthread_mutex_lock(&t->lock);
 	for (;;) {
 		int saving = 0;
