@@ -61,6 +61,7 @@
 #define VERIFY_SLACK_MIN 32 /* prompt_n may exceed the expectation by this much */
 #define IGNORED_STREAK_MAX 3 /* ignored restores in a row that stop restores... */
 #define IGNORED_BACKOFF_S 600 /* ...for this long, then one is tried again */
+#define PROBE_RETRY_S 30       /* a failed layout probe is tried again this often */
 
 struct save_job {
 	struct save_job *next;
@@ -88,6 +89,7 @@ struct engine {
 	unsigned n_savers;
 	atomic_uint rr;                              /* round robin for pass-through */
 	atomic_uint health_fail[SLOTS_MAX_BACKENDS]; /* failed health checks in a row */
+	double probe_next[SLOTS_MAX_BACKENDS];       /* next layout probe retry, monotonic s */
 	pthread_mutex_t pc_lock; /* the models of the backends' prompt caches; after t.lock */
 	struct pcache pc[SLOTS_MAX_BACKENDS];
 };
@@ -235,6 +237,35 @@ static void namespace_of(struct engine *e, const json_t *props, const json_t *mo
 	fingerprint_from_props(props, models, &e->cfg.kv, fp);
 }
 
+/* The probe of a save (backend_probe): the file is there, parses as a slot
+ * file with tokens, and has the size it had at the previous look. */
+struct save_probe {
+	const char *path;
+	long long last_size; /* -1: not seen yet */
+};
+
+static int save_seen(void *ctx)
+{
+	struct save_probe *p = ctx;
+	struct slot_info si;
+	char why[256];
+	struct stat st;
+	int fd, ok = 0;
+
+	fd = open(p->path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	/* An empty slot's file is complete too (refused as empty by contract). */
+	if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 &&
+	    (slot_parse_fd(fd, &si, NULL, why, sizeof(why)) == 0 ||
+	     strncmp(why, "empty slot file", 15) == 0)) {
+		ok = (long long)st.st_size == p->last_size;
+		p->last_size = (long long)st.st_size;
+	}
+	close(fd);
+	return ok;
+}
+
 /* ---- layout probe ----
  *
  * Whether a slot file loads into a server depends on the model, the KV types,
@@ -257,22 +288,32 @@ static int probe_save(struct engine *e, const char *url, unsigned s, struct slot
 {
 	struct backend_reply r = {0};
 	char name[96], path[4096 + 100], err[256] = "";
+	struct save_probe sp = {.path = path, .last_size = -1};
+	const struct backend_probe lost = {.done = save_seen, .ctx = &sp};
 	const json_t *nw;
+	json_int_t n_written;
 	struct stat st;
 	int rc, fd;
 
 	kvclient_new_name("probe", name, sizeof(name));
 	snprintf(path, sizeof(path), "%s/%s", kvclient_slot_dir(e->kv), name);
-	rc = backend_slot_action(url, s, "save", name, e->cfg.slot_timeout_ms, NULL, &r);
+	/* A save carried out but never answered (ik_llama.cpp) is seen from its file. */
+	rc = backend_slot_action(url, s, "save", name, e->cfg.slot_timeout_ms, &lost, &r);
 	nw = json_object_get(r.json, "n_written");
-	if (rc || r.status != 200 || !json_is_integer(nw) || json_integer_value(nw) <= 0) {
+	n_written = json_is_integer(nw) ? json_integer_value(nw) : 0;
+	if (rc == -EALREADY) {
+		rc = 0;
+		r.status = 200;
+		n_written = sp.last_size;
+	}
+	if (rc || r.status != 200 || n_written <= 0) {
 		snprintf(why, whylen, "saving slot %u failed: %.160s", s,
 		         rc || r.status != 200 ? r.err : "n_written 0");
 		rc = -1;
 		goto out;
 	}
 	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-	if (fd < 0 || fstat(fd, &st) < 0 || st.st_size != (off_t)json_integer_value(nw)) {
+	if (fd < 0 || fstat(fd, &st) < 0 || st.st_size != (off_t)n_written) {
 		snprintf(why, whylen, "the saved file %.160s is not in --slot-dir as the server "
 		         "reported it", path);
 		if (fd >= 0)
@@ -504,7 +545,7 @@ static int discover(struct engine *e, unsigned bi, int log_failure)
 			klog(e->t.b[bi].retry_probe ? LOG_DEBUG : LOG_WARN,
 			     "event=layout_probe_failed url=%s reason=\"%s\" "
 			     "hint=\"without the layout of its slot files no blob is restored or "
-			     "saved for this backend; retried every --health-interval-ms\"",
+			     "saved for this backend; retried every 30 s\"",
 			     url, why);
 			fp.ns[0] = '\0';
 			probe_failed = 1;
@@ -621,8 +662,11 @@ static void health_round(struct engine *e)
 			pthread_mutex_unlock(&e->disc_lock);
 			continue;
 		}
-		if (b.retry_probe) {
-			/* The layout probe failed at discovery: try it again. */
+		if (b.retry_probe && now_s() >= e->probe_next[bi]) {
+			/* The layout probe failed at discovery: try it again, now and
+			 * then (each try may hold one of an ik_llama.cpp server's HTTP
+			 * threads for ever). */
+			e->probe_next[bi] = now_s() + PROBE_RETRY_S;
 			pthread_mutex_lock(&e->disc_lock);
 			discover(e, bi, 0);
 			pthread_mutex_unlock(&e->disc_lock);
@@ -684,33 +728,6 @@ static void *health_main(void *arg)
 }
 
 /* ---- saves ---- */
-
-/* The probe of a save (backend_probe): the file is there, parses as a slot
- * file with tokens, and has the size it had at the previous look. */
-struct save_probe {
-	const char *path;
-	long long last_size; /* -1: not seen yet */
-};
-
-static int save_seen(void *ctx)
-{
-	struct save_probe *p = ctx;
-	struct slot_info si;
-	char why[256];
-	struct stat st;
-	int fd, ok = 0;
-
-	fd = open(p->path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return 0;
-	if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 &&
-	    slot_parse_fd(fd, &si, NULL, why, sizeof(why)) == 0) {
-		ok = (long long)st.st_size == p->last_size;
-		p->last_size = (long long)st.st_size;
-	}
-	close(fd);
-	return ok;
-}
 
 static void run_save(struct engine *e, struct save_job *j)
 {
