@@ -551,13 +551,15 @@ static int discover(struct engine *e, unsigned bi, int log_failure)
 			probe_failed = 1;
 		}
 	}
+	/* The file does not say whether the server runs with --swa-full (its
+	 * window section is the same either way): the ignored restores will. */
 	if (si.state_kind == SLOT_STATE_KV && si.n_sections == 2)
-		klog(LOG_WARN,
+		klog(LOG_INFO,
 		     "event=sliding_window_model url=%s hint=\"a sliding-window model: llama-server "
-		     "uses a restored slot only when started with --swa-full (llama.cpp; "
-		     "ik_llama.cpp has none). Without it every restore is ignored, and the plugin "
-		     "stops restoring into this namespace after %u ignored restores in a row "
-		     "(retried every %u s)\"",
+		     "uses a restored slot only when started with --swa-full (ik_llama.cpp has "
+		     "none). If this one runs without it, every restore is ignored, and the plugin "
+		     "stops restoring into it after %u ignored restores in a row (then tries one "
+		     "every %u s)\"",
 		     url, IGNORED_STREAK_MAX, IGNORED_BACKOFF_S);
 	if (si.state_kind == SLOT_STATE_RECURRENT || si.state_kind == SLOT_STATE_HYBRID)
 		klog(LOG_INFO,
