@@ -35,7 +35,8 @@ struct pcache {
 	double bytes_per_token;   /* of the server's state, from the layout probe */
 };
 
-/* An empty model; limit_bytes 0 turns it off (every call then does nothing). */
+/* An empty model; limit_bytes 0 turns it off (every call then does nothing).
+ * On a model in use, pcache_clear() first (init forgets its entries). */
 void pcache_init(struct pcache *pc, uint64_t limit_bytes, double bytes_per_token);
 void pcache_clear(struct pcache *pc);
 

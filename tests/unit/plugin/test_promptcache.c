@@ -43,6 +43,7 @@ int main(void)
 	CHECK_EQ_INT(pc.n_entries, 0);
 	CHECK_EQ_INT(pcache_choose(&pc, a2, na2, b, nb, &lcp), -1);
 
+	pcache_clear(&pc);
 	pcache_init(&pc, 1ull << 30, 1024); /* 1 GiB, 1 KiB per token: 1M tokens */
 	CHECK_EQ_INT(pcache_save(&pc, a, na), 0);
 	CHECK_EQ_INT(pc.n_entries, 1);
@@ -94,6 +95,7 @@ int main(void)
 	}
 
 	/* update: the oldest go while over the size. */
+	pcache_clear(&pc);
 	pcache_init(&pc, 2500 * 1024, 1024); /* 2,500 tokens */
 	CHECK_EQ_INT(pcache_save(&pc, a, na), 0);  /* 1000 */
 	CHECK_EQ_INT(pcache_save(&pc, b, nb), 0);  /* 2500 */
@@ -116,6 +118,7 @@ int main(void)
 	CHECK_EQ_INT(pc.n_entries, 1);
 
 	/* At most PCACHE_MAX_ENTRIES: the oldest goes. */
+	pcache_clear(&pc);
 	pcache_init(&pc, 1ull << 40, 1);
 	for (int i = 0; i < PCACHE_MAX_ENTRIES + 5; i++) {
 		static int32_t t[10];
