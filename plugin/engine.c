@@ -1364,11 +1364,17 @@ static void maybe_restore(struct engine *e, unsigned bi, unsigned s, const struc
 		     own, *tracked, be);
 		return;
 	}
-	if ((b->mem_kind == SLOT_STATE_RECURRENT || b->mem_kind == SLOT_STATE_HYBRID) &&
+	if ((b->mem_kind == SLOT_STATE_RECURRENT || b->mem_kind == SLOT_STATE_HYBRID || b->swa) &&
 	    (m->matched_tokens != m->n_tokens || n <= m->n_tokens)) {
 		/* A recurrent state holds its last position only: llama-server uses it
 		 * when the prompt extends the saved tokens exactly (no rollback
-		 * without checkpoints), and prefills in full otherwise. */
+		 * without checkpoints), and prefills in full otherwise. A
+		 * sliding-window file holds only the window's last n_swa positions:
+		 * with --swa-full the server takes any prefix of it, and a prefix
+		 * that ends inside the window decodes without the positions the
+		 * window then needs (wrong tokens, measured on b9749); one that
+		 * ends before it is prefilled in full. Only the whole blob, then
+		 * more tokens, is safe. */
 		metrics_restore(METRICS_RESTORE_SKIPPED_ROLLBACK);
 		klog(LOG_DEBUG,
 		     "event=restore outcome=skipped_rollback url=%s slot=%u blob=%s matched=%u "

@@ -137,6 +137,15 @@ def test_sliding_window(root, procs):
     eq(r["timings"]["prompt_n"], expected, "with --swa-full the restore is used")
     p.wait_restores("ok", 1)
     eq(p.restores("ignored"), 0, "nothing ignored")
+    # A regenerated last turn leaves the blob inside its window: a restore would decode
+    # without positions the window needs (wrong tokens on a real server): never sent.
+    wait_saves(p, 3)
+    turn(p, dbl, b, "B again")
+    wait_saves(p, 4)
+    regen = a[:-2]
+    r, toks, _ = turn(p, dbl, regen, "second, asked again")
+    check(p.restores("skipped_rollback") >= 1, "a prefix ending inside the window: not restored")
+    eq(p.restores("ok"), 2, "B came back with a restore, the regenerated A without")
 
 
 def test_recurrent(root, procs):
