@@ -1303,6 +1303,12 @@ const char *slot_state_kind_name(uint32_t kind)
 	}
 }
 
+int slot_prefix_restorable(const struct slot_info *info)
+{
+	return info->state_kind == SLOT_STATE_KV_2025 ||
+	       (info->state_kind == SLOT_STATE_KV && info->n_sections == 1);
+}
+
 int slot_layout_is_opaque(const uint8_t *layout, size_t len)
 {
 	return layout && len == LAYOUT_F3_LEN && layout[0] == LAYOUT_F3;
@@ -1384,10 +1390,14 @@ char *slot_layout_describe(const uint8_t *layout, size_t len, char *buf, size_t 
 				 ent, sizeof(ent));
 		if (flags & LAYOUT_F2_MIXED)
 			snprintf(mixed, sizeof(mixed), " mixed");
+		char streams[24] = "";
+
+		if (!rec)
+			snprintf(streams, sizeof(streams), " streams=%" PRIu32, get_le32(layout + 6));
 		snprintf(buf, buflen,
-			 "v%u %s %s streams=%" PRIu32 " n_layer=%" PRIu32 " %s=%" PRIu32
+			 "v%u %s %s%s n_layer=%" PRIu32 " %s=%" PRIu32
 			 " %s%s%s digest=%02x%02x%02x%02x%02x%02x%02x%02x",
-			 layout[1], form_name(layout[2]), secs, get_le32(layout + 6),
+			 layout[1], form_name(layout[2]), secs, streams,
 			 get_le32(layout + 10), rec ? "s_trans" : "v_trans", get_le32(layout + 14),
 			 ent, (flags & LAYOUT_F2_EXT) ? " mrope" : "", mixed, layout[42],
 			 layout[43], layout[44], layout[45], layout[46], layout[47], layout[48],

@@ -136,6 +136,13 @@ int slot_parse(slot_read_fn rd, void *ctx, uint64_t file_size, struct slot_info 
 int slot_parse_fd(int fd, struct slot_info *info, int32_t **tokens_out, char *err,
 		  size_t errlen);
 
+/* Whether llama-server can use a prefix of this state: one KV section (the
+ * early-2025 layout, today's kv, ik's). Not a sliding-window file (it holds
+ * only the window's last positions), a recurrent or hybrid state (its last
+ * position only), nor an opaque one (unknown). A blob of such a state must
+ * not stand in for a shorter one whose tokens it extends. */
+int slot_prefix_restorable(const struct slot_info *info);
+
 /* "opaque", "kv-2025", "kv", "recurrent" or "hybrid". */
 const char *slot_state_kind_name(uint32_t kind);
 

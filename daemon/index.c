@@ -760,7 +760,8 @@ int index_put(struct index *ix, const char *ns, const uint8_t *layout, size_t la
 		slot_layout_describe(rec.layout, rl, theirs, sizeof(theirs));
 		set_err(err, errlen,
 			"KV layout of this file (%s) differs from namespace %s (%s): it was saved "
-			"by a server with other KV settings",
+			"by another model, or by a server with other KV settings or another "
+			"state format",
 			mine, ns, theirs);
 		rc = KVTIER_E_LAYOUT;
 		goto out;
@@ -958,10 +959,16 @@ static int lookup_depth(struct index *ix, MDB_txn *txn, MDB_cursor *cur, const u
 			matched = m.n_tokens;
 		if (m.n_tokens < base)
 			continue;
+		/* Of equal matches the shortest blob: the same gain for fewer bytes,
+		 * and the only usable one where the server cannot take a prefix of a
+		 * longer one (recurrent and sliding-window states). Then the faster
+		 * tier, then the newer. */
 		if (!out->found || matched > out->matched ||
 		    (matched == out->matched &&
-		     (m.tier < out->meta.tier ||
-		      (m.tier == out->meta.tier && m.created_ms > out->meta.created_ms)))) {
+		     (m.n_tokens < out->meta.n_tokens ||
+		      (m.n_tokens == out->meta.n_tokens &&
+		       (m.tier < out->meta.tier ||
+		        (m.tier == out->meta.tier && m.created_ms > out->meta.created_ms)))))) {
 			out->found = 1;
 			out->matched = (uint32_t)matched;
 			out->meta = m;

@@ -1263,9 +1263,12 @@ int store_put_finish(struct store_put *p, struct store_put_result *res, char *er
 			atomic_fetch_add(&s->tier_blobs[0], 1);
 	}
 	/* Then metadata. */
+	/* A blob supersedes the shorter ones it extends only where the server can
+	 * restore a prefix of it: not a sliding-window, recurrent, hybrid or
+	 * opaque state, whose shorter blob serves an edited next turn. */
 	rc = index_put(s->ix, p->ns, info.has_layout ? info.layout : NULL,
-		       info.has_layout ? info.layout_len : 0, &meta, tokens, chain, s->cfg.supersede,
-		       ipr, err, errlen);
+		       info.has_layout ? info.layout_len : 0, &meta, tokens, chain,
+		       s->cfg.supersede && slot_prefix_restorable(&info), ipr, err, errlen);
 	if (rc)
 		goto out;
 	committed = 0; /* owned by the index now */

@@ -19,8 +19,9 @@ import time
 import traceback
 
 BIN = os.environ.get("KVTIER_BIN", os.path.join(os.path.dirname(__file__), "../../build"))
-FIX = os.environ.get("KVTIER_FIXTURES",
-                     os.path.join(os.path.dirname(__file__), "../fixtures/llama-slots"))
+FIX = os.path.abspath(os.environ.get("KVTIER_FIXTURES",
+                                     os.path.join(os.path.dirname(__file__),
+                                                  "../fixtures/llama-slots")))
 KVTIERD = os.path.join(BIN, "kvtierd")
 KVTIER = os.path.join(BIN, "kvtier")
 

@@ -658,7 +658,9 @@ int main(void)
 	CHECK_EQ_INT(count_blobs(ix, "nsS"), 1);
 	check_clean(ix);
 
-	/* supersede = 0 keeps both; ties go to the lower tier, then the newer. */
+	/* supersede = 0 keeps both; ties go to the shorter blob (the same gain
+	 * for fewer bytes, and the only one a recurrent or sliding-window server
+	 * can use), then the lower tier, then the newer. */
 	blob_make(&a2, "nsK", A, 274);
 	blob_make(&c2, "nsK", A, 334);
 	CHECK_EQ_INT(blob_put(ix, &a2, NULL, 0, 0, 0, &res, err, sizeof(err)), 0);
@@ -667,12 +669,32 @@ int main(void)
 	CHECK_EQ_INT(count_blobs(ix, "nsK"), 2);
 	lookup(ix, "nsK", A, 274, &m);
 	CHECK_EQ_INT(m.matched, 274);
-	CHECK(same_id(&m.meta.id, &c2.id)); /* same tier: the newer */
+	CHECK(same_id(&m.meta.id, &a2.id)); /* the shorter, though older */
+	{
+		/* Equal lengths: a 274-token twin of a2 leaving A after 200 tokens. */
+		struct blob t2;
+
+		memcpy(tmp, A, sizeof(tmp));
+		for (size_t i = 200; i < MAXT; i++)
+			tmp[i] = A[i] + 500000;
+		blob_make(&t2, "nsK", tmp, 274);
+		CHECK_EQ_INT(blob_put(ix, &t2, NULL, 0, 0, 0, &res, err, sizeof(err)), 0);
+		tmp[200] = A[200] + 700000; /* a query sharing 200 with all three */
+		lookup(ix, "nsK", tmp, 210, &m);
+		CHECK_EQ_INT(m.matched, 200);
+		CHECK(same_id(&m.meta.id, &t2.id)); /* 274 each, same tier: the newer */
+		CHECK_EQ_INT(index_get(ix, &t2.id, &bm, NULL, 0), 0);
+		bm.tier = 1;
+		CHECK_EQ_INT(index_update(ix, &bm), 0);
+		lookup(ix, "nsK", tmp, 210, &m);
+		CHECK(same_id(&m.meta.id, &a2.id)); /* the lower tier */
+		CHECK_EQ_INT(index_delete(ix, &t2.id, NULL), 0);
+	}
 	CHECK_EQ_INT(index_get(ix, &c2.id, &bm, NULL, 0), 0);
 	bm.tier = 1;
 	CHECK_EQ_INT(index_update(ix, &bm), 0);
 	lookup(ix, "nsK", A, 274, &m);
-	CHECK(same_id(&m.meta.id, &a2.id)); /* the lower tier */
+	CHECK(same_id(&m.meta.id, &a2.id));
 	lookup(ix, "nsK", A, 334, &m);
 	CHECK(same_id(&m.meta.id, &c2.id)); /* the longer match first */
 	CHECK_EQ_INT(m.matched, 334);

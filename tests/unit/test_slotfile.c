@@ -137,7 +137,7 @@ static const struct folder folders[] = {
 	{ "v2-2026-iswa-swafull", 2, SLOT_TOKENS_PLAIN, SLOT_STATE_KV, 2, 2, 0, 123108, 0,
 	  "v2 plain kv+kv streams=2 n_layer=1" },
 	{ "v2-2026-recurrent", 2, SLOT_TOKENS_PLAIN, SLOT_STATE_RECURRENT, 1, 1, 0, 20632, 0,
-	  "v2 plain recurrent streams=1 n_layer=2 s_trans=0 r=f32 1536B/row s=f32 8192B/row" },
+	  "v2 plain recurrent n_layer=2 s_trans=0 r=f32 1536B/row s=f32 8192B/row" },
 	{ "v2-2026-packed", 2, SLOT_TOKENS_PACKED, SLOT_STATE_KV, 1, 2, 0, 74624, 1,
 	  "v2 packed kv streams=2 n_layer=2 v_trans=0 k=f16 64B/row v=f16 64B/row digest=" },
 	{ "v3-2026-10", 3, SLOT_TOKENS_PLAIN, SLOT_STATE_KV, 1, 2, 0, 74608, 1,
@@ -145,7 +145,7 @@ static const struct folder folders[] = {
 	{ "v3-2026-10-iswa", 3, SLOT_TOKENS_PLAIN, SLOT_STATE_KV, 2, 2, 0, 123108, 0,
 	  "v3 plain kv+kv streams=2 n_layer=1" },
 	{ "v3-2026-10-recurrent", 3, SLOT_TOKENS_PLAIN, SLOT_STATE_RECURRENT, 1, 1, 0, 20632, 0,
-	  "v3 plain recurrent streams=1 n_layer=2 s_trans=0" },
+	  "v3 plain recurrent n_layer=2 s_trans=0" },
 	{ "v4-ik", 4, SLOT_TOKENS_PLAIN, SLOT_STATE_KV_2025, 1, 1, 0, 73512, 1,
 	  "v4 plain ik streams=1 n_layer=2 v_trans=0 k=f16 64B/row v=f16 64B/row" },
 };
