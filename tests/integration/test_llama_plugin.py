@@ -913,8 +913,9 @@ def test_namespaces(root, procs):
     eq(p.restores("ok") + p.restores("skipped_small"), 0, "nothing even matched")
     # --model-file: the GGUF header is read; this server reports another shape, so the
     # plugin falls back to /props for it and says why.
-    gguf = os.environ.get("KVTIER_MODEL_FILE",
-                          os.path.join(HERE, "../../../shared/fixtures/llama-slots/models/micro.gguf"))
+    gguf = os.environ.get("KVTIER_MODEL_FILE") or os.path.join(
+        os.environ.get("KVTIER_FIXTURES", os.path.join(HERE, "..", "fixtures", "llama-slots")),
+        "models", "micro.gguf")
     if os.path.exists(gguf):
         q = Plugin(root, [y.url], "unix:" + d.sock, d.slot_dir, ["--model-file", gguf],
                    name="plugin-gguf")

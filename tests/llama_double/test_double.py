@@ -25,7 +25,6 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOUBLE = os.path.join(HERE, "llama_double.py")
 FIX = os.environ.get("KVTIER_FIXTURES", os.path.join(HERE, "..", "fixtures", "llama-slots"))
-SHARED_FIX = "/work/shared/fixtures/llama-slots"   # until the copy in tests/fixtures is complete
 TIMEOUT = 10.0          # every HTTP call is bounded
 HANG_PROBE = 1.0        # how long we wait to call a request "hung"
 MAGIC = 0x67677371
@@ -326,11 +325,8 @@ class Double:
 
 
 def fixture(rel):
-    for root in (FIX, SHARED_FIX):
-        p = os.path.join(root, rel)
-        if os.path.exists(p):
-            return p
-    return None
+    p = os.path.join(FIX, rel)
+    return p if os.path.exists(p) else None
 
 
 # --------------------------------------------------------------------------
