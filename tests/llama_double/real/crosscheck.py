@@ -133,8 +133,6 @@ def main():
         print("SKIP: set LLAMA_SERVER to a llama-server binary built from llama.cpp v0.4.0")
         sys.exit(77)
     model_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "..", "..", "fixtures", "llama-slots", "models")
-    if not os.path.exists(os.path.join(model_dir, "micro.gguf")):
-        model_dir = "/work/shared/fixtures/llama-slots/models"
     words = " ".join("w%d" % i for i in range(160))
     a = {"prompt": "System: " + words + ". User: tell me a story.", "n_predict": 6, "id_slot": 0, "temperature": 0}
     a2 = dict(a, prompt=a["prompt"] + " And another one, please.")

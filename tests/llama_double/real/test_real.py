@@ -218,7 +218,7 @@ def t_slot_files(d):
 
 def t_restore_errors(d):
     """A failed restore clears the slot and answers 400 "Unable to restore slot: ..."."""
-    fix = os.path.join(realenv.models_dir(), "..")
+    fix = realenv.FIXTURES
     msg = "Unable to restore slot: No available space in KV cache or invalid slot save file"
     d.completion("Something to lose: " + WORDS, id_slot=0)
 
@@ -231,9 +231,8 @@ def t_restore_errors(d):
 
     refused("missing.bin", "a missing file")
     v2 = os.path.join(fix, "v2-2026", "chat-a-turn1.bin")
-    if os.path.exists(v2):
-        open(os.path.join(d.dir, "v2.bin"), "wb").write(open(v2, "rb").read())
-        refused("v2.bin", "a version-2 file (the library reads version 3 only)")
+    open(os.path.join(d.dir, "v2.bin"), "wb").write(open(v2, "rb").read())
+    refused("v2.bin", "a version-2 file (the library reads version 3 only)")
     eq(d.action(0, "save", "good.bin")[0], 200, "save")
     good = open(os.path.join(d.dir, "good.bin"), "rb").read()
     bad = bytearray(good)
@@ -244,13 +243,12 @@ def t_restore_errors(d):
        "server_tokens::validate")
     # a real fixture written by the same library (plain token form, 2 streams): restored and used
     v3 = os.path.join(fix, "v3-2026-10", "chat-a-turn1.bin")
-    if os.path.exists(v3):
-        open(os.path.join(d.dir, "v3.bin"), "wb").write(open(v3, "rb").read())
-        st, r = d.action(0, "restore", "v3.bin")
-        eq((st, r["n_restored"]), (200, 274), "the v3-2026-10 fixture restores")
-        toks = header(v3)[2]
-        r = d.completion(toks + [450, 263], id_slot=0)
-        eq((r["timings"]["prompt_n"], r["timings"]["cache_n"]), (2, 274), "and its KV is used")
+    open(os.path.join(d.dir, "v3.bin"), "wb").write(open(v3, "rb").read())
+    st, r = d.action(0, "restore", "v3.bin")
+    eq((st, r["n_restored"]), (200, 274), "the v3-2026-10 fixture restores")
+    toks = header(v3)[2]
+    r = d.completion(toks + [450, 263], id_slot=0)
+    eq((r["timings"]["prompt_n"], r["timings"]["cache_n"]), (2, 274), "and its KV is used")
 
 
 def t_stream_and_concurrency(d):
