@@ -10,9 +10,11 @@ Covers: a conversation that lost its slot resumes with a restore, prefills only 
 tokens and continues with exactly the tokens of an uninterrupted run; the same after a
 llama-server kill -9 and restart; a conversation moving to another backend; the prompt_n
 verification (a blob whose tokens no longer match its index is found out as ignored, one the
-library refuses as failed, a truncated one, which would abort llama.cpp, never sent); a
-sliding-window model without --swa-full (restores ignored, then paused) and with it (used);
-a recurrent model (the next turn restored and used, an edited one not restored).
+library refuses as failed, a truncated one, which would abort llama.cpp, never sent; corrupt
+KV of the right size is used, prompt_n cannot tell, fsck --verify can); a sliding-window model
+without --swa-full (restores ignored, then paused) and with it (used; a chat turn that leaves
+the blob inside the window is not restored); a recurrent model (the next turn restored and
+used, an edited one not restored). About 25 s on an idle machine, 45 s on a loaded one.
 
 Needs Node.js and node_modules/node-llama-cpp (scripts/deps): without them it prints
 "SKIP: reason" and exits 77, or fails under CI=true.
