@@ -740,12 +740,23 @@ static int replay_plan(struct walk *w, const struct plan *pl, uint64_t off,
 	return 0;
 }
 
+/* Ends a signature: the digest's first bytes after its `fixed` ones. */
+static int layout_digest_end(EVP_MD_CTX *md, struct slot_info *info, size_t fixed)
+{
+	uint8_t out[EVP_MAX_MD_SIZE];
+	unsigned int len = 0;
+
+	if (!EVP_DigestFinal_ex(md, out, &len) || len < SLOT_LAYOUT_MAX - fixed)
+		return -ENOMEM;
+	memcpy(info->layout + fixed, out, SLOT_LAYOUT_MAX - fixed);
+	info->layout_len = SLOT_LAYOUT_MAX;
+	return 0;
+}
+
 /* Format 1 signature, as kvtier 0.2 computed it. */
 static int layout_f1(struct slot_parser *p, uint64_t state_off, struct sec_walk *s,
 		     struct slot_info *info)
 {
-	uint8_t md_out[EVP_MAX_MD_SIZE];
-	unsigned int md_len = 0;
 	struct walk w;
 	uint64_t off = state_off;
 	int k_mixed = 0, v_mixed = 0, rc = 0;
@@ -821,13 +832,7 @@ static int layout_f1(struct slot_parser *p, uint64_t state_off, struct sec_walk 
 			rc = rc < 0 ? rc : -EIO;
 			goto out;
 		}
-		if (!EVP_DigestFinal_ex(w.md, md_out, &md_len) ||
-		    md_len < SLOT_LAYOUT_MAX - LAYOUT_F1_FIXED) {
-			rc = -ENOMEM;
-			goto out;
-		}
-		memcpy(info->layout + LAYOUT_F1_FIXED, md_out, SLOT_LAYOUT_MAX - LAYOUT_F1_FIXED);
-		info->layout_len = SLOT_LAYOUT_MAX;
+		rc = layout_digest_end(w.md, info, LAYOUT_F1_FIXED);
 	}
 out:
 	EVP_MD_CTX_free(w.md);
@@ -840,8 +845,7 @@ out:
 static int layout_f2(struct slot_parser *p, const struct plan *pl, struct sec_walk *sw,
 		     struct slot_info *info)
 {
-	uint8_t md_out[EVP_MAX_MD_SIZE], flags = 0;
-	unsigned int md_len = 0;
+	uint8_t flags = 0;
 	struct walk w;
 	int rc = 0;
 
@@ -884,15 +888,8 @@ static int layout_f2(struct slot_parser *p, const struct plan *pl, struct sec_wa
 		goto out;
 	}
 	rc = replay_plan(&w, pl, info->state_offset, sw);
-	if (rc)
-		goto out;
-	if (!EVP_DigestFinal_ex(w.md, md_out, &md_len) ||
-	    md_len < SLOT_LAYOUT_MAX - LAYOUT_F2_FIXED) {
-		rc = -ENOMEM;
-		goto out;
-	}
-	memcpy(info->layout + LAYOUT_F2_FIXED, md_out, SLOT_LAYOUT_MAX - LAYOUT_F2_FIXED);
-	info->layout_len = SLOT_LAYOUT_MAX;
+	if (rc == 0)
+		rc = layout_digest_end(w.md, info, LAYOUT_F2_FIXED);
 out:
 	EVP_MD_CTX_free(w.md);
 	if (rc < 0)
