@@ -994,7 +994,10 @@ static int cmd_get(struct cli *g, int argc, char **argv)
 		                  !file ? "-o FILE is required" : "expected exactly one BLOB id");
 		goto out;
 	}
-	rc = kvtier_fetch_file(g->c, argv[optind], file, &size);
+	if (strcmp(file, "-") == 0)
+		rc = kvtier_fetch_fd(g->c, argv[optind], STDOUT_FILENO, &size);
+	else
+		rc = kvtier_fetch_file(g->c, argv[optind], file, &size);
 	if (rc)
 		ret = fail(g, rc, NULL);
 out:
@@ -1524,8 +1527,9 @@ static const struct command commands[] = {
      "Writes FILE, FILE.tokens.json and FILE.checkpoints as the blob has them, through\n"
      "temporary files renamed into place only when the whole blob arrived intact, so FILE\n"
      "never holds a partial blob. A sidecar left at FILE from an earlier file that this\n"
-     "blob does not have is removed.\n\n"
-     "  -o, --output FILE    where to write (required)\n"},
+     "blob does not have is removed. FILE - is standard output; a FILE that is a device,\n"
+     "a FIFO or a terminal is written to in place (never replaced), the slot file only.\n\n"
+     "  -o, --output FILE    where to write (required; - for standard output)\n"},
     {"stage", cmd_stage, 1, "BLOB --dir DIR [--lease-seconds N] [--json]",
      "Make a blob appear in a llama-server slot directory, under a lease.",
      "DIR must be one of the daemon's --slot-dir directories (same host). The blob is\n"

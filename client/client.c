@@ -1618,12 +1618,75 @@ static int fetch_check_targets(struct fetch_file *ff)
 	return rc;
 }
 
+/* kvtier_fetch_fd's sink: the slot file into the descriptor, the sidecars
+ * nowhere. */
+struct fetch_fd {
+	kvtier_client *c;
+	int fd;
+};
+
+static int fetch_fd_sink(void *ctx, int part, const void *buf, size_t len)
+{
+	struct fetch_fd *ff = ctx;
+	int rc;
+
+	if (!buf || part != 0)
+		return 0;
+	rc = write_full(ff->fd, buf, len);
+	if (rc)
+		set_err(ff->c, "writing the slot file failed: %s", kvtier_strerror(rc));
+	return rc;
+}
+
+KVTIER_API int kvtier_fetch_fd(kvtier_client *c, const char *blob, int fd, uint64_t *size_out)
+{
+	struct fetch_fd ff = {c, fd};
+	struct fetch f;
+	int rc;
+
+	if (size_out)
+		*size_out = 0;
+	if (!c || !blob || fd < 0)
+		return arg_missing(c, "missing blob id or descriptor");
+	memset(&f, 0, sizeof(f));
+	f.c = c;
+	f.blob = blob;
+	f.cur = -1;
+	f.sink = fetch_fd_sink;
+	f.ctx = &ff;
+	rc = fetch_stream(&f);
+	if (rc == 0 && size_out)
+		*size_out = f.part[0].size;
+	return rc;
+}
+
 KVTIER_API int kvtier_fetch_file(kvtier_client *c, const char *blob, const char *path,
                                  uint64_t *size_out)
 {
 	struct fetch_file ff;
 	struct fetch f;
+	struct stat st;
 	int rc = 0;
+
+	/* A device, FIFO, socket or terminal is written to in place: renaming a
+	 * temporary over it would replace it (as root, /dev/null became a file
+	 * every program then wrote into). */
+	if (c && blob && path && path[0] && stat(path, &st) == 0 && !S_ISREG(st.st_mode) &&
+	    !S_ISDIR(st.st_mode)) {
+		int fd = open(path, O_WRONLY | O_CLOEXEC | O_NOCTTY);
+
+		if (fd < 0) {
+			rc = -errno;
+			set_err(c, "cannot open %s: %s", path, kvtier_strerror(rc));
+			return rc;
+		}
+		rc = kvtier_fetch_fd(c, blob, fd, size_out);
+		if (close(fd) < 0 && rc == 0) {
+			rc = -errno;
+			set_err(c, "writing %s failed: %s", path, kvtier_strerror(rc));
+		}
+		return rc;
+	}
 
 	memset(&ff, 0, sizeof(ff));
 	ff.c = c;

@@ -191,10 +191,19 @@ KVTIER_API int kvtier_adopt_sized(kvtier_client *c, const char *ns, const char *
 
 /* Streams blob `blob` into the file `path` (created or truncated) and its
  * sidecars into `path`.tokens.json etc. Written to temporary names and
- * renamed, so `path` never holds a partial blob. *size_out (may be NULL)
- * receives the slot file's size. */
+ * renamed, so `path` never holds a partial blob. A `path` that exists and is
+ * not a regular file or a directory (a device, a FIFO, a socket, a terminal)
+ * is written to in place, never renamed over, and gets the slot file only
+ * (as kvtier_fetch_fd). *size_out (may be NULL) receives the slot file's
+ * size. */
 KVTIER_API int kvtier_fetch_file(kvtier_client *c, const char *blob, const char *path,
 				 uint64_t *size_out);
+
+/* Streams the slot file of blob `blob` into the open descriptor fd as it
+ * arrives (its sidecars are not written): standard output, a pipe, a
+ * device. A stream that fails midway has written part of the file (the
+ * return value says so). fd stays open. */
+KVTIER_API int kvtier_fetch_fd(kvtier_client *c, const char *blob, int fd, uint64_t *size_out);
 
 /* The parts of a blob, in the order kvtier_fetch delivers them. */
 enum kvtier_part {

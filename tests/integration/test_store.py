@@ -6,9 +6,11 @@ import re
 import tempfile
 import shutil
 import stat
+import subprocess
+import threading
 
-from harness import (Daemon, check, eq, expect_fail, fixture, opaque_copy, run, sha256,
-                     slot_tokens)
+from harness import (KVTIER, Daemon, check, eq, expect_fail, fixture, opaque_copy, run,
+                     sha256, slot_tokens)
 
 
 def start(root, daemons, **kw):
@@ -442,6 +444,55 @@ def test_layouts_never_cross(root, daemons):
     fsck_clean(d)
 
 
+def test_get_onto_non_regular_files(root, daemons):
+    """`kvtier get BLOB -o X` where X is a device, a FIFO or standard output writes into it in
+    place: renaming a temporary over it replaced the device node (as root, the machine's
+    /dev/null became a regular file). The nodes are made here, never the machine's."""
+    d = start(root, daemons)
+    src = fixture("v4-ik/chat-a-turn1.bin")          # a blob with a sidecar
+    blob = d.put(src)
+    want = open(src, "rb").read()
+    work = os.path.join(root, "nodes")
+    os.mkdir(work)
+    # A FIFO: the bytes come out of it, and it is still a FIFO.
+    fifo = os.path.join(work, "fifo")
+    os.mkfifo(fifo)
+    got = {}
+
+    def reader():
+        with open(fifo, "rb") as f:
+            got["data"] = f.read()
+    t = threading.Thread(target=reader, daemon=True)   # never holds the test up
+    t.start()
+    d.cli("get", blob, "-o", fifo)
+    t.join(30)
+    check(not t.is_alive(), "the FIFO's reader finished")
+    eq(got.get("data"), want, "the slot file through the FIFO")
+    check(stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO is still a FIFO")
+    eq(sorted(os.listdir(work)), ["fifo"], "no sidecar or temporary beside it")
+    # A character device (the null device, made here): still that device afterwards.
+    if os.geteuid() == 0:
+        null = os.path.join(work, "null")
+        os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        d.cli("get", blob, "-o", null)
+        st = os.lstat(null)
+        check(stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3),
+              "the device node is still the device: %r" % (st,))
+        eq(sorted(os.listdir(work)), ["fifo", "null"], "nothing written beside it")
+    else:
+        print("  (not root: the device-node part needs mknod)")
+    # Standard output.
+    r = subprocess.run([KVTIER, "--socket", d.sock, "get", blob, "-o", "-"],
+                       capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    eq(r.returncode, 0, "get -o -")
+    eq(r.stdout, want, "the slot file on standard output")
+    # A regular file still gets the whole blob, sidecar included.
+    out = os.path.join(root, "regular.bin")
+    d.cli("get", blob, "-o", out)
+    eq(sha256(out), sha256(src), "regular file")
+    eq(sha256(out + ".tokens.json"), sha256(src + ".tokens.json"), "its sidecar")
+
+
 def test_corrupt_blob_never_served(root, daemons):
     d = start(root, daemons)
     blob = d.put(fixture("v2/chat-a-turn2.bin"))
@@ -621,6 +672,6 @@ if __name__ == "__main__":
     run([test_lookup_prefix, test_supersede_and_get, test_no_supersede, test_dedup,
          test_refusals, test_namespaces_isolated, test_v4_sidecar, test_stage_and_adopt,
          test_put_reported_size, test_adopt_reported_size, test_states_listed, test_every_folder,
-         test_layouts_never_cross,
+         test_layouts_never_cross, test_get_onto_non_regular_files,
          test_corrupt_blob_never_served, test_stage_copy_checked, test_start_guards,
          test_cancelled_put_stores_nothing, test_lease_expiry, test_restart_keeps_blobs])
