@@ -92,7 +92,8 @@ static const struct option_def options[] = {
 	{"no-supersede", OPT_NO_SUPERSEDE, NULL, "supersede on",
 	 "Keep blobs whose tokens are a strict prefix of a newer blob in the same namespace."},
 	{"max-blob-size", OPT_MAX_BLOB_SIZE, "SIZE", "64G",
-	 "Largest slot file (or sidecar) accepted."},
+	 "Largest slot file (or sidecar) accepted. Uploads land on the first tier: a file "
+	 "larger than that tier's SIZE is refused as well, before anything is evicted."},
 	{"lease-seconds", OPT_LEASE_SECONDS, "N", "300",
 	 "Lease of a staged file when the client asks for none."},
 	{"lease-max-seconds", OPT_LEASE_MAX_SECONDS, "N", "3600",

@@ -341,7 +341,8 @@ static int scan_tier(struct store *s, unsigned t, const struct ns_models *nm, ui
 		sc->heap = NULL;
 		return rc;
 	}
-	qsort(sc->heap, sc->n, sizeof(*sc->heap), cmp_cand);
+	if (sc->n > 1) /* heap is NULL when nothing was a candidate */
+		qsort(sc->heap, sc->n, sizeof(*sc->heap), cmp_cand);
 	s->place[t].lowest_h = sc->lowest_h;
 	s->place[t].lowest_at_ms = store_now_ms();
 	return 0;
@@ -576,7 +577,7 @@ static int evict_delete(struct store *s, const struct blob_meta *m, int reason, 
 	return 0;
 }
 
-static int evict_tier(struct store *s, unsigned t, uint64_t need, int depth);
+static int evict_tier(struct store *s, unsigned t, uint64_t need, uint64_t must, int depth);
 
 /* Moves m one tier down, making room there once if needed; deletes it when
  * the next tier would not be worth it or cannot take it. Returns 1 when m
@@ -599,10 +600,11 @@ static int demote_or_delete(struct store *s, const struct ns_models *nm, const s
 	 * tier's capacity: a failed write costs a whole copy. */
 	uint64_t load = tier_load(s, t + 1), cap = placement_capacity(s, t + 1);
 	if (depth < 2 && load + m->part_size[PART_MAIN] > cap)
-		evict_tier(s, t + 1, load + m->part_size[PART_MAIN] - cap, depth + 1);
+		evict_tier(s, t + 1, load + m->part_size[PART_MAIN] - cap, 0, depth + 1);
 	rc = move_blob(s, m, t + 1, 0);
 	if ((rc == KVTIER_E_FULL || rc == -ENOSPC) && depth < 2) {
-		evict_tier(s, t + 1, m->stored_size + m->stored_size / 8 + (1u << 16), depth + 1);
+		evict_tier(s, t + 1, m->stored_size + m->stored_size / 8 + (1u << 16), 0,
+			   depth + 1);
 		rc = move_blob(s, m, t + 1, 0);
 	}
 	if (rc == KVTIER_E_FULL || rc == -ENOSPC) {
@@ -611,9 +613,11 @@ static int demote_or_delete(struct store *s, const struct ns_models *nm, const s
 	return rc == 0 || rc == KVTIER_E_CORRUPT || rc == KVTIER_E_NOTFOUND;
 }
 
-/* Frees at least `need` stored bytes on tier t (move_lock held). Returns 0
- * when something left the tier, KVTIER_E_FULL when nothing could. */
-static int evict_tier(struct store *s, unsigned t, uint64_t need, int depth)
+/* Frees at least `need` stored bytes on tier t (move_lock held). When the
+ * blobs that could leave (unpinned, on t) hold fewer than `must` bytes, the
+ * pass would not help its caller: nothing is evicted. Returns 0 when
+ * something left the tier, KVTIER_E_FULL when nothing could or would. */
+static int evict_tier(struct store *s, unsigned t, uint64_t need, uint64_t must, int depth)
 {
 	struct ns_models nm = {0};
 	struct scan sc;
@@ -629,6 +633,17 @@ static int evict_tier(struct store *s, unsigned t, uint64_t need, int depth)
 		     kvtier_strerror(rc));
 		free(nm.v);
 		return rc;
+	}
+	/* The scan keeps the candidates covering `need` (need >= must), or all
+	 * of them when they cover less: then sc.total is all that could go. */
+	if (sc.total < must) {
+		klog(LOG_INFO,
+		     "event=evict_skip tier=%u must=%llu evictable=%llu candidates=%zu "
+		     "reason=would_not_fit",
+		     t, (unsigned long long)must, (unsigned long long)sc.total, sc.n);
+		free(sc.heap);
+		free(nm.v);
+		return KVTIER_E_FULL;
 	}
 	for (size_t i = 0; i < sc.n && freed < need && !atomic_load(&s->stopping); i++) {
 		struct blob_meta m;
@@ -657,19 +672,29 @@ static int evict_tier(struct store *s, unsigned t, uint64_t need, int depth)
 
 int placement_make_room(struct store *s, unsigned t, uint64_t need)
 {
-	uint64_t load, low;
+	uint64_t load, low, cap, must;
 	int rc;
 
 	if (t >= s->n_tiers)
 		return KVTIER_E_INVALID;
+	cap = placement_capacity(s, t);
+	if (need > cap) {
+		/* Would not fit in the empty tier: evicting could not help. */
+		klog(LOG_INFO, "event=evict_skip tier=%u need=%llu capacity=%llu reason=exceeds_tier",
+		     t, (unsigned long long)need, (unsigned long long)cap);
+		return KVTIER_E_FULL;
+	}
 	pthread_mutex_lock(&s->move_lock);
 	load = tier_load(s, t);
 	low = tier_mark(s, t, 0);
+	/* The least that must leave for the new bytes to fit at all; less
+	 * than that evictable (pins, uploads in progress): evict nothing. */
+	must = load + need > cap ? load + need - cap : 0;
 	/* Down to the low watermark with the new bytes in, so the next puts
 	 * do not each pay for an eviction. */
 	if (load + need > low && load + need - low > need)
 		need = load + need - low;
-	rc = evict_tier(s, t, need, 0);
+	rc = evict_tier(s, t, need, must, 0);
 	pthread_mutex_unlock(&s->move_lock);
 	return rc;
 }
@@ -706,7 +731,7 @@ static int promote(struct store *s, const struct blob_meta *m, unsigned own_pins
 	int rc = move_blob(s, m, m->tier - 1, own_pins);
 
 	if (rc == KVTIER_E_FULL || rc == -ENOSPC) {
-		evict_tier(s, m->tier - 1, blob_raw_bytes(m), 1);
+		evict_tier(s, m->tier - 1, blob_raw_bytes(m), 0, 1);
 		rc = move_blob(s, m, m->tier - 1, own_pins);
 	}
 	return rc;
@@ -774,7 +799,7 @@ static void placement_pass(struct store *s)
 		if (load <= high || load <= low)
 			continue;
 		pthread_mutex_lock(&s->move_lock);
-		evict_tier(s, t, load - low, 0);
+		evict_tier(s, t, load - low, 0, 0);
 		pthread_mutex_unlock(&s->move_lock);
 	}
 	pthread_mutex_lock(&s->bg_lock);

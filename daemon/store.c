@@ -966,6 +966,43 @@ static int tier_full_msg(struct store *s, unsigned t, uint64_t need, char *err, 
 	return KVTIER_E_FULL;
 }
 
+/* Refuses a part that cannot fit on tier 0 even with every other blob gone:
+ * uploads land on tier 0 only (placement moves blobs down later), so no
+ * eviction or demotion could make room for it, and none is tried. `held` is
+ * what the same blob's earlier parts already take on tier 0; `what` names
+ * the file for the message. Returns 0 or KVTIER_E_INVALID. */
+static int put_check_fits(struct store *s, const char *what, uint64_t held, uint64_t size,
+			  char *err, size_t errlen)
+{
+	struct tier_stats st;
+
+	tier_get_stats(s->tiers[0], &st);
+	if (size <= st.capacity && held <= st.capacity - size)
+		return 0;
+	set_err(err, errlen,
+		"oversized: %s has %llu bytes%s, more than tier 0 (%s:%s) holds even when empty "
+		"(%llu bytes); uploads land on tier 0 only, so nothing was evicted or stored: "
+		"raise tier 0's size (--tier %s:%s:SIZE), or lower --max-blob-size (now %llu) "
+		"to refuse such files up front",
+		what, (unsigned long long)size, held ? " (with the blob's other parts)" : "",
+		tier_kind(s->tiers[0]), tier_path(s->tiers[0]), (unsigned long long)st.capacity,
+		tier_kind(s->tiers[0]), tier_path(s->tiers[0]),
+		(unsigned long long)s->cfg.max_blob_bytes);
+	klog(LOG_INFO, "event=put_oversized tier=0 size=%llu held=%llu capacity=%llu",
+	     (unsigned long long)size, (unsigned long long)held, (unsigned long long)st.capacity);
+	return KVTIER_E_INVALID;
+}
+
+static uint64_t put_held(const struct store_put *p)
+{
+	uint64_t held = 0;
+
+	for (int i = 0; i < PART_COUNT; i++)
+		if (p->parts & (1u << i))
+			held += p->size[i];
+	return held;
+}
+
 int store_put_part(struct store_put *p, int part, uint64_t size, char *err, size_t errlen)
 {
 	struct store *s = p->s;
@@ -997,6 +1034,15 @@ int store_put_part(struct store_put *p, int part, uint64_t size, char *err, size
 	}
 	if (part == PART_MAIN && (rc = put_check_reported(p, size, err, errlen)) != 0)
 		return rc;
+	{
+		char what[64];
+		if (part == PART_MAIN)
+			snprintf(what, sizeof(what), "the slot file");
+		else
+			snprintf(what, sizeof(what), "sidecar \"%s\"", blob_part_suffix[part]);
+		if ((rc = put_check_fits(s, what, put_held(p), size, err, errlen)) != 0)
+			return rc;
+	}
 	/* Room first where the file system is known to hold less than the
 	 * tier's capacity (after an ENOSPC): the reservation alone would pass. */
 	{
@@ -1401,6 +1447,9 @@ int store_adopt(struct store *s, const char *ns, const char *path, int keep_sour
 		 * store_put_finish checks the size taken again. */
 		if (i == PART_MAIN &&
 		    (rc = put_check_reported(p, (uint64_t)st.st_size, err, errlen)) != 0)
+			goto fail;
+		if ((rc = put_check_fits(s, src, put_held(p), (uint64_t)st.st_size, err,
+					 errlen)) != 0)
 			goto fail;
 		rc = tier_writer_from_file(s->tiers[0], src, keep_source, &size, &p->w[i]);
 		if (rc == KVTIER_E_FULL && placement_make_room(s, 0, (uint64_t)st.st_size) == 0)

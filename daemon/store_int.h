@@ -187,8 +187,10 @@ void placement_kick(struct store *s);
 /* Queues blob id for a promotion decision (a fetch from a lower tier). */
 void placement_want_promote(struct store *s, const struct key *id);
 /* Makes room for `need` bytes on tier t by demoting or evicting its
- * lowest-priority blobs (below the low watermark if it can). Returns 0 when
- * something was freed, KVTIER_E_FULL when nothing could be. */
+ * lowest-priority blobs (below the low watermark if it can). Touches
+ * nothing when eviction could not make the bytes fit: `need` above the
+ * tier's capacity, or more than its unpinned blobs hold missing. Returns 0
+ * when something was freed, KVTIER_E_FULL when nothing could or would be. */
 int placement_make_room(struct store *s, unsigned t, uint64_t need);
 /* A write to tier t failed with ENOSPC: counts it, and caps the capacity
  * its watermarks apply to at what the tier holds now. */

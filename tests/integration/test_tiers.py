@@ -16,8 +16,8 @@ import threading
 import time
 import urllib.request
 
-from harness import (KVTIER, Daemon, Failure, Skip, check, eq, expect_fail, free_port,
-                     make_slot, run, sha256)
+from harness import (BIN, KVTIER, Daemon, Failure, Skip, check, eq, expect_fail, fixture,
+                     free_port, make_slot, run, sha256)
 
 MODE = {"io": "auto"}   # set per pass by main
 
@@ -380,8 +380,183 @@ def test_disk_fs_smaller_than_capacity(root, daemons):
         subprocess.run(["umount", "-l", mnt], capture_output=True)
 
 
+MOVES = re.compile(r"event=(evict|evict_pass|victim|migrate)\b")
+
+
+def oversized_refused(root, d, tier_bytes):
+    """Fills tier 0 of d with real fixture blobs (~1 MB, under its watermark),
+    then sends three uploads that cannot fit in tier 0 even when it is empty:
+    kvtier put of a sparse file with a valid slot header, Adopt of such a file
+    from the slot dir, and a raw Put announcing a 60 GiB part with no data.
+    Each must be refused before anything is evicted or demoted (D2), and the
+    daemon must live through it (D13: the eviction scan found no candidate)."""
+    ids = {}
+    for ns in ("a", "b", "c", "d", "e", "f"):
+        for f in ("chat-a-turn2.bin", "chat-b-turn1.bin"):   # turn1 would be superseded
+            src = fixture("v2/" + f)
+            ids[d.put(src, ns=ns)] = src
+    eq(len(ids), 12, "12 distinct blobs stored")
+    eq(set(where(d).values()), {0}, "all on tier 0 before the oversized uploads")
+    with open(d.log_path, "rb") as f:
+        log_start = len(f.read())
+    ev0 = metric(d, "kvtier_evictions_total")
+    mig0 = metric(d, "kvtier_migrations_total")
+    eq((ev0, mig0), (0.0, 0.0), "no eviction or migration while filling")
+
+    big = 2 * tier_bytes   # sparse: nothing of it is written
+    bigf = os.path.join(root, "big.bin")
+    with open(fixture("v2/chat-a-turn1.bin"), "rb") as f:
+        head = f.read(1108)
+    with open(bigf, "wb") as f:
+        f.write(head)
+    os.truncate(bigf, big)
+    msg = ("oversized", "%d bytes" % big, "tier 0 (tmpfs:%s)" % d.tier_dir,
+           "(%d bytes)" % tier_bytes, "nothing was evicted", "--tier tmpfs:%s:SIZE" % d.tier_dir,
+           "--max-blob-size")
+
+    # 1. kvtier put of the sparse file.
+    r = d.cli("put", "--namespace", "a", bigf, check_rc=False)
+    expect_fail(r, "INVALID_ARGUMENT", *msg)
+
+    # 2. Adopt of the same file from the slot dir: refused, left in place.
+    slot = os.path.join(d.slot_dir, "big.bin")
+    with open(slot, "wb") as f:
+        f.write(head)
+    os.truncate(slot, big)
+    r = d.cli("adopt", "--namespace", "a", slot, check_rc=False)
+    expect_fail(r, "INVALID_ARGUMENT", "oversized", slot, "%d bytes" % big,
+                "(%d bytes)" % tier_bytes, "nothing was evicted")
+    check(os.path.exists(slot) and os.path.getsize(slot) == big,
+          "the refused slot file is left in place")
+
+    # 3. A Put stream announcing a 60 GiB part (under the 64G --max-blob-size)
+    # and sending nothing: the CLI cannot, put_cancel can.
+    huge = 60 << 30
+    hugef = os.path.join(root, "huge.bin")
+    with open(hugef, "wb") as f:
+        f.write(head)
+    os.truncate(hugef, huge)
+    tool = os.path.join(BIN, "tests", "put_cancel")
+    p = subprocess.run([tool, "unix:" + d.sock, "a", hugef, "1", "0", "status"],
+                       capture_output=True, timeout=60)
+    out = p.stdout.decode(errors="replace")
+    eq(p.returncode, 0, "put_cancel ran: %r %r" % (out, p.stderr))
+    check(out.startswith("status=3 "), "INVALID_ARGUMENT (3) for the 60 GiB part: %r" % out)
+    for ph in ("oversized", "%d bytes" % huge, "(%d bytes)" % tier_bytes,
+               "nothing was evicted", "--tier tmpfs:%s:SIZE" % d.tier_dir):
+        check(ph in out, "expected %r in the message: %r" % (ph, out))
+
+    # Nothing moved: every blob where it was, with its bytes; no eviction or
+    # migration in the metrics or the log; the daemon alive.
+    check(d.proc.poll() is None, "kvtierd still running")
+    d.cli("info")
+    eq(where(d), {b: 0 for b in ids}, "every blob still on tier 0")
+    for blob, src in ids.items():
+        fetch_same(d, blob, src)
+    eq(metric(d, "kvtier_evictions_total"), ev0, "no eviction counted")
+    eq(metric(d, "kvtier_migrations_total"), mig0, "no migration counted")
+    with open(d.log_path, "rb") as f:
+        tail = f.read()[log_start:].decode(errors="replace")
+    moved = [l for l in tail.splitlines() if MOVES.search(l)]
+    eq(moved, [], "no eviction or migration in the log")
+    eq(len(re.findall(r"event=put_oversized", tail)), 3, "three refusals logged")
+    check(not any(f.startswith("big") or f.startswith("huge") for f in os.listdir(d.tier_dir)),
+          "nothing of the refused uploads on the tier")
+    # Still serving: a put that fits.
+    more = slots(root, 1, ns_seed=5, n_tokens=64, row_bytes=256)[0]
+    b = d.put(more)
+    eq(d.lookup(more)["blob"], b, "lookup after the refusals")
+    d.stop()
+    f = d.fsck()
+    check(f.rc == 0, "fsck clean: %r" % f)
+
+
+def test_oversized_put_evicts_nothing(root, daemons):
+    """A single tmpfs tier of 2 MiB: refusals delete nothing."""
+    env = {"KVTIER_NO_IO_URING": "1"} if MODE["io"] == "pread" else None
+    addr = "127.0.0.1:%d" % free_port()
+    d = Daemon(root, tier_size="2M", env=env,
+               extra=["--metrics", addr, "--probe-size", "1M", "--log-level", "debug"])
+    d.metrics_addr = addr
+    daemons.append(d)
+    d.start()
+    oversized_refused(root, d, 2 << 20)
+
+
+def test_oversized_put_demotes_nothing(root, daemons):
+    """tmpfs 2 MiB over a 64 MiB disk tier: the 4 MiB file would fit on the
+    disk tier, but uploads land on tier 0 only: refused, nothing demoted."""
+    try:
+        d = tiered(root, daemons, tmpfs="2M", disk="64M")
+        oversized_refused(root, d, 2 << 20)
+    finally:
+        cleanup_disk(root, daemons)
+
+
+def test_full_tier_pinned_evicts_nothing(root, daemons):
+    """A put that fits in tier 0 but not next to its pinned (staged) blobs:
+    when the unpinned blobs hold less than what must leave, evicting them
+    would not help, so none is evicted (D2, make_room). Then with every blob
+    pinned, the eviction scan finds no candidate at all: the sanitizer build
+    used to abort there (D13, qsort(NULL, 0))."""
+    env = {"KVTIER_NO_IO_URING": "1"} if MODE["io"] == "pread" else None
+    addr = "127.0.0.1:%d" % free_port()
+    cap = 2 << 20
+    d = Daemon(root, tier_size="2M", env=env,
+               extra=["--metrics", addr, "--probe-size", "1M", "--log-level", "debug"])
+    d.metrics_addr = addr
+    daemons.append(d)
+    d.start()
+    ids = {}
+    for ns in ("a", "b"):
+        for f in ("chat-a-turn2.bin", "chat-b-turn1.bin"):
+            src = fixture("v2/" + f)
+            ids[d.put(src, ns=ns)] = src
+    blobs = sorted(ids)
+    eq(len(blobs), 4, "4 blobs stored")
+    stored = sum(b["stored_bytes"] for b in d.ls())
+    staged = {}
+    for b in blobs[:3]:
+        staged[b] = d.cli("stage", b, "--dir", d.slot_dir, "--json").json()
+    free_one = blobs[3]
+    # Fits in the empty tier; with the blobs in, more than the one unpinned
+    # blob must leave.
+    size = cap - 4096
+    check(stored + size - cap > os.path.getsize(ids[free_one]),
+          "the unpinned blob alone cannot make room (%d stored)" % stored)
+    with open(d.log_path, "rb") as f:
+        log_start = len(f.read())
+    bigf = os.path.join(root, "nearly.bin")
+    with open(fixture("v2/chat-a-turn1.bin"), "rb") as f:
+        head = f.read(1108)
+    with open(bigf, "wb") as f:
+        f.write(head)
+    os.truncate(bigf, size)
+    r = d.cli("put", "--namespace", "c", bigf, check_rc=False)
+    expect_fail(r, "RESOURCE_EXHAUSTED", "tier 0", "is full")
+    eq(sorted(where(d)), blobs, "the unpinned blob was not evicted for nothing")
+    # Every blob pinned: no candidate at all.
+    staged[free_one] = d.cli("stage", free_one, "--dir", d.slot_dir, "--json").json()
+    r = d.cli("put", "--namespace", "c", bigf, check_rc=False)
+    expect_fail(r, "RESOURCE_EXHAUSTED", "tier 0", "is full")
+    check(d.proc.poll() is None, "kvtierd still running after a scan with no candidate")
+    for b, st in staged.items():
+        d.cli("release", st["lease"])
+    eq(sorted(where(d)), blobs, "every blob still stored")
+    for b in blobs:
+        fetch_same(d, b, ids[b])
+    eq(metric(d, "kvtier_evictions_total"), 0.0, "no eviction counted")
+    with open(d.log_path, "rb") as f:
+        tail = f.read()[log_start:].decode(errors="replace")
+    eq([l for l in tail.splitlines() if MOVES.search(l)], [], "no eviction in the log")
+    check("event=evict_skip" in tail, "the skipped pass is logged")
+    d.stop()
+
+
 TESTS = [test_spill_fetch_promote, test_admission_by_prefill_speed, test_flipped_byte_on_disk,
-         test_kill9_during_migrations, test_disk_fs_smaller_than_capacity]
+         test_kill9_during_migrations, test_disk_fs_smaller_than_capacity,
+         test_oversized_put_evicts_nothing, test_oversized_put_demotes_nothing,
+         test_full_tier_pinned_evicts_nothing]
 
 if __name__ == "__main__":
     only = [t for t in TESTS if len(sys.argv) < 2 or t.__name__ in sys.argv[1:]]

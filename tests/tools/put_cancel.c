@@ -1,12 +1,14 @@
 /* put_cancel: a misbehaving Put client for the tests.
  *
- *   put_cancel ADDRESS NAMESPACE FILE N_PARTS BYTES
+ *   put_cancel ADDRESS NAMESPACE FILE N_PARTS BYTES [status]
  *
  * Opens a Put stream, announces N_PARTS parts and the slot file FILE (its
  * real size), sends its first BYTES bytes (all of them when BYTES is -1),
  * then cancels the call instead of half-closing it, as a client that dies
- * or is killed would. Prints the status it saw. The daemon must store
- * nothing: tests check that with ls and the tier directory. Exit 0 when
+ * or is killed would. The daemon must store nothing: tests check that with
+ * ls and the tier directory. With "status", it half-closes instead and
+ * prints the status the daemon answered, as "status=CODE details=TEXT"
+ * (a client announcing more than it sends: the CLI cannot). Exit 0 when
  * the script ran, 1 on a local error.
  */
 #include <fcntl.h>
@@ -44,8 +46,8 @@ int main(int argc, char **argv)
 	long long want;
 	int fd;
 
-	if (argc != 6) {
-		fprintf(stderr, "usage: put_cancel ADDRESS NAMESPACE FILE N_PARTS BYTES\n");
+	if (argc != 6 && !(argc == 7 && strcmp(argv[6], "status") == 0)) {
+		fprintf(stderr, "usage: put_cancel ADDRESS NAMESPACE FILE N_PARTS BYTES [status]\n");
 		return 1;
 	}
 	fd = open(argv[3], O_RDONLY);
@@ -87,9 +89,35 @@ int main(int argc, char **argv)
 		grpc_byte_buffer_destroy(op[0].data.send_message.send_message);
 		off += (long long)n;
 	}
-	usleep(200000); /* let the daemon take in what was sent */
-	grpc_call_cancel(call, NULL);
-	printf("sent %lld of %lld bytes, then cancelled\n", want, (long long)st.st_size);
+	if (argc == 7) {
+		grpc_metadata_array md, trailing;
+		grpc_status_code code = GRPC_STATUS_UNKNOWN;
+		grpc_slice details = grpc_empty_slice();
+		grpc_op rop[3];
+		grpc_metadata_array_init(&md);
+		grpc_metadata_array_init(&trailing);
+		memset(rop, 0, sizeof(rop));
+		rop[0].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+		rop[1].op = GRPC_OP_RECV_INITIAL_METADATA;
+		rop[1].data.recv_initial_metadata.recv_initial_metadata = &md;
+		rop[2].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+		rop[2].data.recv_status_on_client.trailing_metadata = &trailing;
+		rop[2].data.recv_status_on_client.status = &code;
+		rop[2].data.recv_status_on_client.status_details = &details;
+		/* The close fails on a call the daemon already ended: fine. */
+		run_batch(call, cq, rop, 1);
+		if (run_batch(call, cq, rop + 1, 2))
+			return 1;
+		printf("status=%d details=%.*s\n", (int)code, (int)GRPC_SLICE_LENGTH(details),
+		       (const char *)GRPC_SLICE_START_PTR(details));
+		grpc_slice_unref(details);
+		grpc_metadata_array_destroy(&md);
+		grpc_metadata_array_destroy(&trailing);
+	} else {
+		usleep(200000); /* let the daemon take in what was sent */
+		grpc_call_cancel(call, NULL);
+		printf("sent %lld of %lld bytes, then cancelled\n", want, (long long)st.st_size);
+	}
 	grpc_call_unref(call);
 	grpc_completion_queue_shutdown(cq);
 	while (grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
