@@ -2,6 +2,8 @@
 #include "wire.h"
 
 #include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -100,6 +102,92 @@ struct ProtobufCMessage *wire_unpack(const struct ProtobufCMessageDescriptor *de
 	grpc_byte_buffer_reader_destroy(&r);
 	struct ProtobufCMessage *m =
 		protobuf_c_message_unpack(desc, NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
+	grpc_slice_unref(s);
+	return m;
+}
+
+static int wire_varint(const uint8_t **p, const uint8_t *end, uint64_t *v)
+{
+	*v = 0;
+	for (unsigned shift = 0; shift < 64 && *p < end; shift += 7) {
+		uint8_t b = *(*p)++;
+		*v |= (uint64_t)(b & 0x7f) << shift;
+		if (!(b & 0x80))
+			return 0;
+	}
+	return -1;
+}
+
+/* Walks the serialized message [p, end) of desc: for every string field,
+ * refuses a NUL among its wire bytes; recurses into message fields. The
+ * bytes were unpacked by protobuf-c already, so they are well-formed; the
+ * bounds are checked anyway. Returns 0, or -1 with err filled in. */
+static int wire_nul_scan(const ProtobufCMessageDescriptor *desc, const uint8_t *p,
+			 const uint8_t *end, int depth, char *err, size_t errlen)
+{
+	if (depth > 8)
+		return 0; /* our messages nest one level; deeper is not ours to judge */
+	while (p < end) {
+		uint64_t tag, len;
+		if (wire_varint(&p, end, &tag))
+			return 0;
+		switch (tag & 7) {
+		case 0:
+			if (wire_varint(&p, end, &len))
+				return 0;
+			break;
+		case 1:
+			p += 8;
+			break;
+		case 5:
+			p += 4;
+			break;
+		case 2: {
+			if (wire_varint(&p, end, &len) || len > (uint64_t)(end - p))
+				return 0;
+			const ProtobufCFieldDescriptor *f =
+				protobuf_c_message_descriptor_get_field(desc, (unsigned)(tag >> 3));
+			const uint8_t *nul = f && f->type == PROTOBUF_C_TYPE_STRING
+						     ? memchr(p, 0, len) : NULL;
+			if (nul) {
+				snprintf(err, errlen,
+					 "%s field \"%s\" holds a NUL byte at offset %zu of its %" PRIu64
+					 " bytes: strings (namespaces included) must not contain NUL",
+					 desc->short_name, f->name, (size_t)(nul - p), len);
+				return -1;
+			}
+			if (f && f->type == PROTOBUF_C_TYPE_MESSAGE &&
+			    wire_nul_scan(f->descriptor, p, p + len, depth + 1, err, errlen))
+				return -1;
+			p += len;
+			break;
+		}
+		default:
+			return 0;
+		}
+	}
+	return 0;
+}
+
+ProtobufCMessage *wire_unpack_checked(const ProtobufCMessageDescriptor *desc,
+				      grpc_byte_buffer *bb, char *err, size_t errlen)
+{
+	grpc_byte_buffer_reader r;
+	if (!bb || !grpc_byte_buffer_reader_init(&r, bb)) {
+		snprintf(err, errlen, "malformed %s message", desc->short_name);
+		return NULL;
+	}
+	grpc_slice s = grpc_byte_buffer_reader_readall(&r);
+	grpc_byte_buffer_reader_destroy(&r);
+	const uint8_t *p = GRPC_SLICE_START_PTR(s);
+	size_t n = GRPC_SLICE_LENGTH(s);
+	ProtobufCMessage *m = protobuf_c_message_unpack(desc, NULL, n, p);
+	if (!m)
+		snprintf(err, errlen, "malformed %s message", desc->short_name);
+	else if (wire_nul_scan(desc, p, p + n, 0, err, errlen)) {
+		protobuf_c_message_free_unpacked(m, NULL);
+		m = NULL;
+	}
 	grpc_slice_unref(s);
 	return m;
 }

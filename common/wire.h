@@ -56,6 +56,14 @@ struct ProtobufCMessageDescriptor;
 struct ProtobufCMessage *wire_unpack(const struct ProtobufCMessageDescriptor *desc,
 				     grpc_byte_buffer *bb);
 
+/* wire_unpack that also refuses a string field holding a NUL byte, in the
+ * message or in any message nested in it. protobuf-c hands strings over as
+ * C strings, so "model-A\0x" would silently become "model-A": the lengths on
+ * the wire are the only place the NUL is still visible. On failure returns
+ * NULL and writes a sentence for the caller's error into err. */
+struct ProtobufCMessage *wire_unpack_checked(const struct ProtobufCMessageDescriptor *desc,
+					     grpc_byte_buffer *bb, char *err, size_t errlen);
+
 /* If bb is a data-only message, calls sink for each contiguous run of its
  * data bytes (no copy) and returns 1 (or sink's negative return value, which
  * stops the walk). Returns 0 when bb holds something else (unpack it). */

@@ -52,6 +52,7 @@
 #include "kvtier.h"
 #include "log.h"
 #include "store.h"
+#include "utf8.h"
 
 #ifndef KVTIER_VERSION
 #define KVTIER_VERSION "unknown"
@@ -137,47 +138,13 @@ void metrics_rpc_observe(int method, int status, double seconds)
 	atomic_fetch_add_explicit(&metrics_rpc.sum_ns[method], (uint64_t)ns, memory_order_relaxed);
 }
 
-/* Length of the valid UTF-8 sequence starting at s, or 0 if s does not start
- * one (bad lead byte, missing continuation, overlong form, surrogate, or a
- * code point above U+10FFFF). */
-static size_t metrics_utf8_len(const unsigned char *s)
-{
-	unsigned c = s[0];
-	uint32_t cp;
-	size_t n;
-
-	if (c < 0x80)
-		return 1;
-	if (c >= 0xc2 && c <= 0xdf) {
-		n = 2;
-		cp = c & 0x1f;
-	} else if (c >= 0xe0 && c <= 0xef) {
-		n = 3;
-		cp = c & 0x0f;
-	} else if (c >= 0xf0 && c <= 0xf4) {
-		n = 4;
-		cp = c & 0x07;
-	} else {
-		return 0;
-	}
-	for (size_t i = 1; i < n; i++) {
-		if ((s[i] & 0xc0) != 0x80) /* also stops at the NUL */
-			return 0;
-		cp = (cp << 6) | (s[i] & 0x3f);
-	}
-	if ((n == 3 && cp < 0x800) || (n == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
-	    (cp >= 0xd800 && cp <= 0xdfff))
-		return 0;
-	return n;
-}
-
 /* Writes v as the inside of a quoted label value. */
 static void metrics_label_value(FILE *f, const char *v)
 {
 	const unsigned char *p = (const unsigned char *)v;
 
 	while (*p) {
-		size_t n = metrics_utf8_len(p);
+		size_t n = utf8_seq_len(p, 4); /* stops at the NUL */
 		if (n == 0) {
 			fprintf(f, "\\\\x%02x", *p);
 			p++;

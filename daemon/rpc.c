@@ -264,13 +264,22 @@ static void call_fail(struct rpc_call *c, int rc, const char *fmt, ...)
 	call_finish(c, NULL, rc, msg);
 }
 
-/* Unpacks the request of a unary / server-streaming call, or fails the call. */
+/* Unpacks the request of a unary / server-streaming call, or fails the call.
+ * Every request goes through wire_unpack_checked, which refuses a string
+ * field with an embedded NUL: protobuf-c would hand the field over cut at
+ * the NUL ("model-A\0fp-2" read as "model-A"), and only the wire bytes still
+ * show it. The namespace's UTF-8 rule is the store's (store_ns_valid). */
 static ProtobufCMessage *call_request(struct rpc_call *c, const ProtobufCMessageDescriptor *d)
 {
-	ProtobufCMessage *m = c->payload ? wire_unpack(d, c->payload) : NULL;
+	char err[RPC_ERR_MAX];
+	ProtobufCMessage *m = NULL;
 
+	if (c->payload)
+		m = wire_unpack_checked(d, c->payload, err, sizeof(err));
+	else
+		snprintf(err, sizeof(err), "malformed %s message", d->short_name);
 	if (!m)
-		call_fail(c, KVTIER_E_INVALID, "malformed %s request", d->short_name);
+		call_fail(c, KVTIER_E_INVALID, "%s", err);
 	return m;
 }
 
@@ -663,11 +672,12 @@ static void handle_put(struct rpc_call *c)
 		if (walked < 0) {
 			rc = ps.rc;
 		} else if (walked == 0) {
-			Kvtier__V1__PutRequest *q = (Kvtier__V1__PutRequest *)wire_unpack(
-				&kvtier__v1__put_request__descriptor, cur);
+			/* Checked: a NUL in the namespace or part suffix is refused
+			 * (see call_request). */
+			Kvtier__V1__PutRequest *q = (Kvtier__V1__PutRequest *)wire_unpack_checked(
+				&kvtier__v1__put_request__descriptor, cur, err, sizeof(err));
 			if (!q) {
 				rc = KVTIER_E_INVALID;
-				snprintf(err, sizeof(err), "malformed PutRequest message");
 			} else {
 				if (first) {
 					rc = store_put_begin(c->srv->store, q->namespace_, q->n_parts,
@@ -941,6 +951,14 @@ static void handle_list(struct rpc_call *c)
 		limit = 10000;
 	if (q->after && q->after[0] && parse_blob(c, q->after, &after))
 		goto out;
+	if (q->namespace_ && q->namespace_[0]) { /* "" lists every namespace */
+		char err[RPC_ERR_MAX];
+		rc = store_ns_valid(q->namespace_, err, sizeof(err));
+		if (rc) {
+			call_fail(c, rc, "%s", err);
+			goto out;
+		}
+	}
 	rc = store_list(c->srv->store, q->namespace_, q->after && q->after[0] ? &after : NULL,
 			limit, list_collect, &acc, &more);
 	if (rc) {

@@ -33,6 +33,7 @@
 #include "log.h"
 #include "slotfile.h"
 #include "tier.h"
+#include "utf8.h"
 
 const char *const store_evict_reason_name[STORE_EVICT_REASONS] = {
 	"capacity", "not_worth_restoring", "lower_tier_full"};
@@ -159,29 +160,27 @@ int store_pinned(struct store *s, const struct key *id)
 	return store_pin_count(s, id) > 0;
 }
 
-/* A namespace is 1..INDEX_NS_MAX bytes of UTF-8 without control characters:
- * it travels in proto3 strings (which must be UTF-8), log lines and labels. */
-static int ns_valid(const char *ns, char *err, size_t errlen)
+/* A namespace is 1..INDEX_NS_MAX bytes of strict UTF-8 without control
+ * characters: it travels in proto3 strings (which every conforming peer
+ * checks for valid UTF-8), log lines and metrics labels. A NUL inside the
+ * name never reaches here: rpc.c refuses it on the wire (wire_unpack_checked),
+ * since a C string would end there. utf8_name_check (common/utf8.c) is the
+ * same checker the metrics label escaping uses. */
+int store_ns_valid(const char *ns, char *err, size_t errlen)
 {
-	size_t n = ns ? strlen(ns) : 0;
-	const unsigned char *p = (const unsigned char *)ns;
+	size_t n = ns ? strlen(ns) : 0, bad;
 
 	if (n == 0 || n > INDEX_NS_MAX) {
 		set_err(err, errlen, "namespace must be 1 to %d bytes (got %zu)", INDEX_NS_MAX, n);
 		return KVTIER_E_INVALID;
 	}
-	for (size_t i = 0; i < n;) {
-		unsigned c = p[i], len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3
-					     : (c >> 3) == 30 ? 4 : 0;
-		int ok = len && i + len <= n && c >= 0x20 && c != 0x7f && c != 0xc0 && c != 0xc1;
-		for (unsigned k = 1; ok && k < len; k++)
-			ok = (p[i + k] & 0xc0) == 0x80;
-		if (!ok) {
-			set_err(err, errlen, "namespace must be UTF-8 without control characters "
-				"(bad byte 0x%02x at offset %zu)", c, i);
-			return KVTIER_E_INVALID;
-		}
-		i += len;
+	if (utf8_name_check(ns, n, INDEX_NS_MAX, &bad)) {
+		set_err(err, errlen, "namespace must be valid UTF-8 without control characters: "
+			"byte 0x%02x at offset %zu is %s (UTF-16 surrogates, overlong forms and code "
+			"points above U+10FFFF are refused)", (unsigned char)ns[bad], bad,
+			(unsigned char)ns[bad] < 0x20 || ns[bad] == 0x7f ? "a control character"
+			: "not part of a valid UTF-8 character");
+		return KVTIER_E_INVALID;
 	}
 	return 0;
 }
@@ -908,7 +907,7 @@ int store_put_begin(struct store *s, const char *ns, unsigned n_parts, uint64_t 
 		    struct store_put **out, char *err, size_t errlen)
 {
 	struct store_put *p;
-	int rc = ns_valid(ns, err, errlen);
+	int rc = store_ns_valid(ns, err, errlen);
 
 	*out = NULL;
 	if (rc)
@@ -1494,7 +1493,7 @@ int store_lookup(struct store *s, const char *ns, const int32_t *tokens, size_t 
 		 struct store_match *out, char *err, size_t errlen)
 {
 	struct index_match m;
-	int rc = ns_valid(ns, err, errlen);
+	int rc = store_ns_valid(ns, err, errlen);
 
 	memset(out, 0, sizeof(*out));
 	if (rc)
@@ -2131,7 +2130,7 @@ static void prefill_refit(double pf[8], void *ctx)
 int store_report_prefill(struct store *s, const char *ns, uint32_t prefix, uint32_t tokens,
 			 double ms, char *err, size_t errlen)
 {
-	int rc = ns_valid(ns, err, errlen);
+	int rc = store_ns_valid(ns, err, errlen);
 
 	if (rc)
 		return rc;

@@ -203,6 +203,12 @@ int store_delete(struct store *s, const struct key *id, char *err, size_t errlen
  * lookup). */
 int store_quarantine(struct store *s, const struct key *id, char *err, size_t errlen);
 
+/* The namespace rule, checked by every call that takes a namespace: 1 to
+ * INDEX_NS_MAX bytes of strict UTF-8 without control characters
+ * (common/utf8.h). Returns 0, or KVTIER_E_INVALID with err saying which byte
+ * is wrong. */
+int store_ns_valid(const char *ns, char *err, size_t errlen);
+
 /* Records prefill timings reported by a client: `tokens` prefilled after
  * `prefix` tokens already in the context took `ms` (policy.h: the namespace's
  * prefill model). */
