@@ -653,13 +653,15 @@ static const struct plan plans[] = {
 };
 #define N_PLANS (sizeof(plans) / sizeof(plans[0]))
 
+static int try_section(struct walk *w, const struct plan *pl, int i, uint64_t off,
+		       struct sec_walk sw[SLOT_MAX_SECTIONS]);
+
 /* Tries plan sections i.. from off, every variant of each; the chosen
  * variants are left in sw[]. Returns 0 when the plan fits exactly. */
 static int try_plan(struct walk *w, const struct plan *pl, int i, uint64_t off,
 		    struct sec_walk sw[SLOT_MAX_SECTIONS])
 {
 	struct sec_walk *s = &sw[i];
-	uint64_t end;
 	int v, rc;
 
 	if (i == pl->n) {
@@ -676,11 +678,7 @@ static int try_plan(struct walk *w, const struct plan *pl, int i, uint64_t off,
 		for (v = 0; v < 6; v++) {
 			s->ext = ext_of[v % 3];
 			s->vless = (uint8_t)(v / 3);
-			end = off;
-			rc = walk_section(w, &end, s, i);
-			if (rc < 0)
-				return rc;
-			if (rc == 0 && (rc = try_plan(w, pl, i + 1, end, sw)) <= 0)
+			if ((rc = try_section(w, pl, i, off, sw)) <= 0)
 				return rc;
 		}
 		return 1;
@@ -689,9 +687,7 @@ static int try_plan(struct walk *w, const struct plan *pl, int i, uint64_t off,
 		/* every layer recurrent first, then fewer (hybrid models) */
 		uint32_t n_layer = SLOT_MAX_LAYERS, k;
 		s->n_k = 0;
-		end = off;
-		rc = walk_section(w, &end, s, i);
-		if (rc <= 0 && (rc < 0 || (rc = try_plan(w, pl, i + 1, end, sw)) <= 0))
+		if ((rc = try_section(w, pl, i, off, sw)) <= 0)
 			return rc;
 		/* n_layer of the section, for the partial tries */
 		{
@@ -710,20 +706,22 @@ static int try_plan(struct walk *w, const struct plan *pl, int i, uint64_t off,
 		for (k = n_layer - 1; k >= 1; k--) {
 			s->form = FORM_REC;
 			s->n_k = k;
-			end = off;
-			rc = walk_section(w, &end, s, i);
-			if (rc < 0)
-				return rc;
-			if (rc == 0 && (rc = try_plan(w, pl, i + 1, end, sw)) <= 0)
+			if ((rc = try_section(w, pl, i, off, sw)) <= 0)
 				return rc;
 		}
 		return 1;
 	}
-	end = off;
-	rc = walk_section(w, &end, s, i);
-	if (rc)
-		return rc;
-	return try_plan(w, pl, i + 1, end, sw);
+	return try_section(w, pl, i, off, sw);
+}
+
+/* Section i as its variant now stands, then the rest of the plan. */
+static int try_section(struct walk *w, const struct plan *pl, int i, uint64_t off,
+		       struct sec_walk sw[SLOT_MAX_SECTIONS])
+{
+	uint64_t end = off;
+	int rc = walk_section(w, &end, &sw[i], i);
+
+	return rc ? rc : try_plan(w, pl, i + 1, end, sw);
 }
 
 /* Replays the chosen variants with a digest, for a format 2 signature. */
