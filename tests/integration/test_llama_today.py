@@ -21,6 +21,18 @@ def completions(dbl):
     return dbl.state()["counters"]["completions"]
 
 
+def lose_slot_and_return(p, dbl, a, b):
+    """A's first turn, saved; B takes the only slot, saved; A's second turn. Returns what
+    turn() returns for A's second turn and the tokens A's slot held when it was saved."""
+    turn(p, dbl, a, "first question")
+    wait_saves(p, 1)
+    saved = slot_tokens(dbl)
+    turn(p, dbl, b, "another conversation takes the slot")
+    wait_saves(p, 2)
+    r, toks, expected = turn(p, dbl, a, "second question", saved)
+    return r, toks, expected, saved
+
+
 def test_layout_namespaces(root, procs):
     """The layout probe tells apart what llama-server does not report: flash attention (v_trans)
     and the number of KV streams. A blob of one never reaches the other."""
@@ -77,12 +89,7 @@ def test_token_forms(root, procs):
                                "packed" if "packed" in extra else "plain") in p.namespace(dbl.url),
               "the namespace names the format: %s" % p.namespace(dbl.url))
         a, b = conversation(0), conversation(1)
-        turn(p, dbl, a, "first question")
-        wait_saves(p, 1)
-        saved = slot_tokens(dbl)
-        turn(p, dbl, b, "another conversation takes the slot")
-        wait_saves(p, 2)
-        r, toks, expected = turn(p, dbl, a, "second question", saved)
+        r, toks, expected, saved = lose_slot_and_return(p, dbl, a, b)
         eq(r["timings"]["prompt_n"], expected, "%s: resumed from the restore" % extra)
         p.wait_restores("ok", 1)
         blobs = d.ls()
@@ -128,12 +135,7 @@ def test_sliding_window(root, procs):
     procs.append(ProcGroup(sp))
     d, (dbl,), p, _ = setup(sub, sp, double_extra=iswa + ["--swa-full"])
     a, b = conversation(0, length=30), conversation(1, length=30)
-    turn(p, dbl, a, "first")
-    wait_saves(p, 1)
-    saved = slot_tokens(dbl)
-    turn(p, dbl, b, "first")
-    wait_saves(p, 2)
-    r, toks, expected = turn(p, dbl, a, "second", saved)
+    r, toks, expected, saved = lose_slot_and_return(p, dbl, a, b)
     eq(r["timings"]["prompt_n"], expected, "with --swa-full the restore is used")
     p.wait_restores("ok", 1)
     eq(p.restores("ignored"), 0, "nothing ignored")
@@ -157,12 +159,7 @@ def test_recurrent(root, procs):
     check("event=recurrent_model" in p.read_log(), "the model kind is told at start")
     check("L=recurrent-" in p.namespace(dbl.url), "recurrent in the namespace")
     a, b = conversation(0), conversation(1)
-    turn(p, dbl, a, "first question")
-    wait_saves(p, 1)
-    saved = slot_tokens(dbl)
-    turn(p, dbl, b, "another conversation takes the slot")
-    wait_saves(p, 2)
-    r, toks, expected = turn(p, dbl, a, "second question", saved)
+    r, toks, expected, saved = lose_slot_and_return(p, dbl, a, b)
     eq(common_prefix(toks, saved), len(saved), "the next turn extends the saved tokens")
     eq(r["timings"]["prompt_n"], expected, "restored and used")
     p.wait_restores("ok", 1)
@@ -186,12 +183,7 @@ def test_server_cache(root, procs):
     d, (dbl,), p, slot_dir = setup(root, procs, server_cache=True)
     check("server_cache=on" in p.read_log(), "the plugin models the server's cache")
     a, b = conversation(0), conversation(1)
-    turn(p, dbl, a, "first question")
-    wait_saves(p, 1)
-    saved = slot_tokens(dbl)
-    turn(p, dbl, b, "another conversation takes the slot")
-    wait_saves(p, 2)
-    r, toks, expected = turn(p, dbl, a, "second question", saved)
+    r, toks, expected, saved = lose_slot_and_return(p, dbl, a, b)
     eq(r["timings"]["prompt_n"], expected, "the server's own cache brought A back")
     eq(dbl.state()["counters"]["restores"], 0, "no restore sent")
     check(dbl.state()["counters"]["cache_loads"] >= 1, "loaded from the server's RAM cache")
