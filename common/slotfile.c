@@ -738,6 +738,16 @@ static int replay_plan(struct walk *w, const struct plan *pl, uint64_t off,
 	return 0;
 }
 
+/* A walk that feeds a digest (its context is the caller's to free). */
+static int digest_walk(struct walk *w, struct slot_parser *p, const struct slot_info *info)
+{
+	memset(w, 0, sizeof(*w));
+	w->p = p;
+	w->version = info->version;
+	w->md = EVP_MD_CTX_new();
+	return w->md ? 0 : -ENOMEM;
+}
+
 /* Ends a signature: the digest's first bytes after its `fixed` ones. */
 static int layout_digest_end(EVP_MD_CTX *md, struct slot_info *info, size_t fixed)
 {
@@ -770,11 +780,7 @@ static int layout_f1(struct slot_parser *p, uint64_t state_off, struct sec_walk 
 		return 0;
 
 	/* Which side differs, and the digest of every entry. */
-	memset(&w, 0, sizeof(w));
-	w.p = p;
-	w.version = info->version;
-	w.md = EVP_MD_CTX_new();
-	if (!w.md)
+	if (digest_walk(&w, p, info))
 		return slot_fail(p, -ENOMEM, "out of memory for the layout digest");
 	{
 		struct sec_walk k = *s;
@@ -874,11 +880,7 @@ static int layout_f2(struct slot_parser *p, const struct plan *pl, struct sec_wa
 	memcpy(info->layout + 18, sw[0].first_k, SLOT_ENTRY_BYTES);
 	memcpy(info->layout + 30, sw[0].first_v, SLOT_ENTRY_BYTES);
 
-	memset(&w, 0, sizeof(w));
-	w.p = p;
-	w.version = info->version;
-	w.md = EVP_MD_CTX_new();
-	if (!w.md)
+	if (digest_walk(&w, p, info))
 		return slot_fail(p, -ENOMEM, "out of memory for the layout digest");
 	if (!EVP_DigestInit_ex(w.md, EVP_sha256(), NULL) ||
 	    !EVP_DigestUpdate(w.md, info->layout, LAYOUT_F2_FIXED)) {
