@@ -1441,6 +1441,20 @@ out:
 	return rc;
 }
 
+/* One Fetch of blob into sink(ctx, ...): f is the caller's, for the part
+ * sizes it records. */
+static int fetch_run(struct fetch *f, kvtier_client *c, const char *blob,
+                     int (*sink)(void *, int, const void *, size_t), void *ctx)
+{
+	memset(f, 0, sizeof(*f));
+	f->c = c;
+	f->blob = blob;
+	f->cur = -1;
+	f->sink = sink;
+	f->ctx = ctx;
+	return fetch_stream(f);
+}
+
 /* kvtier_fetch's sink: the caller's callback, whose non-zero return stops
  * the stream. */
 struct fetch_cb {
@@ -1474,13 +1488,7 @@ KVTIER_API int kvtier_fetch(kvtier_client *c, const char *blob,
 		rc = arg_missing(c, "missing blob id or callback");
 		goto out;
 	}
-	memset(&f, 0, sizeof(f));
-	f.c = c;
-	f.blob = blob;
-	f.cur = -1;
-	f.sink = fetch_cb_sink;
-	f.ctx = &u;
-	rc = fetch_stream(&f);
+	rc = fetch_run(&f, c, blob, fetch_cb_sink, &u);
 	if (u.stopped)
 		rc = u.stopped;
 out:
@@ -1648,13 +1656,7 @@ KVTIER_API int kvtier_fetch_fd(kvtier_client *c, const char *blob, int fd, uint6
 		*size_out = 0;
 	if (!c || !blob || fd < 0)
 		return arg_missing(c, "missing blob id or descriptor");
-	memset(&f, 0, sizeof(f));
-	f.c = c;
-	f.blob = blob;
-	f.cur = -1;
-	f.sink = fetch_fd_sink;
-	f.ctx = &ff;
-	rc = fetch_stream(&f);
+	rc = fetch_run(&f, c, blob, fetch_fd_sink, &ff);
 	if (rc == 0 && size_out)
 		*size_out = f.part[0].size;
 	return rc;
@@ -1708,13 +1710,7 @@ KVTIER_API int kvtier_fetch_file(kvtier_client *c, const char *blob, const char 
 	rc = fetch_check_targets(&ff);
 	if (rc)
 		goto out;
-	memset(&f, 0, sizeof(f));
-	f.c = c;
-	f.blob = blob;
-	f.cur = -1;
-	f.sink = fetch_file_sink;
-	f.ctx = &ff;
-	rc = fetch_stream(&f);
+	rc = fetch_run(&f, c, blob, fetch_file_sink, &ff);
 	if (rc)
 		goto out;
 	rc = fetch_commit(&f, &ff);
