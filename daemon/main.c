@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -51,6 +52,9 @@ enum opt_id {
 	OPT_LEASE_MAX_SECONDS,
 	OPT_WORKERS,
 	OPT_IO_TIMEOUT_MS,
+	OPT_MAX_CONNECTIONS,
+	OPT_HANDSHAKE_TIMEOUT_MS,
+	OPT_CONNECTION_IDLE_MS,
 	OPT_MAP_SIZE,
 	OPT_LOG_LEVEL,
 	OPT_HIGH_WATERMARK,
@@ -104,6 +108,18 @@ static const struct option_def options[] = {
 	 "with RESOURCE_EXHAUSTED."},
 	{"io-timeout-ms", OPT_IO_TIMEOUT_MS, "MS", "60000",
 	 "A stream that makes no progress for this long is cancelled."},
+	{"max-connections", OPT_MAX_CONNECTIONS, "N", "1000",
+	 "Client connections (Unix socket and --listen together) kept open at most; more are "
+	 "accepted and closed at once, logged as event=connection_refused. Also capped by the "
+	 "open-file limit (raised to the hard limit at start) minus descriptors kept for the "
+	 "daemon's own files (64 + 4 per --workers thread + 2 per short-call thread); with "
+	 "--listen, half go to each."},
+	{"handshake-timeout-ms", OPT_HANDSHAKE_TIMEOUT_MS, "MS", "10000",
+	 "A new connection that sends nothing for this long is closed unread (a client "
+	 "sends its first bytes at once)."},
+	{"connection-idle-ms", OPT_CONNECTION_IDLE_MS, "MS", "120000",
+	 "A connection with no call in progress for this long is closed (gRPC GOAWAY); "
+	 "clients reconnect on their next call."},
 	{"map-size", OPT_MAP_SIZE, "SIZE", "64G",
 	 "LMDB map size (address space reserved for the index; sparse)."},
 	{"log-level", OPT_LOG_LEVEL, "LEVEL", "info", "error, warn, info or debug."},
@@ -237,6 +253,28 @@ static int die(const char *fmt, ...)
 	return 2;
 }
 
+/* Raises the soft open-file limit to the hard one: the soft default (1024)
+ * is what a thousand idle connections exhausted (review D1). The listener
+ * caps connections below whatever limit results. */
+static void raise_fd_limit(void)
+{
+	struct rlimit rl;
+	rlim_t was;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl))
+		return;
+	was = rl.rlim_cur;
+	if (rl.rlim_cur == rl.rlim_max)
+		return;
+	rl.rlim_cur = rl.rlim_max;
+	if (setrlimit(RLIMIT_NOFILE, &rl)) /* e.g. an unlimited hard limit above fs.nr_open */
+		klog(LOG_WARN, "event=fd_limit_raise_failed soft=%llu hard=%llu error=\"%s\"",
+		     (unsigned long long)was, (unsigned long long)rl.rlim_max, strerror(errno));
+	else
+		klog(LOG_INFO, "event=fd_limit_raised soft_was=%llu soft=%llu",
+		     (unsigned long long)was, (unsigned long long)rl.rlim_cur);
+}
+
 int main(int argc, char **argv)
 {
 	struct store_config cfg;
@@ -263,6 +301,7 @@ int main(int argc, char **argv)
 	cfg.probe_bytes = 8u << 20;
 	cfg.io_depth = 8;
 	cfg.io_request_bytes = 1u << 20;
+	rcfg.max_connections = 1000;
 	options_longopts(options, N_OPTIONS, longopts);
 
 	while ((rc = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -326,6 +365,18 @@ int main(int argc, char **argv)
 			/* Bounded by LMDB's 126 reader slots: every worker may hold one. */
 			if (options_parse_uint(optarg, 1, 96, &workers))
 				return die("--workers %s: expected 1..96", optarg);
+			break;
+		case OPT_MAX_CONNECTIONS:
+			if (options_parse_uint(optarg, 1, 1000000, &rcfg.max_connections))
+				return die("--max-connections %s: expected 1..1000000", optarg);
+			break;
+		case OPT_HANDSHAKE_TIMEOUT_MS:
+			if (options_parse_uint(optarg, 100, 600000, &rcfg.handshake_timeout_ms))
+				return die("--handshake-timeout-ms %s: expected 100..600000", optarg);
+			break;
+		case OPT_CONNECTION_IDLE_MS:
+			if (options_parse_uint(optarg, 1000, 86400000, &rcfg.connection_idle_ms))
+				return die("--connection-idle-ms %s: expected 1000..86400000", optarg);
 			break;
 		case OPT_IO_TIMEOUT_MS:
 			if (options_parse_uint(optarg, 100, 3600000, &io_timeout))
@@ -466,6 +517,7 @@ int main(int argc, char **argv)
 			klog(LOG_WARN, "event=lock_write_failed path=%s", lock_path);
 	}
 
+	raise_fd_limit();
 	grpc_init();
 	rc = store_open(&cfg, &store, err, sizeof(err));
 	if (rc) {

@@ -111,6 +111,36 @@ static struct {
 	_Atomic uint64_t sum_ns[RPC_METHOD_COUNT];
 } metrics_rpc;
 
+/* Connection counters (listener.c). */
+static struct {
+	_Atomic uint64_t accepted[CONN_LISTENER_COUNT];
+	_Atomic uint64_t refused[CONN_LISTENER_COUNT][CONN_REFUSAL_COUNT];
+	_Atomic int64_t waiting;
+} metrics_conn;
+
+const char *const metrics_conn_refusal_names[CONN_REFUSAL_COUNT] = {"limit", "exhausted",
+								    "silent"};
+static const char *const metrics_conn_listener_names[CONN_LISTENER_COUNT] = {"unix", "tcp"};
+
+void metrics_conn_accepted(int listener)
+{
+	if (listener >= 0 && listener < CONN_LISTENER_COUNT)
+		atomic_fetch_add_explicit(&metrics_conn.accepted[listener], 1, memory_order_relaxed);
+}
+
+void metrics_conn_refused(int listener, int reason)
+{
+	if (listener >= 0 && listener < CONN_LISTENER_COUNT && reason >= 0 &&
+	    reason < CONN_REFUSAL_COUNT)
+		atomic_fetch_add_explicit(&metrics_conn.refused[listener][reason], 1,
+					  memory_order_relaxed);
+}
+
+void metrics_conn_waiting(int delta)
+{
+	atomic_fetch_add_explicit(&metrics_conn.waiting, delta, memory_order_relaxed);
+}
+
 struct metrics {
 	struct MHD_Daemon *daemon;
 	struct store *store;
@@ -243,6 +273,32 @@ static void metrics_render_rpc(FILE *f)
 			rpc_method_names[m], sum_ns / 1000000000u, sum_ns % 1000000000u);
 		fprintf(f, "%s_count{method=\"%s\"} %" PRIu64 "\n", dur, rpc_method_names[m], cum);
 	}
+}
+
+static void metrics_render_conn(FILE *f)
+{
+	static const char acc[] = "kvtier_connections_accepted_total";
+	static const char ref[] = "kvtier_connections_refused_total";
+	int64_t waiting = atomic_load_explicit(&metrics_conn.waiting, memory_order_relaxed);
+
+	metrics_family(f, acc, "counter",
+		       "Client connections handed to gRPC, by listener (unix, tcp).");
+	for (int l = 0; l < CONN_LISTENER_COUNT; l++)
+		fprintf(f, "%s{listener=\"%s\"} %" PRIu64 "\n", acc, metrics_conn_listener_names[l],
+			atomic_load_explicit(&metrics_conn.accepted[l], memory_order_relaxed));
+	metrics_family(f, ref, "counter",
+		       "Client connections closed by kvtierd before gRPC saw them, by listener "
+		       "and reason: limit (descriptor cap), exhausted (accept failed, e.g. "
+		       "EMFILE), silent (nothing sent within --handshake-timeout-ms).");
+	for (int l = 0; l < CONN_LISTENER_COUNT; l++)
+		for (int r = 0; r < CONN_REFUSAL_COUNT; r++)
+			fprintf(f, "%s{listener=\"%s\",reason=\"%s\"} %" PRIu64 "\n", ref,
+				metrics_conn_listener_names[l], metrics_conn_refusal_names[r],
+				atomic_load_explicit(&metrics_conn.refused[l][r],
+						     memory_order_relaxed));
+	metrics_single_u64(f, "kvtier_connections_waiting", "gauge",
+			   "Client connections accepted and waiting for their first bytes.",
+			   waiting > 0 ? (uint64_t)waiting : 0);
 }
 
 /* One family per row, read from a struct by offset: keeps the long lists of
@@ -624,6 +680,7 @@ static void metrics_render_page(FILE *f, const struct store_stats *st,
 {
 	metrics_render_info(f);
 	metrics_render_rpc(f);
+	metrics_render_conn(f);
 	if (st)
 		metrics_render_store(f, st, ns, n_ns);
 	metrics_render_process(f);

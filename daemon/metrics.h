@@ -35,6 +35,25 @@ extern const char *const rpc_method_names[RPC_METHOD_COUNT];
  * (0..16) that took `seconds`. Thread-safe, never blocks. */
 void metrics_rpc_observe(int method, int status, double seconds);
 
+/* Client connections, as the listener (listener.c) sees them. */
+enum conn_listener { CONN_UNIX, CONN_TCP, CONN_LISTENER_COUNT };
+enum conn_refusal {
+	CONN_REFUSED_LIMIT,     /* descriptor cap reached (--max-connections, reserve) */
+	CONN_REFUSED_EXHAUSTED, /* accept failed: EMFILE, ENFILE, ENOMEM, ... */
+	CONN_REFUSED_SILENT,    /* nothing received within --handshake-timeout-ms */
+	CONN_REFUSAL_COUNT
+};
+
+/* "limit", "exhausted", "silent", indexed by enum conn_refusal. */
+extern const char *const metrics_conn_refusal_names[CONN_REFUSAL_COUNT];
+
+/* A connection was handed to gRPC (listener: enum conn_listener). */
+void metrics_conn_accepted(int listener);
+/* A connection was closed by kvtierd before gRPC saw it. */
+void metrics_conn_refused(int listener, int reason);
+/* Connections accepted and waiting for their first bytes: +1 / -1. */
+void metrics_conn_waiting(int delta);
+
 /* Renders the whole exposition into a malloc'd NUL-terminated buffer
  * (caller frees). Returns NULL on allocation failure. s NULL renders only
  * the families that need no store (RPC, process, build info). */

@@ -37,6 +37,7 @@
 #include "kvtier.pb-c.h"
 #include "log.h"
 #include "codec.h"
+#include "listener.h"
 #include "metrics.h"
 #include "store.h"
 #include "wire.h"
@@ -46,6 +47,8 @@
 #endif
 
 #define RPC_ERR_MAX 1024
+#define RPC_HANDSHAKE_TIMEOUT_MS 10000 /* defaults; main.c's option table says the same */
+#define RPC_CONNECTION_IDLE_MS 120000
 
 struct rpc_call;
 
@@ -99,6 +102,7 @@ struct rpc_server {
 	char token[256];
 	grpc_server *server;
 	grpc_completion_queue *cq;       /* notifications (next) */
+	struct listener *listener;       /* Unix socket and plaintext TCP */
 	pthread_t notify_thread;
 	int notify_started;
 	struct rpc_pool pools[POOL_COUNT];
@@ -1138,7 +1142,7 @@ static int token_ok(struct rpc_call *c)
 	if (!tok[0])
 		return 1;
 	peer = grpc_call_get_peer(c->call);
-	is_unix = peer && strncmp(peer, "unix:", 5) == 0;
+	is_unix = listener_peer_is_unix(c->srv->listener, peer);
 	gpr_free(peer);
 	if (is_unix)
 		return 1;
@@ -1281,12 +1285,40 @@ static void *notify_main(void *arg)
 	return NULL;
 }
 
+/* Descriptors kept free of client connections for the daemon's own use:
+ * each stream worker may hold a tier file, a temporary and an io_uring ring
+ * (plus one spare), each short-call worker two files; 64 more cover LMDB,
+ * the lock file, gRPC's own descriptors and the metrics endpoint (at most
+ * 32 scrapes at once). */
+static unsigned rpc_fd_reserve(unsigned workers)
+{
+	unsigned unary = workers / 4 > 4 ? workers / 4 : 4;
+	return 64 + 4 * workers + 2 * unary;
+}
+
+/* Sets up where clients connect: the Unix socket and plaintext TCP through
+ * listener.c (bound now, accepting after grpc_server_start). A TLS listener
+ * would be added here with grpc_server_add_http2_port: gRPC 1.51 hands a
+ * descriptor to a channel with insecure credentials only. */
+static int rpc_listen(struct rpc_server *srv, char *err, size_t errlen)
+{
+	struct listener_config lc = {
+		.unix_path = srv->cfg.unix_path,
+		.tcp = srv->cfg.listen,
+		.max_connections = srv->cfg.max_connections,
+		.fd_reserve = rpc_fd_reserve(srv->cfg.workers),
+		.handshake_timeout_ms = srv->cfg.handshake_timeout_ms,
+	};
+
+	return listener_open(&lc, &srv->listener, err, errlen);
+}
+
 int rpc_start(struct store *s, const struct rpc_config *cfg, struct rpc_server **out, char *err,
 	      size_t errlen)
 {
 	struct rpc_server *srv;
-	grpc_arg args[2];
-	grpc_channel_args chargs = {2, args};
+	grpc_arg args[4];
+	grpc_channel_args chargs = {4, args};
 	int rc = 0;
 
 	*out = NULL;
@@ -1309,6 +1341,10 @@ int rpc_start(struct store *s, const struct rpc_config *cfg, struct rpc_server *
 		srv->cfg.workers = 16;
 	if (!srv->cfg.io_timeout_ms)
 		srv->cfg.io_timeout_ms = 60000;
+	if (!srv->cfg.handshake_timeout_ms)
+		srv->cfg.handshake_timeout_ms = RPC_HANDSHAKE_TIMEOUT_MS;
+	if (!srv->cfg.connection_idle_ms)
+		srv->cfg.connection_idle_ms = RPC_CONNECTION_IDLE_MS;
 	pthread_mutex_init(&srv->lock, NULL);
 	pthread_cond_init(&srv->cond, NULL);
 	for (int p = 0; p < POOL_COUNT; p++) {
@@ -1323,6 +1359,16 @@ int rpc_start(struct store *s, const struct rpc_config *cfg, struct rpc_server *
 	args[1].type = GRPC_ARG_INTEGER;
 	args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
 	args[1].value.integer = WIRE_MAX_MESSAGE;
+	/* Applies to connections added from a descriptor too: their channel
+	 * stack is built from the server's arguments. */
+	args[2].type = GRPC_ARG_INTEGER;
+	args[2].key = GRPC_ARG_MAX_CONNECTION_IDLE_MS;
+	args[2].value.integer = (int)srv->cfg.connection_idle_ms;
+	/* Only gRPC's own listeners (e.g. TLS) run a handshake; ours drop a
+	 * silent connection themselves (listener.c). */
+	args[3].type = GRPC_ARG_INTEGER;
+	args[3].key = GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS;
+	args[3].value.integer = (int)srv->cfg.handshake_timeout_ms;
 	srv->server = grpc_server_create(&chargs, NULL);
 	srv->cq = grpc_completion_queue_create_for_next(NULL);
 	grpc_server_register_completion_queue(srv->server, srv->cq, NULL);
@@ -1335,38 +1381,10 @@ int rpc_start(struct store *s, const struct rpc_config *cfg, struct rpc_server *
 			goto fail;
 		}
 	}
-	if (cfg->unix_path) {
-		char addr[4200];
-		grpc_server_credentials *cr = grpc_insecure_server_credentials_create();
-		struct stat st;
-		/* A stale socket from a crashed run would make the bind fail. Only
-		 * remove a socket, never another kind of file. */
-		if (lstat(cfg->unix_path, &st) == 0 && S_ISSOCK(st.st_mode))
-			unlink(cfg->unix_path);
-		snprintf(addr, sizeof(addr), "unix:%s", cfg->unix_path);
-		int port = grpc_server_add_http2_port(srv->server, addr, cr);
-		grpc_server_credentials_release(cr);
-		if (!port) {
-			snprintf(err, errlen, "cannot listen on Unix socket %s (is the directory there "
-				 "and writable?)", cfg->unix_path);
-			rc = KVTIER_E_UNAVAILABLE;
-			goto fail;
-		}
-	}
-	if (cfg->listen) {
-		grpc_server_credentials *cr = grpc_insecure_server_credentials_create();
-		int port = grpc_server_add_http2_port(srv->server, cfg->listen, cr);
-		grpc_server_credentials_release(cr);
-		if (!port) {
-			snprintf(err, errlen, "cannot listen on %s (address in use, or not HOST:PORT?)",
-				 cfg->listen);
-			rc = KVTIER_E_UNAVAILABLE;
-			goto fail;
-		}
-	}
+	rc = rpc_listen(srv, err, errlen);
+	if (rc)
+		goto fail;
 	grpc_server_start(srv->server);
-	if (cfg->unix_path && chmod(cfg->unix_path, 0660))
-		klog(LOG_WARN, "event=chmod_socket_failed path=%s errno=%d", cfg->unix_path, errno);
 	for (int i = 0; i < RPC_METHOD_COUNT; i++)
 		for (unsigned k = 0; k < methods[i].prepost; k++)
 			if (post_request(srv, &methods[i])) {
@@ -1401,12 +1419,18 @@ int rpc_start(struct store *s, const struct rpc_config *cfg, struct rpc_server *
 		goto fail_started;
 	}
 	srv->notify_started = 1;
+	if (srv->listener) {
+		rc = listener_start(srv->listener, srv->server, err, errlen);
+		if (rc)
+			goto fail_started;
+	}
 	*out = srv;
 	return 0;
 fail_started:
 	rpc_stop(srv, 0);
 	return rc;
 fail:
+	listener_stop(srv->listener);
 	grpc_server_destroy(srv->server);
 	grpc_completion_queue_shutdown(srv->cq);
 	while (grpc_completion_queue_next(srv->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type !=
@@ -1423,6 +1447,9 @@ void rpc_stop(struct rpc_server *srv, unsigned grace_ms)
 
 	if (!srv)
 		return;
+	/* No connection may be handed to a server that is shutting down. */
+	listener_stop(srv->listener);
+	srv->listener = NULL;
 	pthread_mutex_lock(&srv->lock);
 	srv->stopping = 1;
 	pthread_mutex_unlock(&srv->lock);

@@ -14,6 +14,11 @@
  * status_of()). Calls from TCP peers must carry "authorization: Bearer
  * <token>" when a token is configured; calls over the Unix socket rely on
  * the socket's file mode (0660).
+ *
+ * Connections on the Unix socket and plaintext TCP are accepted by
+ * listener.c, which caps them and survives descriptor exhaustion, and then
+ * handed to gRPC; calls to methods not in the service are answered
+ * UNIMPLEMENTED.
  */
 #ifndef KVTIER_RPC_H
 #define KVTIER_RPC_H
@@ -30,6 +35,9 @@ struct rpc_config {
 	unsigned workers;          /* threads for streams (Fetch, Put); short calls get
 				    * max(4, workers / 4) threads of their own */
 	unsigned io_timeout_ms;    /* longest wait for one message of a stream */
+	unsigned max_connections;  /* client connections at most; 0: only the fd limit caps */
+	unsigned handshake_timeout_ms; /* a connection that sends nothing this long is dropped */
+	unsigned connection_idle_ms;   /* a connection without calls this long is closed */
 };
 
 /* Binds, starts the threads and serves `s`. On failure nothing is left
