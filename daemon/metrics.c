@@ -111,11 +111,12 @@ static struct {
 	_Atomic uint64_t sum_ns[RPC_METHOD_COUNT];
 } metrics_rpc;
 
-/* Connection counters (listener.c). */
+/* Connection counters (listener.c) and calls to unknown methods. */
 static struct {
 	_Atomic uint64_t accepted[CONN_LISTENER_COUNT];
 	_Atomic uint64_t refused[CONN_LISTENER_COUNT][CONN_REFUSAL_COUNT];
 	_Atomic int64_t waiting;
+	_Atomic uint64_t unimplemented;
 } metrics_conn;
 
 const char *const metrics_conn_refusal_names[CONN_REFUSAL_COUNT] = {"limit", "exhausted",
@@ -139,6 +140,11 @@ void metrics_conn_refused(int listener, int reason)
 void metrics_conn_waiting(int delta)
 {
 	atomic_fetch_add_explicit(&metrics_conn.waiting, delta, memory_order_relaxed);
+}
+
+void metrics_rpc_unimplemented(void)
+{
+	atomic_fetch_add_explicit(&metrics_conn.unimplemented, 1, memory_order_relaxed);
 }
 
 struct metrics {
@@ -299,6 +305,9 @@ static void metrics_render_conn(FILE *f)
 	metrics_single_u64(f, "kvtier_connections_waiting", "gauge",
 			   "Client connections accepted and waiting for their first bytes.",
 			   waiting > 0 ? (uint64_t)waiting : 0);
+	metrics_single_u64(f, "kvtier_rpc_unimplemented_total", "counter",
+			   "Calls to a method this kvtierd does not serve (answered UNIMPLEMENTED).",
+			   atomic_load_explicit(&metrics_conn.unimplemented, memory_order_relaxed));
 }
 
 /* One family per row, read from a struct by offset: keeps the long lists of

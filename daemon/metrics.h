@@ -53,6 +53,8 @@ void metrics_conn_accepted(int listener);
 void metrics_conn_refused(int listener, int reason);
 /* Connections accepted and waiting for their first bytes: +1 / -1. */
 void metrics_conn_waiting(int delta);
+/* A call to a method this kvtierd does not serve was answered UNIMPLEMENTED. */
+void metrics_rpc_unimplemented(void);
 
 /* Renders the whole exposition into a malloc'd NUL-terminated buffer
  * (caller frees). Returns NULL on allocation failure. s NULL renders only

@@ -58,6 +58,7 @@ struct rpc_call;
 enum rpc_pool_id { POOL_UNARY, POOL_STREAM, POOL_COUNT };
 
 #define RPC_QUEUE_PER_WORKER 16 /* calls waiting per worker before RESOURCE_EXHAUSTED */
+#define RPC_PREPOST_UNKNOWN 2   /* requests kept posted for calls to unknown methods */
 
 struct rpc_pool {
 	struct rpc_server *srv;
@@ -80,7 +81,8 @@ struct rpc_method {
 /* Everything one call owns. Freed only by call_free(). */
 struct rpc_call {
 	struct rpc_server *srv;
-	struct rpc_method *m;
+	struct rpc_method *m;            /* NULL: a call to a method we do not serve */
+	grpc_call_details details;       /* its method, when m is NULL */
 	struct rpc_call *next;           /* worker queue link */
 	grpc_call *call;
 	grpc_completion_queue *cq;       /* pluck queue bound to this call */
@@ -1118,6 +1120,32 @@ static int post_request(struct rpc_server *srv, struct rpc_method *m)
 	return 0;
 }
 
+/* Posts a request for a call to any method not registered (D14: without
+ * one, such calls wait unanswered until shutdown). */
+static int post_request_unknown(struct rpc_server *srv)
+{
+	struct rpc_call *c = calloc(1, sizeof(*c));
+	grpc_call_error e;
+
+	if (!c)
+		return -ENOMEM;
+	c->srv = srv;
+	grpc_metadata_array_init(&c->md);
+	grpc_call_details_init(&c->details);
+	c->cq = grpc_completion_queue_create_for_pluck(NULL);
+	e = grpc_server_request_call(srv->server, &c->call, &c->details, &c->md, c->cq, srv->cq, c);
+	if (e != GRPC_CALL_OK) {
+		klog(LOG_ERROR, "event=request_call_failed method=unknown error=%d", (int)e);
+		grpc_completion_queue_shutdown(c->cq);
+		grpc_completion_queue_destroy(c->cq);
+		grpc_call_details_destroy(&c->details);
+		grpc_metadata_array_destroy(&c->md);
+		free(c);
+		return -EPROTO;
+	}
+	return 0;
+}
+
 static void call_free(struct rpc_call *c)
 {
 	if (c->call)
@@ -1125,6 +1153,8 @@ static void call_free(struct rpc_call *c)
 	if (c->payload)
 		grpc_byte_buffer_destroy(c->payload);
 	grpc_metadata_array_destroy(&c->md);
+	if (!c->m)
+		grpc_call_details_destroy(&c->details);
 	grpc_completion_queue_shutdown(c->cq);
 	while (grpc_completion_queue_pluck(c->cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL)
 		       .type != GRPC_QUEUE_SHUTDOWN)
@@ -1220,7 +1250,28 @@ static void *worker_main(void *arg)
 static void call_reject(struct rpc_call *c, grpc_status_code code, const char *msg)
 {
 	grpc_call_cancel_with_status(c->call, code, msg, NULL);
-	metrics_rpc_observe(c->m->id, (int)code, 0);
+	if (c->m)
+		metrics_rpc_observe(c->m->id, (int)code, 0);
+	call_free(c);
+}
+
+/* Answers a call to a method this kvtierd does not serve, without blocking. */
+static void call_unknown(struct rpc_call *c)
+{
+	char msg[RPC_ERR_MAX];
+	int n = (int)GRPC_SLICE_LENGTH(c->details.method);
+
+	if (n > 200)
+		n = 200;
+	snprintf(msg, sizeof(msg),
+		 "kvtierd %s does not serve method %.*s (it serves kvtier.v1.Kvtier: Info, Lookup, "
+		 "Fetch, Put, Stage, Release, Adopt, Delete, List, Stats, Report); use a client "
+		 "of the same version or upgrade kvtierd",
+		 KVTIER_VERSION, n, (const char *)GRPC_SLICE_START_PTR(c->details.method));
+	klog(LOG_DEBUG, "event=unknown_method method=\"%.*s\"", n,
+	     (const char *)GRPC_SLICE_START_PTR(c->details.method));
+	grpc_call_cancel_with_status(c->call, GRPC_STATUS_UNIMPLEMENTED, msg, NULL);
+	metrics_rpc_unimplemented();
 	call_free(c);
 }
 
@@ -1252,14 +1303,18 @@ static void *notify_main(void *arg)
 		pthread_mutex_lock(&srv->lock);
 		int stopping = srv->stopping;
 		pthread_mutex_unlock(&srv->lock);
-		if (!stopping && post_request(srv, c->m))
-			klog(LOG_ERROR, "event=repost_failed method=%s", c->m->path);
+		if (!stopping && (c->m ? post_request(srv, c->m) : post_request_unknown(srv)))
+			klog(LOG_ERROR, "event=repost_failed method=%s", c->m ? c->m->path : "unknown");
 		/* Unauthenticated calls and calls beyond the queue's bound are
 		 * refused here, before they can take memory or a worker. */
 		if (!token_ok(c)) {
 			call_reject(c, GRPC_STATUS_UNAUTHENTICATED,
 				    "missing or wrong bearer token: TCP clients must send "
 				    "\"authorization: Bearer <token>\" (kvtier --token-file)");
+			continue;
+		}
+		if (!c->m) {
+			call_unknown(c);
 			continue;
 		}
 		struct rpc_pool *pool =
@@ -1392,6 +1447,12 @@ int rpc_start(struct store *s, const struct rpc_config *cfg, struct rpc_server *
 				rc = KVTIER_E_INTERNAL;
 				goto fail_started;
 			}
+	for (unsigned k = 0; k < RPC_PREPOST_UNKNOWN; k++)
+		if (post_request_unknown(srv)) {
+			snprintf(err, errlen, "cannot post requests for unknown methods");
+			rc = KVTIER_E_INTERNAL;
+			goto fail_started;
+		}
 	for (int p = 0; p < POOL_COUNT; p++) {
 		struct rpc_pool *pool = &srv->pools[p];
 		unsigned want = p == POOL_STREAM ? srv->cfg.workers
