@@ -465,6 +465,8 @@ static void *listener_main(void *arg)
 		int64_t now = listener_now_ms();
 		int timeout = -1, accepting = now >= backoff_until;
 
+		if (l->spare_fd < 0) /* lost to a race under EMFILE: take it back when we can */
+			l->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 		if (want > cap) {
 			struct pollfd *p = realloc(pfd, want * sizeof(*p));
 			if (!p) { /* keep serving the waiting ones with what we have */
