@@ -91,8 +91,9 @@ static int64_t listener_now_ms(void)
 static void listener_refused(struct listener *l, int kind, int reason, int err)
 {
 	static const char *const why[CONN_REFUSAL_COUNT] = {
-		[CONN_REFUSED_LIMIT] = "connection limit reached: the descriptors left are kept for "
-				       "tier files, LMDB, io_uring and metrics",
+		[CONN_REFUSED_LIMIT] = "connection limit reached: --max-connections, or the open-file "
+				       "limit less the descriptors kept for tier files, LMDB, "
+				       "io_uring and metrics (see event=listener_fds)",
 		[CONN_REFUSED_EXHAUSTED] = "no file descriptor left in the process",
 		[CONN_REFUSED_SILENT] = "the client sent nothing within --handshake-timeout-ms",
 	};
