@@ -1281,6 +1281,21 @@ static void *notify_main(void *arg)
 	return NULL;
 }
 
+/* The credentials of the --listen port: TLS with the configured key pair
+ * (checked by the caller: tlsfile.h), else plaintext. gRPC copies the PEM
+ * text. No client certificate is requested; the bearer token authenticates. */
+static grpc_server_credentials *listen_credentials(const struct rpc_config *cfg)
+{
+	grpc_ssl_pem_key_cert_pair pair;
+
+	if (!cfg->tls_cert_pem || !cfg->tls_key_pem)
+		return grpc_insecure_server_credentials_create();
+	pair.private_key = cfg->tls_key_pem;
+	pair.cert_chain = cfg->tls_cert_pem;
+	return grpc_ssl_server_credentials_create_ex(NULL, &pair, 1,
+						     GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE, NULL);
+}
+
 int rpc_start(struct store *s, const struct rpc_config *cfg, struct rpc_server **out, char *err,
 	      size_t errlen)
 {
@@ -1354,12 +1369,12 @@ int rpc_start(struct store *s, const struct rpc_config *cfg, struct rpc_server *
 		}
 	}
 	if (cfg->listen) {
-		grpc_server_credentials *cr = grpc_insecure_server_credentials_create();
+		grpc_server_credentials *cr = listen_credentials(cfg);
 		int port = grpc_server_add_http2_port(srv->server, cfg->listen, cr);
 		grpc_server_credentials_release(cr);
 		if (!port) {
-			snprintf(err, errlen, "cannot listen on %s (address in use, or not HOST:PORT?)",
-				 cfg->listen);
+			snprintf(err, errlen, "cannot listen on %s%s (address in use, or not HOST:PORT?)",
+				 cfg->listen, cfg->tls_cert_pem ? " with TLS" : "");
 			rc = KVTIER_E_UNAVAILABLE;
 			goto fail;
 		}
