@@ -111,7 +111,15 @@ static kvtier_client *pool_get(struct kvclient *k)
 		c = k->pool[--k->n_pool];
 	pthread_mutex_unlock(&k->lock);
 	if (!c && handle_open(k, &c, err, sizeof(err)) != 0) {
-		klog(LOG_WARN, "event=kvtier_open_failed address=%s error=\"%s\"", k->address, err);
+		/* Only after start (the CA file went away, no memory): once a
+		 * minute at most, not once per request. */
+		static atomic_long last_log;
+		long now = (long)now_s(), last = atomic_load(&last_log);
+
+		if ((last == 0 || now - last >= 60) &&
+		    atomic_compare_exchange_strong(&last_log, &last, now))
+			klog(LOG_WARN, "event=kvtier_open_failed address=%s error=\"%s\"",
+			     k->address, err);
 		c = NULL;
 	}
 	return c;
