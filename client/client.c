@@ -315,8 +315,8 @@ static int call_status(struct kcall *k, const gpr_timespec *deadline)
 		else if (rc == KVTIER_E_UNAVAILABLE && strncmp(c->target, "unix:", 5) != 0 &&
 		         !strstr(msg, "Connection refused"))
 			set_err(c, "kvtierd at %s: %s (if kvtierd serves this port with TLS, "
-			        "--tls-cert, connect with the CA that signed it: kvtier --tls-ca)",
-			        c->target, msg);
+			        "--tls-cert, connect over TLS with the CA that signed its "
+			        "certificate)", c->target, msg);
 		else if (rc == KVTIER_E_UNAVAILABLE)
 			set_err(c, "kvtierd at %s: %s", c->target, msg);
 		else if (rc == KVTIER_E_TIMEOUT)
