@@ -1623,6 +1623,14 @@ static void main_help(void)
 	       "                       host:port            TCP (kvtierd --listen); needs a token\n"
 	       "  --token-file F     file holding the bearer token for TCP (kvtierd\n"
 	       "                     --auth-token-file); Unix sockets need none\n"
+	       "  --tls-ca FILE      talk TLS to --address HOST:PORT (kvtierd --tls-cert) and\n"
+	       "                     trust only the CA certificate(s) in PEM file FILE: the\n"
+	       "                     connection fails, and the token is never sent, unless\n"
+	       "                     kvtierd shows a certificate of that CA for HOST\n"
+	       "  --tls-server-name NAME\n"
+	       "                     with --tls-ca: the name kvtierd's certificate must carry\n"
+	       "                     when it is not HOST (e.g. connecting through an IP\n"
+	       "                     address or a tunnel)\n"
 	       "  --timeout-ms N     give up on a call, or on one message of a transfer, after\n"
 	       "                     N ms (default 60000)\n"
 	       "  -h, --help         this text\n"
@@ -1633,13 +1641,22 @@ static void main_help(void)
 	       "STATUS being the gRPC status name (INVALID_ARGUMENT, NOT_FOUND, ...).\n");
 }
 
+/* The global options that say how to reach the daemon. */
+struct cli_conn {
+	const char *sock, *addr, *token_file;
+	const char *tls_ca, *tls_name; /* --tls-ca, --tls-server-name; NULL: none */
+};
+
 /* Opens the client handle for a command that talks to the daemon: the
  * address from --address, else --socket, $KVTIER_SOCKET or the default
- * socket; the token from --token-file. Returns an exit status. */
-static int cli_connect(struct cli *g, const char *sock, const char *addr, const char *token_file)
+ * socket; the token from --token-file; TLS with --tls-ca. Returns an exit
+ * status. */
+static int cli_connect(struct cli *g, const struct cli_conn *cn)
 {
+	const char *sock = cn->sock, *addr = cn->addr, *token_file = cn->token_file;
 	struct kvtier_options o;
-	char err[512];
+	struct kvtier_tls tls;
+	char err[1024];
 	int rc, ret = EXIT_OK;
 
 	if (addr) {
@@ -1670,11 +1687,19 @@ static int cli_connect(struct cli *g, const char *sock, const char *addr, const 
 	memset(&o, 0, sizeof(o));
 	o.auth_token = g->token;
 	o.timeout_ms = g->timeout_ms;
-	rc = kvtier_open(&g->c, g->address, &o);
-	if (rc == KVTIER_E_INVALID)
+	memset(&tls, 0, sizeof(tls));
+	tls.ca_file = cn->tls_ca;
+	tls.server_name = cn->tls_name;
+	rc = kvtier_open_tls(&g->c, g->address, &o, cn->tls_ca ? &tls : NULL, err, sizeof(err));
+	if (rc == KVTIER_E_INVALID && !cn->tls_ca)
 		ret = usage_error(g, "bad daemon address \"%s\" (see kvtier --help)",
 		                  addr ? addr : sock);
-	else if (rc)
+	else if (rc == KVTIER_E_INVALID)
+		ret = usage_error(g, "%s", err);
+	else if (rc && cn->tls_ca) {
+		warnx_cmd(g, "--tls-ca: %s", err);
+		ret = EXIT_FAIL;
+	} else if (rc)
 		ret = fail(g, rc, "cannot open a client");
 out:
 	return ret;
@@ -1685,13 +1710,15 @@ int main(int argc, char **argv)
 	static const struct option lo[] = {{"socket", required_argument, NULL, 's'},
 	                                   {"address", required_argument, NULL, 'a'},
 	                                   {"token-file", required_argument, NULL, 't'},
+	                                   {"tls-ca", required_argument, NULL, 'C'},
+	                                   {"tls-server-name", required_argument, NULL, 'N'},
 	                                   {"timeout-ms", required_argument, NULL, 'T'},
 	                                   {"help", no_argument, NULL, 'h'},
 	                                   {"version", no_argument, NULL, 'V'},
 	                                   {NULL, 0, NULL, 0}};
 	struct cli g;
 	const struct command *cmd;
-	const char *sock = NULL, *addr = NULL, *token_file = NULL;
+	struct cli_conn cn = {0};
 	uint32_t t32;
 	int opt, ret = EXIT_USAGE;
 
@@ -1706,13 +1733,19 @@ int main(int argc, char **argv)
 	while ((opt = getopt_long(argc, argv, "+h", lo, NULL)) != -1) {
 		switch (opt) {
 		case 's':
-			sock = optarg;
+			cn.sock = optarg;
 			break;
 		case 'a':
-			addr = optarg;
+			cn.addr = optarg;
 			break;
 		case 't':
-			token_file = optarg;
+			cn.token_file = optarg;
+			break;
+		case 'C':
+			cn.tls_ca = optarg;
+			break;
+		case 'N':
+			cn.tls_name = optarg;
 			break;
 		case 'T':
 			if (parse_u32(optarg, &t32) || t32 == 0) {
@@ -1755,8 +1788,18 @@ int main(int argc, char **argv)
 		ret = usage_error(&g, "no command \"%s\"", argv[optind]);
 		goto out;
 	}
-	if (sock && addr) {
+	if (cn.sock && cn.addr) {
 		ret = usage_error(&g, "give --socket or --address, not both");
+		goto out;
+	}
+	if (cn.tls_name && !cn.tls_ca) {
+		ret = usage_error(&g, "--tls-server-name goes with --tls-ca (the CA file that "
+		                      "signed kvtierd's certificate)");
+		goto out;
+	}
+	if (cn.tls_ca && !cn.addr) {
+		ret = usage_error(&g, "--tls-ca is for --address HOST:PORT (kvtierd --listen with "
+		                      "--tls-cert); the Unix socket needs neither TLS nor a token");
 		goto out;
 	}
 	g.cmd = cmd->name;
@@ -1774,7 +1817,7 @@ int main(int argc, char **argv)
 		}
 
 	if (cmd->needs_daemon) {
-		ret = cli_connect(&g, sock, addr, token_file);
+		ret = cli_connect(&g, &cn);
 		if (ret != EXIT_OK)
 			goto out;
 	}

@@ -40,6 +40,7 @@
 #include <grpc/support/time.h>
 
 #include "kvtier.pb-c.h"
+#include "tlsfile.h"
 #include "wire.h"
 
 #define CLIENT_DEFAULT_TIMEOUT_MS 60000u
@@ -79,6 +80,9 @@ struct kvtier_client {
 	void *method[M_COUNT];       /* from grpc_channel_register_call */
 	char *target;                /* the gRPC target ("unix:/x.sock", "host:port") */
 	char *auth;                  /* "Bearer <token>", or NULL */
+	char *tls_ca;                /* TLS: the CA file's path (for messages), else NULL */
+	char *tls_ca_pem;            /* TLS: its certificates, kept while the channel lives */
+	char *tls_name;              /* TLS: the name the certificate must carry */
 	unsigned timeout_ms;         /* per call; per message on streams */
 	char errmsg[CLIENT_ERR_MAX]; /* message of the last failure */
 };
@@ -304,7 +308,16 @@ static int call_status(struct kcall *k, const gpr_timespec *deadline)
 		char *d = grpc_slice_to_c_string(k->details);
 		const char *msg = d && d[0] ? d : "(no message)";
 
-		if (rc == KVTIER_E_UNAVAILABLE)
+		if (rc == KVTIER_E_UNAVAILABLE && c->tls_ca && !strstr(msg, "Connection refused"))
+			set_err(c, "kvtierd at %s: %s (over TLS: kvtierd must serve --listen with "
+			        "--tls-cert, a certificate signed by a CA in %s that names %s)",
+			        c->target, msg, c->tls_ca, c->tls_name);
+		else if (rc == KVTIER_E_UNAVAILABLE && strncmp(c->target, "unix:", 5) != 0 &&
+		         !strstr(msg, "Connection refused"))
+			set_err(c, "kvtierd at %s: %s (if kvtierd serves this port with TLS, "
+			        "--tls-cert, connect over TLS with the CA that signed its "
+			        "certificate)", c->target, msg);
+		else if (rc == KVTIER_E_UNAVAILABLE)
 			set_err(c, "kvtierd at %s: %s", c->target, msg);
 		else if (rc == KVTIER_E_TIMEOUT)
 			set_err(c, "no answer from kvtierd at %s within %u ms (%s: %s)", c->target,
@@ -533,39 +546,136 @@ out:
 	return rc;
 }
 
+/* The host part of a "host:port" target, for messages: *name is malloc'd. */
+static int host_of(const char *target, char **name)
+{
+	const char *colon = strrchr(target, ':');
+	size_t n = colon ? (size_t)(colon - target) : strlen(target);
+
+	if (n >= 2 && target[0] == '[' && target[n - 1] == ']') {
+		target++;
+		n -= 2;
+	}
+	*name = strndup(target, n);
+	return *name ? 0 : -ENOMEM;
+}
+
+/* Sets up the TLS part of handle c from tls: reads the CA file, checks the
+ * name, and makes SSL channel credentials into *creds. Returns 0,
+ * KVTIER_E_INVALID, -errno, -EBADMSG, -EFBIG or -ENOMEM; err says why. */
+static int tls_setup(kvtier_client *c, const struct kvtier_tls *tls,
+                     grpc_channel_credentials **creds, char *err, size_t errlen)
+{
+	const char *name = tls->server_name && tls->server_name[0] ? tls->server_name : NULL;
+	int rc = 0;
+
+	if (strncmp(c->target, "unix:", 5) == 0) {
+		rc = KVTIER_E_INVALID;
+		snprintf(err, errlen, "TLS is for a HOST:PORT address (kvtierd --listen), not the "
+		         "Unix socket %s, which needs neither TLS nor a token", c->target + 5);
+		goto out;
+	}
+	if (!tls->ca_file || !tls->ca_file[0]) {
+		rc = KVTIER_E_INVALID;
+		snprintf(err, errlen, "TLS needs the CA file that signed kvtierd's certificate");
+		goto out;
+	}
+	if (name && (strlen(name) > 253 || strspn(name, "abcdefghijklmnopqrstuvwxyz"
+	                                               "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.:")
+	                                       != strlen(name))) {
+		rc = KVTIER_E_INVALID;
+		snprintf(err, errlen, "TLS server name \"%.64s\" is not a host name or an IP "
+		         "address", name);
+		goto out;
+	}
+	rc = tlsfile_read_certs("CA file", tls->ca_file, &c->tls_ca_pem, err, errlen);
+	if (rc)
+		goto out;
+	c->tls_ca = strdup(tls->ca_file);
+	c->tls_name = NULL;
+	if (name)
+		c->tls_name = strdup(name);
+	else if (host_of(c->target, &c->tls_name))
+		c->tls_name = NULL;
+	if (!c->tls_ca || !c->tls_name) {
+		rc = -ENOMEM;
+		goto out;
+	}
+	*creds = grpc_ssl_credentials_create(c->tls_ca_pem, NULL, NULL, NULL);
+	if (!*creds)
+		rc = -ENOMEM;
+out:
+	if (rc == -ENOMEM)
+		snprintf(err, errlen, "out of memory");
+	return rc;
+}
+
+static void client_free(kvtier_client *c)
+{
+	if (c->channel)
+		grpc_channel_destroy(c->channel);
+	free(c->auth);
+	free(c->target);
+	free(c->tls_ca);
+	free(c->tls_ca_pem);
+	free(c->tls_name);
+	free(c);
+}
+
 KVTIER_API int kvtier_open(kvtier_client **out, const char *address,
                            const struct kvtier_options *opt)
+{
+	return kvtier_open_tls(out, address, opt, NULL, NULL, 0);
+}
+
+KVTIER_API int kvtier_open_tls(kvtier_client **out, const char *address,
+                               const struct kvtier_options *opt, const struct kvtier_tls *tls,
+                               char *err, size_t errlen)
 {
 	kvtier_client *c = NULL;
 	grpc_channel_credentials *creds = NULL;
 	grpc_arg args[5];
 	grpc_channel_args cargs;
+	char scratch[8];
 	int rc = 0, inited = 0;
 
+	if (!err || !errlen) {
+		err = scratch;
+		errlen = sizeof(scratch);
+	}
+	err[0] = '\0';
 	if (!out) {
 		rc = KVTIER_E_INVALID;
+		snprintf(err, errlen, "no place for the handle (out is NULL)");
 		goto out;
 	}
 	*out = NULL;
 	c = calloc(1, sizeof(*c));
 	if (!c) {
 		rc = -ENOMEM;
+		snprintf(err, errlen, "out of memory");
 		goto out;
 	}
 	c->timeout_ms = opt && opt->timeout_ms ? opt->timeout_ms : CLIENT_DEFAULT_TIMEOUT_MS;
 	rc = target_of(address, &c->target);
-	if (rc)
+	if (rc) {
+		snprintf(err, errlen, "bad daemon address \"%.200s\": expected unix:PATH, /PATH or "
+		         "HOST:PORT", address ? address : "");
 		goto out;
+	}
 	if (opt && opt->auth_token && opt->auth_token[0]) {
 		/* A header value: printable ASCII only, or gRPC refuses every call. */
 		for (const char *p = opt->auth_token; *p; p++)
 			if ((unsigned char)*p < 0x21 || (unsigned char)*p > 0x7e) {
 				rc = KVTIER_E_INVALID;
+				snprintf(err, errlen, "the token may only hold printable ASCII "
+				         "characters without blanks");
 				goto out;
 			}
 		if (asprintf(&c->auth, "Bearer %s", opt->auth_token) < 0) {
 			c->auth = NULL;
 			rc = -ENOMEM;
+			snprintf(err, errlen, "out of memory");
 			goto out;
 		}
 	}
@@ -593,20 +703,38 @@ KVTIER_API int kvtier_open(kvtier_client **out, const char *address,
 	args[3].value.integer = 100;
 	cargs.num_args = 4;
 	cargs.args = args;
-	creds = grpc_insecure_credentials_create();
+	if (tls) {
+		/* SSL channel credentials: gRPC sends nothing of a call (its
+		 * metadata holds the token) before the handshake has checked the
+		 * certificate, and never falls back to plaintext. */
+		rc = tls_setup(c, tls, &creds, err, errlen);
+		if (rc)
+			goto out;
+		if (tls->server_name && tls->server_name[0]) {
+			args[4].type = GRPC_ARG_STRING;
+			args[4].key = (char *)GRPC_SSL_TARGET_NAME_OVERRIDE_ARG;
+			args[4].value.string = c->tls_name;
+			cargs.num_args = 5;
+		}
+	} else {
+		creds = grpc_insecure_credentials_create();
+	}
 	if (!creds) {
 		rc = -ENOMEM;
+		snprintf(err, errlen, "out of memory");
 		goto out;
 	}
 	c->channel = grpc_channel_create(c->target, creds, &cargs);
 	if (!c->channel) {
 		rc = -ENOMEM;
+		snprintf(err, errlen, "out of memory");
 		goto out;
 	}
 	for (int m = 0; m < M_COUNT; m++) {
 		c->method[m] = grpc_channel_register_call(c->channel, method_path[m], NULL, NULL);
 		if (!c->method[m]) {
 			rc = -ENOMEM;
+			snprintf(err, errlen, "out of memory");
 			goto out;
 		}
 	}
@@ -615,13 +743,8 @@ KVTIER_API int kvtier_open(kvtier_client **out, const char *address,
 out:
 	if (creds)
 		grpc_channel_credentials_release(creds);
-	if (c) {
-		if (c->channel)
-			grpc_channel_destroy(c->channel);
-		free(c->auth);
-		free(c->target);
-		free(c);
-	}
+	if (c)
+		client_free(c);
 	if (rc && inited)
 		grpc_shutdown();
 	return rc;
@@ -630,10 +753,7 @@ out:
 KVTIER_API void kvtier_close(kvtier_client *c)
 {
 	if (c) {
-		grpc_channel_destroy(c->channel);
-		free(c->auth);
-		free(c->target);
-		free(c);
+		client_free(c);
 		grpc_shutdown(); /* pairs with kvtier_open's grpc_init() */
 	}
 }

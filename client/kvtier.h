@@ -74,6 +74,32 @@ struct kvtier_options {
 KVTIER_API int kvtier_open(kvtier_client **out, const char *address,
 			   const struct kvtier_options *opt);
 
+/* TLS to a kvtierd whose --listen has --tls-cert and --tls-key. Added after
+ * 0.2.0 (a new function: kvtier_options keeps its size). */
+struct kvtier_tls {
+	const char *ca_file;     /* PEM file with the CA certificate(s) that signed
+	                          * kvtierd's certificate (required) */
+	const char *server_name; /* the name kvtierd's certificate must carry (a DNS
+	                          * name or an IP address); NULL or "" = the host
+	                          * of `address` */
+};
+
+/* kvtier_open() with TLS when tls is not NULL (NULL: exactly kvtier_open()).
+ * The CA file is read and checked here, once. Every connection then checks
+ * kvtierd's certificate against it and the name before any call is sent,
+ * and never falls back to plaintext: the bearer token in opt never leaves
+ * the process unencrypted. A daemon without TLS, or with a certificate of
+ * another CA or for another name, fails every call with
+ * KVTIER_E_UNAVAILABLE (kvtier_errmsg says why). `address` must be
+ * host:port. err (may be NULL) receives a sentence on failure; errlen is
+ * its size. Returns 0; KVTIER_E_INVALID (bad address, a Unix socket with
+ * TLS, no ca_file, a bad server_name or token); -errno when ca_file cannot
+ * be read; -EBADMSG when it holds no PEM certificate or a broken one;
+ * -EFBIG when it is over 1 MiB; -ENOMEM. */
+KVTIER_API int kvtier_open_tls(kvtier_client **out, const char *address,
+			       const struct kvtier_options *opt, const struct kvtier_tls *tls,
+			       char *err, size_t errlen);
+
 /* Closes the handle. Calls in flight on other threads must have returned. */
 KVTIER_API void kvtier_close(kvtier_client *c);
 

@@ -32,6 +32,7 @@
 #include "metrics.h"
 #include "rpc.h"
 #include "store.h"
+#include "tlsfile.h"
 
 #ifndef KVTIER_VERSION
 #define KVTIER_VERSION "0.0.0"
@@ -44,6 +45,8 @@ enum opt_id {
 	OPT_SLOT_DIR,
 	OPT_LISTEN,
 	OPT_AUTH_TOKEN_FILE,
+	OPT_TLS_CERT,
+	OPT_TLS_KEY,
 	OPT_METRICS,
 	OPT_BLOCK_SIZE,
 	OPT_NO_SUPERSEDE,
@@ -86,9 +89,19 @@ static const struct option_def options[] = {
 	 "A llama-server --slot-save-path that Stage may link blobs into and Adopt may take files "
 	 "from; repeat for several servers. Nothing outside these directories is ever touched."},
 	{"listen", OPT_LISTEN, "HOST:PORT", "(none)",
-	 "Also serve gRPC over TCP. Requires --auth-token-file."},
+	 "Also serve gRPC over TCP. Requires --auth-token-file. Give --tls-cert and --tls-key "
+	 "too: without them the token and every blob cross the network in clear (a warning is "
+	 "logged at start)."},
 	{"auth-token-file", OPT_AUTH_TOKEN_FILE, "FILE", "(none)",
 	 "File whose first line is the bearer token TCP clients must send."},
+	{"tls-cert", OPT_TLS_CERT, "FILE", "(none)",
+	 "PEM certificate (chain: the server's own first) that --listen presents: TCP is then "
+	 "served over TLS only. Needs --tls-key. Clients check it against the CA that signed it "
+	 "(kvtier --tls-ca, kvtier-llama --kvtier-tls-ca), so it must name the host they "
+	 "connect to (subjectAltName DNS or IP). Checked at start; read once (restart to renew)."},
+	{"tls-key", OPT_TLS_KEY, "FILE", "(none)",
+	 "PEM private key of --tls-cert, unencrypted; keep it mode 0600 (a warning is logged "
+	 "otherwise)."},
 	{"metrics", OPT_METRICS, "HOST:PORT", "(off)",
 	 "Serve Prometheus metrics at http://HOST:PORT/metrics (use a loopback address)."},
 	{"block-size", OPT_BLOCK_SIZE, "N", "64",
@@ -275,13 +288,55 @@ static void raise_fd_limit(void)
 		     (unsigned long long)was, (unsigned long long)rl.rlim_cur);
 }
 
+/* Checks the TLS options and reads the key pair for --listen into
+ * *cert_pem and *key_pem (both NULL without TLS); says at start, before
+ * anything listens, what is wrong with them. Without TLS on --listen it
+ * warns that the token travels in clear. Returns 0 or the exit status. */
+static int tls_setup(const char *listen, const char *cert, const char *key, char **cert_pem,
+		     char **key_pem)
+{
+	struct tlsfile_cert_info info;
+	char err[1024];
+
+	*cert_pem = *key_pem = NULL;
+	if (!cert != !key)
+		return die("--tls-cert and --tls-key go together: give the certificate and its "
+			   "private key, or neither (plaintext TCP)");
+	if (cert && !listen)
+		return die("--tls-cert and --tls-key secure --listen, which is not given: add "
+			   "--listen HOST:PORT (the Unix socket needs no TLS)");
+	if (!listen)
+		return 0;
+	if (!cert) {
+		klog(LOG_WARN, "event=listen_plaintext listen=%s hint=\"TCP is served without TLS: "
+		     "the bearer token and every blob cross the network in clear and can be read "
+		     "or replayed by anyone on the path; give --tls-cert and --tls-key "
+		     "(docs/operations.md, remote setup) unless this network is trusted\"", listen);
+		return 0;
+	}
+	if (tlsfile_read_key_pair(cert, key, cert_pem, key_pem, &info, err, sizeof(err)))
+		return die("TLS for --listen: %s", err);
+	if (info.key_mode & 077)
+		klog(LOG_WARN, "event=tls_key_permissions path=%s mode=%o hint=\"chmod 600: the "
+		     "private key must be readable by kvtierd's user only\"", key, info.key_mode);
+	if (info.expired || info.not_yet_valid)
+		klog(LOG_WARN, "event=tls_cert_%s path=%s subject=\"%s\" not_after=\"%s\" "
+		     "hint=\"clients will refuse the connection: renew the certificate and "
+		     "restart\"", info.expired ? "expired" : "not_yet_valid", cert, info.subject,
+		     info.not_after);
+	klog(LOG_INFO, "event=tls_ready listen=%s cert=%s subject=\"%s\" not_after=\"%s\"", listen,
+	     cert, info.subject, info.not_after);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct store_config cfg;
 	struct rpc_config rcfg = {0};
 	struct option longopts[N_OPTIONS + 1];
 	char socket_path[4096 + 32] = "", token[256] = "", lock_path[4096 + 32], err[1024] = "";
-	const char *metrics_addr = NULL, *token_file = NULL;
+	const char *metrics_addr = NULL, *token_file = NULL, *tls_cert = NULL, *tls_key = NULL;
+	char *cert_pem = NULL, *key_pem = NULL;
 	unsigned workers = 16, io_timeout = 60000, lease = 300, lease_max = 3600;
 	struct store *store = NULL;
 	struct rpc_server *rpc = NULL;
@@ -338,6 +393,12 @@ int main(int argc, char **argv)
 			break;
 		case OPT_AUTH_TOKEN_FILE:
 			token_file = optarg;
+			break;
+		case OPT_TLS_CERT:
+			tls_cert = optarg;
+			break;
+		case OPT_TLS_KEY:
+			tls_key = optarg;
 			break;
 		case OPT_METRICS:
 			metrics_addr = optarg;
@@ -479,6 +540,11 @@ int main(int argc, char **argv)
 			return die("--auth-token-file %s: %s (the first line must be a token of at "
 				   "least 16 characters)", token_file, strerror(-rc));
 	}
+	rc = tls_setup(rcfg.listen, tls_cert, tls_key, &cert_pem, &key_pem);
+	if (rc)
+		return rc;
+	rcfg.tls_cert_pem = cert_pem;
+	rcfg.tls_key_pem = key_pem;
 	if (!socket_path[0])
 		snprintf(socket_path, sizeof(socket_path), "%s/kvtierd.sock", cfg.data_dir);
 
@@ -544,10 +610,11 @@ int main(int argc, char **argv)
 			goto out;
 		}
 	}
-	klog(LOG_INFO, "event=ready version=%s pid=%d data=%s socket=%s listen=%s metrics=%s "
+	klog(LOG_INFO, "event=ready version=%s pid=%d data=%s socket=%s listen=%s tls=%s metrics=%s "
 	     "block_size=%u tiers=%u slot_dirs=%u supersede=%d",
 	     KVTIER_VERSION, (int)getpid(), cfg.data_dir, socket_path,
-	     rcfg.listen ? rcfg.listen : "-", metrics_addr ? metrics_addr : "-",
+	     rcfg.listen ? rcfg.listen : "-", !rcfg.listen ? "-" : cert_pem ? "on" : "off",
+	     metrics_addr ? metrics_addr : "-",
 	     store_block_size(store), cfg.n_tiers, cfg.n_slot_dirs, cfg.supersede);
 	for (;;) {
 		if (sigwait(&sigs, &sig))
@@ -569,6 +636,11 @@ out:
 	grpc_shutdown();
 	if (lock_fd >= 0)
 		close(lock_fd);
+	free(cert_pem);
+	if (key_pem) {
+		explicit_bzero(key_pem, strlen(key_pem));
+		free(key_pem);
+	}
 	if (rc == 0)
 		klog(LOG_INFO, "event=stopped");
 	return rc;

@@ -1340,6 +1340,21 @@ static void *notify_main(void *arg)
 	return NULL;
 }
 
+/* The credentials of the --listen port: TLS with the configured key pair
+ * (checked by the caller: tlsfile.h), else plaintext. gRPC copies the PEM
+ * text. No client certificate is requested; the bearer token authenticates. */
+static grpc_server_credentials *listen_credentials(const struct rpc_config *cfg)
+{
+	grpc_ssl_pem_key_cert_pair pair;
+
+	if (!cfg->tls_cert_pem || !cfg->tls_key_pem)
+		return grpc_insecure_server_credentials_create();
+	pair.private_key = cfg->tls_key_pem;
+	pair.cert_chain = cfg->tls_cert_pem;
+	return grpc_ssl_server_credentials_create_ex(NULL, &pair, 1,
+						     GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE, NULL);
+}
+
 /* Descriptors kept free of client connections for the daemon's own use:
  * each stream worker may hold a tier file, a temporary and an io_uring ring
  * (plus one spare), each short-call worker two files; 64 more cover LMDB,
@@ -1352,20 +1367,34 @@ static unsigned rpc_fd_reserve(unsigned workers)
 }
 
 /* Sets up where clients connect: the Unix socket and plaintext TCP through
- * listener.c (bound now, accepting after grpc_server_start). A TLS listener
- * would be added here with grpc_server_add_http2_port: gRPC 1.51 hands a
- * descriptor to a channel with insecure credentials only. */
+ * listener.c (bound now, accepting after grpc_server_start); a TLS port
+ * through gRPC's own listener, since gRPC 1.51 hands a descriptor to a
+ * channel with insecure credentials only. A TLS port is protected by the
+ * raised descriptor limit and gRPC's handshake timeout
+ * (--handshake-timeout-ms), not by the listener's cap. */
 static int rpc_listen(struct rpc_server *srv, char *err, size_t errlen)
 {
+	int tls = srv->cfg.listen && srv->cfg.tls_cert_pem && srv->cfg.tls_key_pem;
 	struct listener_config lc = {
 		.unix_path = srv->cfg.unix_path,
-		.tcp = srv->cfg.listen,
+		.tcp = tls ? NULL : srv->cfg.listen,
 		.max_connections = srv->cfg.max_connections,
 		.fd_reserve = rpc_fd_reserve(srv->cfg.workers),
 		.handshake_timeout_ms = srv->cfg.handshake_timeout_ms,
 	};
+	int rc = listener_open(&lc, &srv->listener, err, errlen);
 
-	return listener_open(&lc, &srv->listener, err, errlen);
+	if (rc || !tls)
+		return rc;
+	grpc_server_credentials *cr = listen_credentials(&srv->cfg);
+	int port = grpc_server_add_http2_port(srv->server, srv->cfg.listen, cr);
+	grpc_server_credentials_release(cr);
+	if (!port) {
+		snprintf(err, errlen, "cannot listen on %s with TLS (address in use, or not "
+			 "HOST:PORT?)", srv->cfg.listen);
+		return KVTIER_E_UNAVAILABLE;
+	}
+	return 0;
 }
 
 int rpc_start(struct store *s, const struct rpc_config *cfg, struct rpc_server **out, char *err,

@@ -13,12 +13,16 @@
  * Status codes are mapped from store errors in one place (rpc.c,
  * status_of()). Calls from TCP peers must carry "authorization: Bearer
  * <token>" when a token is configured; calls over the Unix socket rely on
- * the socket's file mode (0660).
+ * the socket's file mode (0660). With a key pair the TCP port speaks TLS
+ * only (gRPC's SSL server credentials; no client certificate is asked for:
+ * the token authenticates the client).
  *
  * Connections on the Unix socket and plaintext TCP are accepted by
  * listener.c, which caps them and survives descriptor exhaustion, and then
- * handed to gRPC; calls to methods not in the service are answered
- * UNIMPLEMENTED.
+ * handed to gRPC; a TLS port is gRPC's own listener (gRPC 1.51 hands a
+ * descriptor to a channel with insecure credentials only), protected by the
+ * raised descriptor limit and gRPC's handshake timeout. Calls to methods
+ * not in the service are answered UNIMPLEMENTED.
  */
 #ifndef KVTIER_RPC_H
 #define KVTIER_RPC_H
@@ -32,6 +36,9 @@ struct rpc_config {
 	const char *unix_path;     /* Unix socket path; NULL for none */
 	const char *listen;        /* "HOST:PORT" for TCP; NULL for none */
 	const char *auth_token;    /* required when listen is set */
+	const char *tls_cert_pem;  /* PEM certificate chain for listen, with tls_key_pem: TCP is
+				    * then TLS only; NULL: plaintext. Read by rpc_start only. */
+	const char *tls_key_pem;   /* its private key (PEM) */
 	unsigned workers;          /* threads for streams (Fetch, Put); short calls get
 				    * max(4, workers / 4) threads of their own */
 	unsigned io_timeout_ms;    /* longest wait for one message of a stream */

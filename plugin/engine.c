@@ -1905,6 +1905,8 @@ int engine_start(const struct engine_config *cfg, struct engine **out, char *err
 	}
 	kc.address = cfg->kvtier_address;
 	kc.token = cfg->kvtier_token;
+	kc.tls_ca = cfg->kvtier_tls_ca;
+	kc.tls_name = cfg->kvtier_tls_name;
 	kc.slot_dir = cfg->slot_dir;
 	kc.timeout_ms = cfg->slot_timeout_ms;
 	kc.break_even_floor = cfg->break_even;

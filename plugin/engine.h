@@ -30,6 +30,8 @@ struct engine_config {
 	unsigned n_backends;
 	const char *kvtier_address; /* "unix:PATH" or "HOST:PORT" */
 	const char *kvtier_token;   /* or NULL */
+	const char *kvtier_tls_ca;   /* TLS to kvtierd: its CA file, or NULL */
+	const char *kvtier_tls_name; /* the name its certificate carries, or NULL */
 	enum kvclient_mode kvtier_mode;
 	const char *slot_dir;   /* the backends' --slot-save-path */
 	const char *model_file; /* or NULL */

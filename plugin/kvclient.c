@@ -46,6 +46,8 @@ struct ns_stat {
 struct kvclient {
 	char address[512];
 	char token[256];
+	char tls_ca[PATH_MAX];   /* "" = no TLS */
+	char tls_name[256];      /* "" = the address's host */
 	char slot_dir[PATH_MAX];
 	unsigned timeout_ms;
 	unsigned floor;
@@ -87,19 +89,39 @@ void kvclient_new_name(const char *what, char *buf, size_t len)
 	         r[2], r[3], r[4], r[5], r[6], r[7]);
 }
 
+/* Opens a new handle to kvtierd (TLS when configured) into *c. */
+static int handle_open(struct kvclient *k, kvtier_client **c, char *err, size_t errlen)
+{
+	struct kvtier_options opt = {.auth_token = k->token[0] ? k->token : NULL,
+	                             .timeout_ms = k->timeout_ms};
+	struct kvtier_tls tls = {.ca_file = k->tls_ca,
+	                         .server_name = k->tls_name[0] ? k->tls_name : NULL};
+
+	return kvtier_open_tls(c, k->address, &opt, k->tls_ca[0] ? &tls : NULL, err, errlen);
+}
+
 /* A handle from the pool, or a new one. NULL when none can be opened. */
 static kvtier_client *pool_get(struct kvclient *k)
 {
 	kvtier_client *c = NULL;
-	struct kvtier_options opt = {.auth_token = k->token[0] ? k->token : NULL,
-	                             .timeout_ms = k->timeout_ms};
+	char err[512];
 
 	pthread_mutex_lock(&k->lock);
 	if (k->n_pool)
 		c = k->pool[--k->n_pool];
 	pthread_mutex_unlock(&k->lock);
-	if (!c && kvtier_open(&c, k->address, &opt) != 0)
+	if (!c && handle_open(k, &c, err, sizeof(err)) != 0) {
+		/* Only after start (the CA file went away, no memory): once a
+		 * minute at most, not once per request. */
+		static atomic_long last_log;
+		long now = (long)now_s(), last = atomic_load(&last_log);
+
+		if ((last == 0 || now - last >= 60) &&
+		    atomic_compare_exchange_strong(&last_log, &last, now))
+			klog(LOG_WARN, "event=kvtier_open_failed address=%s error=\"%s\"",
+			     k->address, err);
 		c = NULL;
+	}
 	return c;
 }
 
@@ -276,21 +298,25 @@ int kvclient_open(const struct kvclient_config *cfg, struct kvclient **out, char
 	pthread_mutex_init(&k->lock, NULL);
 	snprintf(k->address, sizeof(k->address), "%s", cfg->address);
 	snprintf(k->token, sizeof(k->token), "%s", cfg->token ? cfg->token : "");
+	snprintf(k->tls_ca, sizeof(k->tls_ca), "%s", cfg->tls_ca ? cfg->tls_ca : "");
+	snprintf(k->tls_name, sizeof(k->tls_name), "%s", cfg->tls_name ? cfg->tls_name : "");
 	snprintf(k->slot_dir, sizeof(k->slot_dir), "%s", cfg->slot_dir);
 	k->timeout_ms = cfg->timeout_ms;
 	k->floor = cfg->break_even_floor ? cfg->break_even_floor : 1;
 	k->forced = cfg->mode;
 	k->mode = KVCLIENT_AUTO;
 	{
-		struct kvtier_options opt = {.auth_token = k->token[0] ? k->token : NULL,
-		                             .timeout_ms = k->timeout_ms};
+		char why[512];
 
-		rc = kvtier_open(&c, k->address, &opt);
-	}
-	if (rc) {
-		snprintf(err, errlen, "--kvtier %s: %s (expected unix:PATH or HOST:PORT)",
-		         cfg->address, kvtier_strerror(rc));
-		goto out;
+		rc = handle_open(k, &c, why, sizeof(why));
+		if (rc && k->tls_ca[0])
+			snprintf(err, errlen, "--kvtier %s with --kvtier-tls-ca: %s", cfg->address,
+			         why);
+		else if (rc)
+			snprintf(err, errlen, "--kvtier %s: %s (expected unix:PATH or HOST:PORT)",
+			         cfg->address, kvtier_strerror(rc));
+		if (rc)
+			goto out;
 	}
 	rc = settle(k, c);
 	if (rc)

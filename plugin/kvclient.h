@@ -34,6 +34,9 @@ enum kvclient_mode {
 struct kvclient_config {
 	const char *address;       /* "unix:PATH" or "HOST:PORT" */
 	const char *token;         /* bearer token for TCP, or NULL */
+	const char *tls_ca;        /* TLS to a HOST:PORT address: the CA file, or NULL */
+	const char *tls_name;      /* with tls_ca: the name kvtierd's certificate carries
+				    * when not the address's host; NULL */
 	const char *slot_dir;      /* the llama-servers' --slot-save-path, as seen here */
 	unsigned timeout_ms;       /* per call (streams: per message) */
 	unsigned break_even_floor; /* --break-even-tokens */
@@ -44,8 +47,9 @@ struct kvclient;
 
 /* Opens the pool and asks kvtierd for Info to settle the mode (when kvtierd
  * does not answer yet, the mode is settled on the first call that reaches
- * it). Returns 0, -ENOMEM, or KVTIER_E_INVALID for a bad address (err says
- * so). */
+ * it). With tls_ca every handle speaks TLS (kvtier_open_tls). Returns 0,
+ * -ENOMEM, KVTIER_E_INVALID for a bad address or TLS setting, or the
+ * errors of kvtier_open_tls for the CA file (err says which). */
 int kvclient_open(const struct kvclient_config *cfg, struct kvclient **out, char *err,
                   size_t errlen);
 void kvclient_close(struct kvclient *k);

@@ -38,6 +38,8 @@ enum opt_id {
 	OPT_BACKEND,
 	OPT_KVTIER,
 	OPT_KVTIER_TOKEN_FILE,
+	OPT_KVTIER_TLS_CA,
+	OPT_KVTIER_TLS_NAME,
 	OPT_API_KEY_FILE,
 	OPT_BACKEND_API_KEY_FILE,
 	OPT_KVTIER_MODE,
@@ -72,9 +74,17 @@ static const struct option_def options[] = {
      "instances. All must share --slot-dir. URL#MODEL is model MODEL of a llama-server in "
      "router mode (--models-dir): requests naming that model go there."},
     {"kvtier", OPT_KVTIER, "ADDRESS", "(required)",
-     "kvtierd's address: unix:PATH (same host) or HOST:PORT (needs --kvtier-token-file)."},
+     "kvtierd's address: unix:PATH (same host) or HOST:PORT (needs --kvtier-token-file, and "
+     "--kvtier-tls-ca unless the network is trusted)."},
     {"kvtier-token-file", OPT_KVTIER_TOKEN_FILE, "FILE", "(none)",
      "File whose first line is kvtierd's bearer token (for a HOST:PORT address)."},
+    {"kvtier-tls-ca", OPT_KVTIER_TLS_CA, "FILE", "(none: plaintext)",
+     "Talk TLS to a HOST:PORT kvtierd (its --tls-cert) and trust only the CA certificate(s) "
+     "in PEM file FILE: kvtierd must show a certificate of that CA for HOST, or no call (and "
+     "no token) is sent."},
+    {"kvtier-tls-server-name", OPT_KVTIER_TLS_NAME, "NAME", "(HOST)",
+     "With --kvtier-tls-ca: the name kvtierd's certificate carries when it is not the HOST "
+     "of --kvtier (an IP address, a tunnel)."},
     {"api-key-file", OPT_API_KEY_FILE, "FILE", "(none)",
      "File whose first line is the key clients must send (Authorization: Bearer KEY, or "
      "X-Api-Key: KEY), as llama-server's --api-key; /health stays open. Without it the plugin "
@@ -208,13 +218,13 @@ int main(int argc, char **argv)
 	struct engine *engine = NULL;
 	struct proxy *proxy = NULL;
 	const char *token_file = NULL, *mode = "auto", *api_key_file = NULL,
-		   *backend_key_file = NULL;
+		   *backend_key_file = NULL, *tls_ca = NULL, *tls_name = NULL;
 	static char api_key[BACKEND_KEY_MAX + 2], backend_key[BACKEND_KEY_MAX + 2];
 	char token[512] = "", err[1024] = "";
 	unsigned n_backends = 0;
 	struct stat st;
 	sigset_t sigs;
-	int rc, sig;
+	int rc, sig, is_tcp;
 
 	ec.kv.type_k = "f16";
 	ec.kv.type_v = "f16";
@@ -265,6 +275,17 @@ int main(int argc, char **argv)
 			break;
 		case OPT_KVTIER_TOKEN_FILE:
 			token_file = optarg;
+			break;
+		case OPT_KVTIER_TLS_CA:
+			if (strlen(optarg) >= PATH_MAX)
+				return die("--kvtier-tls-ca: path too long");
+			tls_ca = optarg;
+			break;
+		case OPT_KVTIER_TLS_NAME:
+			if (!optarg[0] || strlen(optarg) > 253)
+				return die("--kvtier-tls-server-name: 1 to 253 bytes (a host name or "
+					   "an IP address)");
+			tls_name = optarg;
 			break;
 		case OPT_API_KEY_FILE:
 			api_key_file = optarg;
@@ -393,12 +414,28 @@ int main(int argc, char **argv)
 	if (access(ec.slot_dir, R_OK | W_OK | X_OK) < 0)
 		return die("--slot-dir %s: need read and write access: %s", ec.slot_dir,
 		           strerror(errno));
-	if (strncmp(ec.kvtier_address, "unix:", 5) != 0 && ec.kvtier_address[0] != '/' &&
-	    !token_file)
+	is_tcp = strncmp(ec.kvtier_address, "unix:", 5) != 0 && ec.kvtier_address[0] != '/';
+	if (tls_name && !tls_ca)
+		return die("--kvtier-tls-server-name goes with --kvtier-tls-ca (the CA file that "
+			   "signed kvtierd's certificate)");
+	if (tls_ca && !is_tcp)
+		return die("--kvtier-tls-ca is for a HOST:PORT --kvtier address (kvtierd --listen "
+			   "with --tls-cert); the Unix socket %s needs neither TLS nor a token",
+			   ec.kvtier_address);
+	if (is_tcp && !token_file)
 		klog(LOG_WARN,
 		     "event=kvtier_no_token address=%s hint=\"kvtierd refuses TCP calls "
 		     "without a token: give --kvtier-token-file\"",
 		     ec.kvtier_address);
+	if (is_tcp && !tls_ca)
+		klog(LOG_WARN,
+		     "event=kvtier_plaintext address=%s hint=\"kvtierd is reached without TLS: "
+		     "the token and every blob cross the network in clear; serve kvtierd's --listen "
+		     "with --tls-cert and give --kvtier-tls-ca (docs/kvtier-llama.md, remote "
+		     "setup) unless this network is trusted\"",
+		     ec.kvtier_address);
+	ec.kvtier_tls_ca = tls_ca;
+	ec.kvtier_tls_name = tls_name;
 	if (token_file) {
 		rc = read_token(token_file, token, sizeof(token));
 		if (rc)
@@ -449,9 +486,10 @@ int main(int argc, char **argv)
 		goto out;
 	}
 	klog(LOG_INFO,
-	     "event=ready version=%s pid=%d listen=%s backends=%u kvtier=%s slot_dir=%s "
-	     "break_even=%u timeout_ms=%u slot_timeout_ms=%u",
-	     KVTIER_VERSION, (int)getpid(), pc.listen, n_backends, ec.kvtier_address, ec.slot_dir,
+	     "event=ready version=%s pid=%d listen=%s backends=%u kvtier=%s kvtier_tls=%s "
+	     "slot_dir=%s break_even=%u timeout_ms=%u slot_timeout_ms=%u",
+	     KVTIER_VERSION, (int)getpid(), pc.listen, n_backends, ec.kvtier_address,
+	     tls_ca ? "on" : "off", ec.slot_dir,
 	     ec.break_even, ec.timeout_ms, ec.slot_timeout_ms);
 	for (;;) {
 		if (sigwait(&sigs, &sig))
