@@ -133,8 +133,8 @@ def channel(sock):
 class Raw:
     """Generic calls on /kvtier.v1.Kvtier/<Method> with raw bytes both ways."""
 
-    def __init__(self, sock, timeout=30):
-        self.ch = channel(sock)
+    def __init__(self, sock=None, timeout=30, ch=None):
+        self.ch = ch or channel(sock)  # ch: a channel of the caller's (e.g. intercepted)
         self.timeout = timeout
         self.calls = 0  # calls made through this object (figures)
 
