@@ -292,17 +292,19 @@ BAD_UTF8 = [b"\xc0\xaf", b"\xff\xfe", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"]
 def r_ns_utf8(a):
     staged = os.path.join(a.d.slot_dir, "utf8-src.bin")
     shutil.copyfile(a.fx, staged)
-    for ns in BAD_UTF8:
-        phrase = "byte 0x%02x at offset 0 is not part of a valid UTF-8 character" % ns[0]
-        a.expect("Put", "Put", put_request(ns, a.data), "INVALID_ARGUMENT", phrase)
-        a.expect("Lookup", "Lookup", f_bytes(1, ns) + f_bytes(2, varint(1)),
-                 "INVALID_ARGUMENT", phrase)
-        a.expect("List", "List", f_bytes(1, ns), "INVALID_ARGUMENT", phrase)
-        a.expect("Report", "Report", f_bytes(1, ns) + f_varint(2, 10) + f_double(3, 5.0),
-                 "INVALID_ARGUMENT", phrase)
-        a.expect("Adopt", "Adopt", f_bytes(1, ns) + f_bytes(2, staged.encode()) +
-                 f_varint(3, 1), "INVALID_ARGUMENT", phrase)
-    os.unlink(staged)
+    try:
+        for ns in BAD_UTF8:
+            phrase = "byte 0x%02x at offset 0 is not part of a valid UTF-8 character" % ns[0]
+            a.expect("Put", "Put", put_request(ns, a.data), "INVALID_ARGUMENT", phrase)
+            a.expect("Lookup", "Lookup", f_bytes(1, ns) + f_bytes(2, varint(1)),
+                     "INVALID_ARGUMENT", phrase)
+            a.expect("List", "List", f_bytes(1, ns), "INVALID_ARGUMENT", phrase)
+            a.expect("Report", "Report", f_bytes(1, ns) + f_varint(2, 10) + f_double(3, 5.0),
+                     "INVALID_ARGUMENT", phrase)
+            a.expect("Adopt", "Adopt", f_bytes(1, ns) + f_bytes(2, staged.encode()) +
+                     f_varint(3, 1), "INVALID_ARGUMENT", phrase)
+    finally:
+        os.unlink(staged)
     # What broke in D5: every conforming client's Info, Stats and List.
     a.stub.Info(a.pb.InfoRequest(), timeout=10)
     a.stub.Stats(a.pb.StatsRequest(), timeout=10)
@@ -607,32 +609,33 @@ def r_adopt_paths(a):
     chr_dev = os.geteuid() == 0
     if chr_dev:  # a device node of our own, in our temporary directory
         os.mknod(s + "/chr.bin", stat.S_IFCHR | 0o600, os.makedev(1, 3))
-    outside = "is not a file directly inside a slot directory of this daemon"
-    irregular = "is not a regular file (symlinks are refused)"
-    cases = [(out + "/x.bin", outside), (s + "/../outside/x.bin", outside),
-             (s + "/sub/x.bin", outside), (s + "/link.bin", irregular),
-             (s + "/fifo.bin", irregular), (s + "/dir.bin", irregular), ("real.bin", outside),
-             ("", outside), (s, outside), (s + "/", outside), (s + "/.dot.bin", outside),
-             ("/" + "a" * 10240, outside),
-             (s + "/sc1.bin", irregular), (s + "/sc2.bin", irregular)]
-    if chr_dev:
-        cases.append((s + "/chr.bin", irregular))
-    for p, phrase in cases:
-        a.expect("Adopt %r" % p[:60], "Adopt", f_bytes(1, b"adopt") + f_bytes(2, p.encode()),
-                 "PERMISSION_DENIED", phrase)
-    a.expect("Adopt missing", "Adopt", f_bytes(1, b"adopt") + f_bytes(2, (s + "/nope.bin").encode()),
-             "NOT_FOUND", "No such file or directory")
-    check(not a.listed("adopt"), "nothing adopted")
-    for p in (out + "/x.bin", s + "/sub/x.bin", s + "/real.bin", s + "/.dot.bin"):
-        eq(open(p, "rb").read(), a.data, "refused source %s left as it was" % p)
-    eq(open(decoy).read(), "root:x:0:0\n", "the symlinked decoy")
-    # Tidy the slot dir: what stays would look like leftovers at the end.
-    for n in os.listdir(s):
-        p = os.path.join(s, n)
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p)
-        else:
-            os.unlink(p)
+    try:
+        outside = "is not a file directly inside a slot directory of this daemon"
+        irregular = "is not a regular file (symlinks are refused)"
+        cases = [(out + "/x.bin", outside), (s + "/../outside/x.bin", outside),
+                 (s + "/sub/x.bin", outside), (s + "/link.bin", irregular),
+                 (s + "/fifo.bin", irregular), (s + "/dir.bin", irregular), ("real.bin", outside),
+                 ("", outside), (s, outside), (s + "/", outside), (s + "/.dot.bin", outside),
+                 ("/" + "a" * 10240, outside),
+                 (s + "/sc1.bin", irregular), (s + "/sc2.bin", irregular)]
+        if chr_dev:
+            cases.append((s + "/chr.bin", irregular))
+        for p, phrase in cases:
+            a.expect("Adopt %r" % p[:60], "Adopt", f_bytes(1, b"adopt") + f_bytes(2, p.encode()),
+                     "PERMISSION_DENIED", phrase)
+        a.expect("Adopt missing", "Adopt", f_bytes(1, b"adopt") +
+                 f_bytes(2, (s + "/nope.bin").encode()), "NOT_FOUND", "No such file or directory")
+        check(not a.listed("adopt"), "nothing adopted")
+        for p in (out + "/x.bin", s + "/sub/x.bin", s + "/real.bin", s + "/.dot.bin"):
+            eq(open(p, "rb").read(), a.data, "refused source %s left as it was" % p)
+        eq(open(decoy).read(), "root:x:0:0\n", "the symlinked decoy")
+    finally:  # what stays would look like leftovers at the end
+        for n in os.listdir(s):
+            p = os.path.join(s, n)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.unlink(p)
     return "%d PERMISSION_DENIED (\"not a file directly inside a slot directory\", \"not a " \
         "regular file\"), 1 NOT_FOUND; FIFOs never block%s" % \
         (len(cases), "" if chr_dev else " (no char device: not root)")
