@@ -11,7 +11,7 @@
  *    contract (codec.h) is asserted: never more than raw_size bytes out, 0
  *    (the end) only after exactly raw_size, every error KVTIER_E_CORRUPT or
  *    the source's own, and sticky.
- *  - round trip: the payload, repeated to (u32 % (2 MiB + 1)) bytes when that is
+ *  - round trip: the payload, repeated to (u32 % (1 MiB + 64 KiB + 1)) bytes when that is
  *    longer (frames of 1 MiB need more than libFuzzer's inputs), is encoded
  *    in writes of varying sizes and decoded back: the bytes and the counts
  *    must be equal.
@@ -36,7 +36,7 @@
 #define MODE_ROUND_TRIP 0x80
 #define HEAD 6
 #define MAX_DECODE_RAW (8u << 20)
-#define MAX_ROUND_TRIP (2u * CODEC_FRAME_RAW + 1) /* up to 2 frames and a byte */
+#define MAX_ROUND_TRIP (CODEC_FRAME_RAW + 65537) /* across one frame boundary */
 
 struct rng {
 	uint64_t s;
@@ -85,15 +85,17 @@ static void broken(const char *what, long long a, long long b)
 static int decode(int kind, uint64_t raw_size, const uint8_t *p, size_t len, struct rng *rng,
 		  unsigned fail_at, const uint8_t *want)
 {
+	static uint8_t *buf; /* one 2 MiB buffer for the whole run: a fresh one per
+			      * input costs ASan an mmap, page faults and an munmap */
 	struct src s = { p, len, 0, rng, fail_at, 0 };
 	struct codec_dec *d = NULL;
 	uint64_t got = 0;
-	uint8_t *buf;
 	size_t cap = 2 * CODEC_FRAME_RAW + 7;
 	ssize_t r = 0;
 	int rounds = 0;
 
-	buf = malloc(cap);
+	if (!buf)
+		buf = malloc(cap);
 	if (!buf || codec_dec_new(kind, raw_size, src_read, &s, &d) != 0)
 		broken("decoder setup", kind, (long long)raw_size);
 	for (;;) {
@@ -124,7 +126,6 @@ static int decode(int kind, uint64_t raw_size, const uint8_t *p, size_t len, str
 	if (want && r != 0)
 		broken("round trip decode failed", r, (long long)got);
 	codec_dec_free(d);
-	free(buf);
 	return r < 0 ? (int)r : 0;
 }
 
@@ -176,13 +177,16 @@ static void encode(int kind, const uint8_t *raw, size_t n, struct rng *rng, stru
 static void round_trip(int kind, uint32_t want_len, const uint8_t *p, size_t len,
 		       struct rng *rng)
 {
+	static uint8_t *raw; /* MAX_ROUND_TRIP bytes for the whole run (see decode) */
 	struct sink out = { NULL, 0, 0 };
 	size_t n = len, i;
-	uint8_t *raw;
 
 	if (len && want_len % MAX_ROUND_TRIP > len)
 		n = want_len % MAX_ROUND_TRIP;
-	raw = malloc(n ? n : 1);
+	if (n > MAX_ROUND_TRIP)
+		return; /* libFuzzer's -max_len keeps inputs far below this */
+	if (!raw)
+		raw = malloc(MAX_ROUND_TRIP);
 	if (!raw)
 		broken("out of memory", (long long)n, 0);
 	for (i = 0; i < n; i += len)
@@ -192,7 +196,6 @@ static void round_trip(int kind, uint32_t want_len, const uint8_t *p, size_t len
 		broken("raw kind passes bytes through", (long long)out.len, (long long)n);
 	decode(kind, n, out.p, out.len, rng, 0, raw);
 	free(out.p);
-	free(raw);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
