@@ -51,6 +51,28 @@ void store_set_err(char *err, size_t errlen, const char *fmt, ...)
 	va_end(ap);
 }
 
+/* What a message quotes of a caller's string (a path, a lease id): all of it,
+ * or its first STORE_ECHO_MAX bytes (cut at a UTF-8 character boundary) and
+ * "...", so that a 10 KB argument cannot push the explanation and the advice
+ * out of the message. Returns s or buf (which must hold STORE_ECHO_BUF). */
+#define STORE_ECHO_MAX 160
+#define STORE_ECHO_BUF (STORE_ECHO_MAX + 4)
+
+static const char *store_echo(const char *s, char *buf)
+{
+	size_t n = STORE_ECHO_MAX;
+
+	if (!s)
+		return "(null)";
+	if (strnlen(s, n + 1) <= n)
+		return s;
+	while (n > 0 && ((unsigned char)s[n] & 0xc0) == 0x80)
+		n--;
+	memcpy(buf, s, n);
+	memcpy(buf + n, "...", 4);
+	return buf;
+}
+
 static int64_t now_ms(void)
 {
 	struct timespec ts;
@@ -1409,10 +1431,11 @@ int store_adopt(struct store *s, const char *ns, const char *path, int keep_sour
 	memset(res, 0, sizeof(*res));
 	d = slot_dir_of(s, path ? path : "", base, sizeof(base));
 	if (d < 0 || !name_valid(base)) {
+		char echo[STORE_ECHO_BUF];
 		set_err(err, errlen,
 			"%s is not a file directly inside a slot directory of this daemon "
 			"(--slot-dir); adopt only takes files llama-server saved there",
-			path ? path : "(null)");
+			store_echo(path, echo));
 		return KVTIER_E_DENIED;
 	}
 	rc = store_put_begin(s, ns, PART_COUNT, reported_size, &p, err, errlen);
@@ -1933,9 +1956,11 @@ int store_stage(struct store *s, const struct key *id, const char *dir, unsigned
 	memset(res, 0, sizeof(*res));
 	d = slot_dir_index(s, dir);
 	if (d < 0) {
+		char echo[STORE_ECHO_BUF];
+		const char *shown = store_echo(dir, echo);
 		set_err(err, errlen,
 			"%s is not a slot directory of this daemon; start kvtierd with --slot-dir %s",
-			dir ? dir : "(null)", dir ? dir : "DIR");
+			shown, dir ? shown : "DIR");
 		return KVTIER_E_DENIED;
 	}
 	/* Pinned from here on (the lease keeps the pin): no move or eviction
@@ -2057,8 +2082,9 @@ int store_release(struct store *s, const char *lease, char *err, size_t errlen)
 		}
 	pthread_mutex_unlock(&s->lease_lock);
 	if (!l) {
+		char echo[STORE_ECHO_BUF];
 		set_err(err, errlen, "no lease %s (released already, or expired)",
-			lease ? lease : "(null)");
+			store_echo(lease, echo));
 		return KVTIER_E_NOTFOUND;
 	}
 	lease_unlink(s, l);
