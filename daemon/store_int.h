@@ -26,7 +26,6 @@
 #define STORE_MAX_PROMOTE 256 /* queued promotion requests */
 #define STORE_COPY_CHUNK (1u << 20)
 #define STORE_VERIFIED_SLOTS 8192 /* tmpfs parts Stage remembers as checked */
-#define STORE_VERIFY_PIECE (16u << 20) /* bytes mapped at a time by a check */
 #define STORE_SETTLE_TRIES 20          /* waits for a tier file's time to settle */
 #define STORE_SETTLE_NS 1000000        /* 1 ms each (a clock tick is 1-10 ms) */
 
