@@ -2090,12 +2090,16 @@ static int stage_link_part(struct store *s, const struct blob_meta *m, int p, in
 			rc = KVTIER_E_CORRUPT;
 			break;
 		}
-		if (!before.settled) {
-			/* Still being written: a write after a check could keep
-			 * its time. A copy checks the bytes it hands out. */
-			klog(LOG_INFO, "event=stage_copy_unsettled blob=%s part=\"%s\" "
-			     "reason=\"the tier file is being written\"",
-			     key_hex(&m->id, hex), blob_part_suffix[p]);
+		if (!before.settled || !before.own) {
+			/* Still being written (a write after a check could keep
+			 * its time), or another user can write it (an inode an
+			 * older kvtierd adopted as it was: its owner could change
+			 * it without a trace, through a mapping). A copy checks
+			 * the bytes it hands out. */
+			klog(LOG_INFO, "event=stage_copy_untrusted blob=%s part=\"%s\" "
+			     "reason=\"%s\"", key_hex(&m->id, hex), blob_part_suffix[p],
+			     !before.settled ? "the tier file is being written"
+					     : "another user can write the tier file (kvtier fsck)");
 			return -EXDEV;
 		}
 		if (!verified_match(s, m, p, &before)) {

@@ -2494,6 +2494,7 @@ int tier_file_id(struct tier *t, const char *name, struct tier_file_id *id)
 	id->ino = (uint64_t)st.st_ino;
 	id->size = (uint64_t)st.st_size;
 	id->mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+	id->own = st.st_uid == geteuid() && !(st.st_mode & (S_IWGRP | S_IWOTH));
 	/* The file system stamps writes with the coarse clock (or later). */
 	if (clock_gettime(CLOCK_REALTIME_COARSE, &now))
 		return -errno;

@@ -269,6 +269,9 @@ struct tier_file_id {
 	uint64_t size;
 	int64_t mtime_ns;
 	int settled; /* 1: a later write changes mtime_ns (not compared) */
+	int own;     /* 1: owned by this process's user, no write permission for
+	              * group or others: nobody else can write or chmod it (not
+	              * compared) */
 };
 
 /* Fills *id for committed file `name`. Returns 0, KVTIER_E_NOTFOUND,

@@ -13,6 +13,7 @@ change (review D7, D8).
 The slot directory's owner (llama-server's user) is simulated by uid/gid 65534 (children that
 call setuid); without root the test reports a skip.
 """
+import mmap
 import os
 import shutil
 import stat
@@ -217,7 +218,39 @@ def test_adopt_copies_file_open_for_writing(root, daemons):
     eq(sha256(st["path"]), sha256(src), "staged bytes are those adopted, not the later write")
 
 
+def test_foreign_tier_file_never_linked(root, daemons):
+    """A tier file another user can write (an inode an older kvtierd adopted as it was) is
+    copied out through the CRC check, never linked: its owner could change it through a
+    mapping, which leaves no trace in its times. fsck names it."""
+    if os.geteuid() != 0:
+        raise Skip("needs root to give a tier file to another user (uid %d)" % OTHER)
+    d = start(root, daemons)
+    src = fixture("v2/chat-a-turn1.bin")
+    blob = d.put(src)
+    tier_file = os.path.join(d.tier_dir, blob)
+    os.chown(tier_file, OTHER, OTHER)
+    os.chmod(tier_file, 0o640)
+    r = d.fsck()
+    eq(r.rc, 1, "fsck finds the foreign tier file: %r" % r)
+    check(blob in r.out and "owned by uid %d" % OTHER in r.out, "fsck names it: %r" % r)
+    fd = os.open(tier_file, os.O_RDWR)
+    m = mmap.mmap(fd, os.path.getsize(tier_file))
+    try:
+        m[2000] = m[2000]  # a writable mapping, established (this first write stamps mtime)
+        st = d.cli("stage", blob, "--dir", d.slot_dir, "--json").json()
+        eq(sha256(st["path"]), sha256(src), "staged bytes")
+        eq(st["copied"], True, "a foreign tier file is copied out, not linked")
+        d.cli("release", st["lease"])
+        m[2000] = m[2000] ^ 0xFF  # through the mapping: no time changes
+        r = d.cli("stage", blob, "--dir", d.slot_dir, "--json", check_rc=False)
+        expect_fail(r, "DATA_LOSS", "failed its checksum")
+        eq(staged_names(d), [], "nothing staged")
+    finally:
+        m.close()
+        os.close(fd)
+
+
 if __name__ == "__main__":
     run([test_stage_refuses_flipped_byte, test_adopt_refuses_second_name,
          test_adopt_refuses_other_users_file, test_adopted_inode_not_rewritable,
-         test_adopt_copies_file_open_for_writing])
+         test_adopt_copies_file_open_for_writing, test_foreign_tier_file_never_linked])
