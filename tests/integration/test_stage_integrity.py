@@ -15,15 +15,33 @@ call setuid); without root the test reports a skip.
 """
 import mmap
 import os
+import select
 import shutil
 import stat
 import subprocess
 import sys
 
-from harness import (Daemon, Failure, Skip, check, eq, expect_fail, fixture, run, sha256)
+from harness import Daemon, Skip, check, eq, expect_fail, fixture, run, sha256
 
 OTHER = 65534  # the slot directory's owner: llama-server's user
 CHILD_TIMEOUT = 30
+# The children run as OTHER: an interpreter every user may run (ctest may run this test with
+# one under root's home, e.g. pyenv's).
+OTHER_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+
+
+def drop_to_other():
+    os.setgid(OTHER)
+    os.setuid(OTHER)
+
+
+def spawn_as_other(code, *argv, **kw):
+    """Popen of python code as uid/gid OTHER; a skip when that user cannot run Python."""
+    try:
+        return subprocess.Popen([OTHER_PYTHON, "-c", code] + list(argv), preexec_fn=drop_to_other,
+                                **kw)
+    except PermissionError as e:
+        raise Skip("uid %d cannot run %s: %s" % (OTHER, OTHER_PYTHON, e))
 
 
 def start(root, daemons, owner=None):
@@ -50,12 +68,15 @@ def flip_byte(path, off):
 
 
 def as_other(code, *argv):
-    """Runs python code as uid/gid OTHER; returns the CompletedProcess."""
-    def drop():
-        os.setgid(OTHER)
-        os.setuid(OTHER)
-    return subprocess.run([sys.executable, "-c", code] + list(argv), preexec_fn=drop,
-                          capture_output=True, timeout=CHILD_TIMEOUT)
+    """Runs python code as uid/gid OTHER; returns (returncode, stdout, stderr)."""
+    p = spawn_as_other(code, *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = p.communicate(timeout=CHILD_TIMEOUT)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return p.returncode, out, err
 
 
 def own_copy(d, name, src, mode=0o644, owner=OTHER):
@@ -165,13 +186,13 @@ def test_adopted_inode_not_rewritable(root, daemons):
     st = d.cli("stage", blob, "--dir", d.slot_dir, "--json").json()
     eq(os.stat(st["path"]).st_ino, tier_ino, "linked in and out, no copy")
     # The former owner tries chmod and a write through the staged name.
-    p = as_other(REWRITE, st["path"])
-    eq(p.returncode, 0, "child ran: %r" % p.stderr)
+    rc, out, err = as_other(REWRITE, st["path"])
+    eq(rc, 0, "child ran: %r" % err)
     d.cli("release", st["lease"])
     r = d.cli("stage", blob, "--dir", d.slot_dir, "--json", check_rc=False)
     eq(r.rc, 0, "stage after the attempt: %r" % r)
     eq(sha256(r.json()["path"]), sha256(src), "staged bytes are the adopted ones")
-    eq(p.stdout.decode().strip(), "none", "what the former owner could do to the stored inode")
+    eq(out.decode().strip(), "none", "what the former owner could do to the stored inode")
     tier_file = os.stat(os.path.join(d.tier_dir, blob))
     eq(tier_file.st_uid, os.geteuid(), "adopted inode given to the daemon's user")
     eq(tier_file.st_gid, OTHER, "its group kept (llama-server reads it)")
@@ -196,12 +217,10 @@ def test_adopt_copies_file_open_for_writing(root, daemons):
     own = own_copy(d, "own.bin", src)
     ino = os.stat(own).st_ino
 
-    def drop():
-        os.setgid(OTHER)
-        os.setuid(OTHER)
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, own], preexec_fn=drop,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    holder = spawn_as_other(HOLDER, own, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
+        ready, _, _ = select.select([holder.stdout], [], [], CHILD_TIMEOUT)
+        check(ready, "the holder answers within %d s" % CHILD_TIMEOUT)
         eq(holder.stdout.readline().strip(), b"open", "holder has the file open for writing")
         blob = d.cli("adopt", "--namespace", "ns-test", own).out.strip()
         check(os.stat(os.path.join(d.tier_dir, blob)).st_ino != ino,
