@@ -1504,8 +1504,11 @@ static const struct command commands[] = {
     {"adopt", cmd_adopt, 1, "--namespace NS PATH [--keep-source] [--expect-size N]",
      "Take a slot file from a slot directory into namespace NS without copying it.",
      "PATH must be a regular file directly inside one of the daemon's --slot-dir\n"
-     "directories (same host; see `kvtier info`). The daemon moves or links it in,\n"
-     "sidecars included. Prints the blob id.\n\n"
+     "directories (same host; see `kvtier info`), owned by that directory's owner,\n"
+     "with no other name (hard link): anything else is refused and left as it is.\n"
+     "The daemon links it in, or copies it when it cannot make the file its own\n"
+     "(another process has it open for writing), sidecars included. Prints the\n"
+     "blob id.\n\n"
      "  -n, --namespace NS   namespace of the blob (required)\n"
      "  --keep-source        leave PATH in place (default: its name is removed)\n"
      "  --expect-size N      the slot file's size in bytes as the server reported it:\n"

@@ -7,7 +7,8 @@
  *    be checked, which is itself a problem;
  * 2. every blob: its tier exists, each part it records is a regular file
  *    "<64 hex id><suffix>" in that tier's directory with the recorded size,
- *    and (verify_bytes) the CRC-32C of its bytes matches;
+ *    owned by the directory's owner and writable by nobody else, and
+ *    (verify_bytes) the CRC-32C of its bytes matches;
  * 3. every entry of every tier directory: leftover temporaries (".tmp-*"),
  *    orphans (a name that is no blob part, or a part no blob records there),
  *    symlinks and other non-regular files;
@@ -50,6 +51,7 @@ struct fsck_tier {
 	char kind[32];
 	char *path;                /* as recorded (malloc'd) */
 	int dirfd;                 /* -1: directory missing */
+	uid_t owner;               /* the directory's owner: kvtierd's user */
 };
 
 struct fsck {
@@ -187,6 +189,10 @@ static int fsck_load_tiers(struct fsck *c)
 		}
 		t->listed = 1;
 		t->dirfd = open(t->path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		if (t->dirfd >= 0) {
+			struct stat ds;
+			t->owner = fstat(t->dirfd, &ds) == 0 ? ds.st_uid : geteuid();
+		}
 		if (t->dirfd < 0) {
 			int e = errno;
 			if (e != ENOENT && e != ENOTDIR) {
@@ -343,6 +349,15 @@ static void fsck_blob(struct fsck *c, const struct blob_meta *m)
 			continue;
 		}
 		sum_files += (uint64_t)st.st_size;
+		if (st.st_uid != t->owner || (st.st_mode & (S_IWGRP | S_IWOTH)))
+			fsck_problem(c, "blob %s: %s %s/%s is owned by uid %u with mode %04o: "
+				     "another user than the tier directory's owner (uid %u) can "
+				     "change the stored bytes (an Adopt by an older kvtierd keeps "
+				     "llama-server's inode as it was); Stage copies such a file "
+				     "instead of linking it: to close it, chown %u and chmod 0440 it",
+				     hex, fsck_part_label(p), t->path, name, (unsigned)st.st_uid,
+				     (unsigned)(st.st_mode & 07777), (unsigned)t->owner,
+				     (unsigned)t->owner);
 		if ((uint64_t)st.st_size != m->part_stored[p]) {
 			fsck_problem(c, "blob %s: %s %s/%s has %lld bytes, the index says %" PRIu64,
 				     hex, fsck_part_label(p), t->path, name, (long long)st.st_size,

@@ -261,6 +261,8 @@ struct store_stats {
 	uint64_t fetches, fetch_bytes, stages, stage_copies, releases, lease_expiries, deletes;
 	uint64_t quarantined, active_leases;
 	uint64_t checksum_failures;   /* parts that failed their CRC on read: dropped */
+	uint64_t stage_checks, stage_check_bytes; /* parts Stage read to check, and bytes */
+	uint64_t adopt_copies;        /* adopts that copied where a link was allowed */
 	uint64_t promotions_declined; /* hits on a lower tier the policy left there */
 	uint64_t migrations[STORE_MAX_TIERS][STORE_MAX_TIERS]; /* [from][to] */
 	uint64_t reconcile_removed_files, reconcile_removed_blobs;

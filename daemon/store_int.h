@@ -5,8 +5,8 @@
  * Locks, in the order they may be taken (never the reverse):
  *   move_lock   one migration or eviction pass at a time (placement.c)
  *   commit_lock a blob's files and its index record change together
- *   lease_lock, pin_lock, touch_lock, ns_lock, model_lock: leaf locks, held
- *               for a few instructions, never around I/O
+ *   lease_lock, pin_lock, touch_lock, ns_lock, model_lock, verified_lock:
+ *               leaf locks, held for a few instructions, never around I/O
  */
 #ifndef KVTIER_STORE_INT_H
 #define KVTIER_STORE_INT_H
@@ -25,6 +25,9 @@
 #define STORE_MAX_LEASES 4096
 #define STORE_MAX_PROMOTE 256 /* queued promotion requests */
 #define STORE_COPY_CHUNK (1u << 20)
+#define STORE_VERIFIED_SLOTS 8192 /* tmpfs parts Stage remembers as checked */
+#define STORE_SETTLE_TRIES 20          /* waits for a tier file's time to settle */
+#define STORE_SETTLE_NS 1000000        /* 1 ms each (a clock tick is 1-10 ms) */
 
 struct lease {
 	struct lease *next;
@@ -34,6 +37,18 @@ struct lease {
 	char name[256];    /* staged main file name */
 	uint32_t parts;    /* parts staged (bit per part) */
 	int64_t expires_ms;
+};
+
+/* A part on tier 0 whose bytes were checked against its CRC-32C (or written
+ * and checksummed by the daemon itself), and the identity of its file then
+ * (tier_file_id). Stage hard-links such a part without reading it while
+ * its file's identity is unchanged. used == 0: an empty slot. */
+struct verified_part {
+	struct key id;
+	uint32_t part;
+	uint32_t crc;
+	int used;
+	struct tier_file_id fid;
 };
 
 struct ns_counter {
@@ -78,6 +93,9 @@ struct store {
 	struct pin *pins;
 	size_t n_pins, cap_pins;
 
+	pthread_mutex_t verified_lock; /* parts Stage may link unread */
+	struct verified_part *verified; /* STORE_VERIFIED_SLOTS, direct-mapped */
+
 	pthread_mutex_t touch_lock;
 	struct index_touch *touch;
 	size_t n_touch;
@@ -110,6 +128,8 @@ struct store {
 	uint64_t reconcile_files, reconcile_blobs;
 	_Atomic uint64_t tier_blobs[STORE_MAX_TIERS]; /* slot files (part 0) per tier */
 	_Atomic uint64_t checksum_failures;
+	_Atomic uint64_t stage_checks, stage_check_bytes; /* Stage reads to check a part */
+	_Atomic uint64_t adopt_copies; /* adopts copied: the inode could not be made ours */
 	_Atomic uint64_t promotions_declined;
 	_Atomic uint64_t migrations[STORE_MAX_TIERS][STORE_MAX_TIERS]; /* [from][to] */
 };

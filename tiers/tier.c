@@ -1919,11 +1919,30 @@ static int tier_open_source(const char *src_path, int *fd, struct stat *st)
 	return 0;
 }
 
-/* Tries to bring src_path in by a hard link under w->tmp. Returns 0 when
- * linked (the link is the inode src_fd holds, of the expected size), 1 when a
- * copy is needed instead, or an error. */
+/* 0 when no process holds the inode fd refers to open for writing (or
+ * mapped through such an open): the kernel refuses a read lease then. 1 when
+ * that cannot be shown, with *why set. The lease is given back at once. */
+static int tier_no_writers(int fd, const char **why)
+{
+	int err;
+
+	if (fcntl(fd, F_SETLEASE, F_RDLCK) == 0) {
+		(void)fcntl(fd, F_SETLEASE, F_UNLCK);
+		return 0;
+	}
+	err = errno;
+	*why = err == EAGAIN ? "the source is open for writing"
+			     : "its writers cannot be checked (a file lease was refused)";
+	return 1;
+}
+
+/* Tries to bring src_path in by a hard link under w->tmp, and makes the
+ * inode the tier's own (tier_writer_from_file). Returns 0 when linked (the
+ * link is the inode src_fd holds, of the expected size, read-only, owned by
+ * this process's user, with no writer and no name but the source's and
+ * ours), 1 when a copy is needed instead (*why says why), or an error. */
 static int tier_link_in(struct tier_writer *w, const char *src_path, int src_fd,
-			const struct stat *src_st)
+			const struct stat *src_st, const char **why)
 {
 	struct tier *t = w->t;
 	struct stat st;
@@ -1937,7 +1956,8 @@ static int tier_link_in(struct tier_writer *w, const char *src_path, int src_fd,
 		rc = linkat(AT_FDCWD, src_path, t->dir_fd, w->tmp, 0) ? -errno : 0;
 	}
 	if (rc == -EXDEV || rc == -EPERM || rc == -EMLINK) {
-		rc = 1; /* other file system, protected_hardlinks, or too many links: copy */
+		*why = "no hard link possible (another file system, or links refused)";
+		rc = 1;
 		goto out;
 	}
 	if (rc)
@@ -1951,7 +1971,20 @@ static int tier_link_in(struct tier_writer *w, const char *src_path, int src_fd,
 		/* The name was swapped between our open and the link: copy what we opened. */
 		klog(LOG_WARN, "event=tier_link_in_swapped src=%s reason=\"source replaced while "
 		     "being linked; copying the file that was checked\"", src_path);
+		*why = "the source was replaced while being linked";
 		rc = 1;
+		goto out;
+	}
+	/* Take the inode away from its former owner first (no new open for
+	 * writing can succeed after this), then check that no name and no
+	 * writer is left that could still change it. */
+	if (st.st_uid != geteuid() && fchown(src_fd, geteuid(), (gid_t)-1)) {
+		*why = "the source belongs to another user and this process cannot take it over";
+		rc = 1;
+		goto out;
+	}
+	if (fchmod(src_fd, 0440)) {
+		rc = -errno;
 		goto out;
 	}
 	if (fstat(src_fd, &st)) {
@@ -1962,7 +1995,12 @@ static int tier_link_in(struct tier_writer *w, const char *src_path, int src_fd,
 		rc = -EIO; /* the source changed size meanwhile */
 		goto out;
 	}
-	rc = 0;
+	if (st.st_nlink != 2) {
+		*why = "the source got another name while being linked";
+		rc = 1;
+		goto out;
+	}
+	rc = tier_no_writers(src_fd, why);
 out:
 	if (rc && linked && unlinkat(t->dir_fd, w->tmp, 0)) {
 		err = errno;
@@ -1974,20 +2012,43 @@ out:
 	return rc;
 }
 
-int tier_writer_from_file(struct tier *t, const char *src_path, int force_copy, uint64_t *size,
-			  struct tier_writer **out)
+/* Whether the file src_fd holds may be linked: 0, or 1 with *why set. Checks
+ * what can be checked before anything is changed. */
+static int tier_link_in_allowed(const struct tier *t, const struct tier_take *take, int src_fd,
+				const struct stat *st, const char **why)
+{
+	if (!t->ops->allow_link || take->force_copy)
+		return 1;
+	if (st->st_nlink != 1) {
+		*why = "the source has other names";
+		return 1;
+	}
+	return tier_no_writers(src_fd, why);
+}
+
+int tier_writer_from_file(struct tier *t, const char *src_path, struct tier_take *take,
+			  uint64_t *size, struct tier_writer **out)
 {
 	struct tier_writer *w = NULL;
 	struct stat st;
+	const char *why = NULL;
 	int rc, src_fd = -1;
 	double t0;
 
 	*out = NULL;
+	take->linked = 0;
+	take->copy_reason = NULL;
 	if (!src_path || !src_path[0])
 		return KVTIER_E_INVALID;
 	rc = tier_open_source(src_path, &src_fd, &st);
 	if (rc)
 		goto out;
+	take->uid = st.st_uid;
+	take->nlink = (unsigned long)st.st_nlink;
+	if (take->sole && (st.st_nlink != 1 || st.st_uid != take->owner)) {
+		rc = KVTIER_E_DENIED;
+		goto out;
+	}
 	w = calloc(1, sizeof(*w));
 	if (!w) {
 		rc = -ENOMEM;
@@ -2000,16 +2061,21 @@ int tier_writer_from_file(struct tier *t, const char *src_path, int force_copy, 
 		goto out;
 	w->reserved = (uint64_t)st.st_size;
 
-	rc = t->ops->allow_link && !force_copy ? tier_link_in(w, src_path, src_fd, &st) : 1;
+	rc = tier_link_in_allowed(t, take, src_fd, &st, &why);
+	if (rc == 0)
+		rc = tier_link_in(w, src_path, src_fd, &st, &why);
 	if (rc == 0) {
 		/* The tier file is the inode we hold open: it serves pread. */
 		w->fd = src_fd;
 		src_fd = -1;
 		w->written = w->reserved;
+		take->linked = 1;
 		goto out;
 	}
 	if (rc < 0)
 		goto out;
+	if (t->ops->allow_link && !take->force_copy)
+		take->copy_reason = why;
 
 	rc = tier_writer_create(w);
 	if (rc)
@@ -2407,6 +2473,39 @@ int tier_stat(struct tier *t, const char *name, uint64_t *size)
 		return KVTIER_E_INVALID;
 	*size = (uint64_t)st.st_size;
 	return 0;
+}
+
+int tier_file_id(struct tier *t, const char *name, struct tier_file_id *id)
+{
+	struct timespec now;
+	struct stat st;
+	int rc, err;
+
+	rc = tier_name_valid(name);
+	if (rc)
+		return rc;
+	if (fstatat(t->dir_fd, name, &st, AT_SYMLINK_NOFOLLOW)) {
+		err = errno;
+		return err == ENOENT ? KVTIER_E_NOTFOUND : -err;
+	}
+	if (!S_ISREG(st.st_mode))
+		return KVTIER_E_INVALID;
+	id->dev = (uint64_t)st.st_dev;
+	id->ino = (uint64_t)st.st_ino;
+	id->size = (uint64_t)st.st_size;
+	id->mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+	id->own = st.st_uid == geteuid() && !(st.st_mode & (S_IWGRP | S_IWOTH));
+	/* The file system stamps writes with the coarse clock (or later). */
+	if (clock_gettime(CLOCK_REALTIME_COARSE, &now))
+		return -errno;
+	id->settled = id->mtime_ns < (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
+	return 0;
+}
+
+int tier_file_id_equal(const struct tier_file_id *a, const struct tier_file_id *b)
+{
+	return a->dev == b->dev && a->ino == b->ino && a->size == b->size &&
+	       a->mtime_ns == b->mtime_ns;
 }
 
 int tier_remove(struct tier *t, const char *name)

@@ -153,15 +153,40 @@ void tier_unreserve(struct tier *t, uint64_t size);
  * Returns 0, KVTIER_E_FULL or -errno. */
 int tier_writer_open(struct tier *t, uint64_t size, struct tier_writer **out);
 
+/* How tier_writer_from_file takes a file, and what it found (out fields). */
+struct tier_take {
+	int force_copy;  /* in: never link (the source name stays in use: a later
+	                  * write into it must not change the stored inode) */
+	int sole;        /* in: refuse (KVTIER_E_DENIED) a source with more than one
+	                  * name, or owned by another user than `owner` */
+	uid_t owner;     /* in: the owner `sole` requires */
+	int linked;      /* out: 1 hard-linked, 0 copied */
+	uid_t uid;       /* out: the source's owner, as opened */
+	unsigned long nlink; /* out: its number of names, as opened */
+	const char *copy_reason; /* out: why a copy was made where a link was
+	                          * allowed (static text), or NULL */
+};
+
 /* Starts a new file whose bytes are those of the existing file `src_path`
  * (a regular file, never followed through a symlink): a hard link when on the
- * same file system, the tier allows it and force_copy is 0, else a streamed
- * copy (force_copy when the source name stays in use: a later write into it
- * must not change the stored inode). The reserved
- * size is the source's size, returned in *size. Returns 0, KVTIER_E_FULL,
- * KVTIER_E_INVALID (not a regular file), or -errno. */
-int tier_writer_from_file(struct tier *t, const char *src_path, int force_copy, uint64_t *size,
-			  struct tier_writer **out);
+ * same file system, the tier allows it and take->force_copy is 0, else a
+ * streamed copy. The reserved size is the source's size, returned in *size.
+ *
+ * A linked inode becomes the tier's own: it is given to the caller's user
+ * (fchown, keeping its group, when the process may) and made read-only
+ * (0440) before it is kept, and it is kept only when nothing else can write
+ * it any more: it must have no other name than the source and the tier's
+ * temporary, be owned by the process's user, and no process may hold it open
+ * for writing (a read lease, F_SETLEASE, is refused while one does). When
+ * one of these cannot be proven the bytes are copied instead (copy_reason
+ * says why). The process must ignore SIGIO: a lease held for that check is
+ * broken with it.
+ *
+ * Returns 0, KVTIER_E_FULL, KVTIER_E_INVALID (not a regular file),
+ * KVTIER_E_DENIED (take->sole and the source has several names or another
+ * owner: take->nlink and take->uid say which), or -errno. */
+int tier_writer_from_file(struct tier *t, const char *src_path, struct tier_take *take,
+			  uint64_t *size, struct tier_writer **out);
 
 /* 1 when a tier_writer_write that failed (ENOSPC) may be called again with
  * the same bytes: the kind writes positionally and keeps no error state
@@ -231,6 +256,30 @@ void tier_reader_close(struct tier_reader *r);
 
 /* Size of committed file `name`. Returns 0, KVTIER_E_NOTFOUND or -errno. */
 int tier_stat(struct tier *t, const char *name, uint64_t *size);
+
+/* What identifies the bytes of a committed file without reading them: a
+ * write (write, truncate, fallocate, copy_file_range) changes the
+ * modification time, which only the file's owner or root can set back.
+ * File times may be coarse (one clock tick): a write in the same tick as the
+ * last one can leave the time as it was. So an identity is `settled` only
+ * when the time is older than the coarse clock read after the stat: any
+ * later write then gets a later time. */
+struct tier_file_id {
+	uint64_t dev, ino;
+	uint64_t size;
+	int64_t mtime_ns;
+	int settled; /* 1: a later write changes mtime_ns (not compared) */
+	int own;     /* 1: owned by this process's user, no write permission for
+	              * group or others: nobody else can write or chmod it (not
+	              * compared) */
+};
+
+/* Fills *id for committed file `name`. Returns 0, KVTIER_E_NOTFOUND,
+ * KVTIER_E_INVALID (not a regular file) or -errno. */
+int tier_file_id(struct tier *t, const char *name, struct tier_file_id *id);
+
+/* 1 when a and b are the same bytes of the same inode by tier_file_id. */
+int tier_file_id_equal(const struct tier_file_id *a, const struct tier_file_id *b);
 
 /* Removes committed file `name` and subtracts its size from usage.
  * Returns 0, KVTIER_E_NOTFOUND or -errno. */

@@ -9,9 +9,10 @@ pos_min.
 Covers: a conversation that lost its slot resumes with a restore, prefills only its new
 tokens and continues with exactly the tokens of an uninterrupted run; the same after a
 llama-server kill -9 and restart; a conversation moving to another backend; the prompt_n
-verification (a blob whose tokens no longer match its index is found out as ignored, one the
-library refuses as failed, a truncated one, which would abort llama.cpp, never sent; corrupt
-KV of the right size is used, prompt_n cannot tell, fsck --verify can); a sliding-window model
+verification (one the library refuses as failed); blobs changed in the tier (another token,
+truncated, which would abort llama.cpp, corrupt KV of the right size, which prompt_n could not
+tell) never sent: Stage checks what it links, drops them, the turn is served from the slot as
+it was, fsck --verify finds them too; a sliding-window model
 without --swa-full (restores ignored, then paused) and with it (used; a chat turn that leaves
 the blob inside the window is not restored); a recurrent model (the next turn restored and
 used, an edited one not restored). About 25 s on an idle machine, 45 s on a loaded one.
@@ -217,19 +218,38 @@ def tier_file_of(d, tokens):
     raise Failure("no tier file holds the %d tokens" % len(tokens))
 
 
+def refused_by_stage(d, p, dbl, conv, saved, path):
+    """The next turn of conv, whose blob (tier file `path`) was changed in the tier: Stage
+    refuses it (DATA_LOSS) and drops it, no restore reaches the server, and the turn is
+    served from the slot as it was."""
+    blob = os.path.basename(path)
+    before = dbl.state()["counters"]
+    failed = p.restores("failed")
+    held = slot_tokens(dbl)
+    r, toks, _ = turn(p, dbl, conv, QUESTIONS[1], saved)
+    eq(dbl.state()["counters"]["restores"], before["restores"], "no restore sent")
+    wait_for("the restore failed at Stage", lambda: p.restores("failed") >= failed + 1)
+    eq(r["timings"]["prompt_n"], len(toks) - common_prefix(toks, held),
+       "served from the slot as it was")
+    check("event=checksum_mismatch blob=%s" % blob in d.read_log() and
+          "during=stage" in d.read_log(), "kvtierd dropped the changed blob at Stage")
+    check(blob not in [x["blob"] for x in d.ls()], "the changed blob is gone")
+
+
 def test_verification(root, procs):
     """prompt_n tells what the server did with a restore; the real library decides.
-    1. A blob whose token payload no longer matches kvtier's index (changed in the tier: a
-       hard-link stage reads nothing, so only the server sees it): the library loads it, the
-       server keeps only the prefix up to the change, prompt_n shows it: ignored, quarantined.
+    1. A blob whose token payload no longer matches kvtier's index (changed in the tier):
+       Stage checks the bytes it links (review D7), so the blob is dropped with DATA_LOSS and
+       nothing reaches the server; the turn is served from the slot as it was.
     2. A blob of another layout forced into one namespace (--namespace: no layout probe):
        flash attention on one backend, off on the other. The library refuses the file
        (incompatible V transposition): failed, the slot is cleared, the request is served
        by a full prefill.
     3. A truncated blob, which aborts llama.cpp v0.4.0 (GGML_ASSERT(nread <= state_size)):
-       refused by the plugin before any slot action; the server stays up.
-    4. Corrupted KV bytes of the right size: the server uses them (prompt_n cannot tell);
-       kvtier fsck --verify finds the blob."""
+       refused by Stage (its size is not the recorded one) before any slot action; the
+       server stays up.
+    4. Corrupted KV bytes of the right size, which the server would use (prompt_n cannot
+       tell): kvtier fsck --verify finds the blob, and Stage refuses it."""
     # 1 and 3 and 4: one backend
     d, (dbl,), p, slot_dir = setup_real(root, procs)
     convs = [conversation(i) for i in range(4)]
@@ -247,26 +267,13 @@ def test_verification(root, procs):
         tok = struct.unpack_from("<i", data, off)[0]
         f.seek(off)
         f.write(struct.pack("<i", tok + 1 if tok < 31999 else tok - 1))
-    before = dbl.state()["counters"]
-    r, toks, expected = turn(p, dbl, convs[0], QUESTIONS[1], saved[0])
-    eq(dbl.state()["counters"]["restores"], before["restores"] + 1, "the restore was sent")
-    eq(dbl.state()["counters"]["restores_failed"], before["restores_failed"], "and loaded")
-    eq(r["timings"]["cache_n"], 10, "the server kept the tokens up to the change")
-    eq(r["timings"]["prompt_n"], len(toks) - 10, "and prefilled the rest")
-    check(r["timings"]["prompt_n"] > expected + 32, "far more than a used restore would")
-    p.wait_restores("ignored", 1)
-    wait_for("the blob quarantined", lambda: "event=quarantine" in d.read_log())
+    refused_by_stage(d, p, dbl, convs[0], saved[0], path)
     # 3: conversation 1's blob loses its last 100 bytes
     path = tier_file_of(d, saved[1])
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(size - 100)
-    before = dbl.state()["counters"]
-    held = slot_tokens(dbl)
-    r, toks, _ = turn(p, dbl, convs[1], QUESTIONS[1], saved[1])
-    eq(dbl.state()["counters"]["restores"], before["restores"], "no restore sent")
-    check(p.restores("skipped_invalid") >= 1, "refused before restore")
-    eq(r["timings"]["prompt_n"], len(toks) - common_prefix(toks, held), "served from the slot as it was")
+    refused_by_stage(d, p, dbl, convs[1], saved[1], path)
     check(dbl.alive(), "the server is up")
     # 4: conversation 2's blob gets its K rows of layer 0 zeroed (same size)
     wait_for("the saves of both turns", lambda: p.saves("ok") >= 6)
@@ -285,9 +292,7 @@ def test_verification(root, procs):
     fs = d.fsck(verify=True)
     check(fs.rc == 1 and "fails its checksum" in fs.out and os.path.basename(path) in fs.out,
           "kvtier fsck --verify finds the corrupt blob: %r" % fs)
-    r, toks, expected = turn(p, dbl, convs[2], QUESTIONS[1], saved[2])
-    eq(r["timings"]["prompt_n"], expected, "corrupt KV: the restore is used all the same")
-    p.wait_restores("ok", 1)
+    refused_by_stage(d, p, dbl, convs[2], saved[2], path)
 
     # 2: two layouts in one namespace
     sub = os.path.join(root, "layouts")

@@ -620,6 +620,17 @@ static void test_writer_pread(struct tier *t)
 	check_read(t, "pread.bin", 5, 0, 1000, 1000);
 }
 
+/* tier_writer_from_file with only force_copy set. */
+static int from_file(struct tier *t, const char *path, int force_copy, uint64_t *size,
+		     struct tier_writer **w)
+{
+	struct tier_take take;
+
+	memset(&take, 0, sizeof(take));
+	take.force_copy = force_copy;
+	return tier_writer_from_file(t, path, &take, size, w);
+}
+
 static void test_from_file(struct tier *t)
 {
 	char dir[512], src[600], p[600];
@@ -637,7 +648,7 @@ static void test_from_file(struct tier *t)
 	get_stats(t, &st);
 
 	/* Same file system: a hard link (tmpfs), a copy (disk: never linked). */
-	CHECK_EQ_INT(tier_writer_from_file(t, src, 0, &size, &w), 0);
+	CHECK_EQ_INT(from_file(t, src, 0, &size, &w), 0);
 	CHECK_EQ_INT(size, 3000);
 	CHECK_EQ_INT(tier_writer_size(w), 3000);
 	get_stats(t, &st2);
@@ -661,7 +672,7 @@ static void test_from_file(struct tier *t)
 	CHECK_EQ_INT(st2.reserved, 0);
 
 	/* force_copy: same file system, but a copy with its own inode. */
-	CHECK_EQ_INT(tier_writer_from_file(t, src, 1, &size, &w), 0);
+	CHECK_EQ_INT(from_file(t, src, 1, &size, &w), 0);
 	CHECK_EQ_INT(tier_writer_commit(w, "copied.bin"), 0);
 	CHECK_EQ_INT(stat(src, &a), 0);
 	CHECK_EQ_INT(a.st_nlink, linkable() ? 2 : 1); /* src (+ adopted.bin) only */
@@ -674,17 +685,17 @@ static void test_from_file(struct tier *t)
 	snprintf(p, sizeof(p), "%s/link.bin", dir);
 	CHECK_EQ_INT(symlink(src, p), 0);
 	w = (struct tier_writer *)1;
-	CHECK_EQ_INT(tier_writer_from_file(t, p, 0, &size, &w), KVTIER_E_INVALID);
+	CHECK_EQ_INT(from_file(t, p, 0, &size, &w), KVTIER_E_INVALID);
 	CHECK(w == NULL);
 	/* A directory is refused. */
-	CHECK_EQ_INT(tier_writer_from_file(t, dir, 0, &size, &w), KVTIER_E_INVALID);
+	CHECK_EQ_INT(from_file(t, dir, 0, &size, &w), KVTIER_E_INVALID);
 	/* A FIFO is refused (and the call does not hang). */
 	snprintf(p, sizeof(p), "%s/fifo", dir);
 	CHECK_EQ_INT(mkfifo(p, 0600), 0);
-	CHECK_EQ_INT(tier_writer_from_file(t, p, 0, &size, &w), KVTIER_E_INVALID);
+	CHECK_EQ_INT(from_file(t, p, 0, &size, &w), KVTIER_E_INVALID);
 	/* A missing file. */
 	snprintf(p, sizeof(p), "%s/missing.bin", dir);
-	CHECK_EQ_INT(tier_writer_from_file(t, p, 0, &size, &w), -ENOENT);
+	CHECK_EQ_INT(from_file(t, p, 0, &size, &w), -ENOENT);
 	/* Too big for the room left: nothing reserved, nothing left behind. */
 	snprintf(p, sizeof(p), "%s/huge.bin", dir);
 	{
@@ -693,7 +704,7 @@ static void test_from_file(struct tier *t)
 		CHECK_EQ_INT(ftruncate(fd, 2 * MIB), 0);
 		close(fd);
 	}
-	CHECK_EQ_INT(tier_writer_from_file(t, p, 0, &size, &w), KVTIER_E_FULL);
+	CHECK_EQ_INT(from_file(t, p, 0, &size, &w), KVTIER_E_FULL);
 	CHECK(w == NULL);
 	get_stats(t, &st2);
 	CHECK_EQ_INT(st2.reserved, 0);
@@ -709,7 +720,7 @@ static void test_from_file(struct tier *t)
 			struct stat c;
 			snprintf(p, sizeof(p), "%s/xsrc.bin", other);
 			write_plain_file(p, 5001, 8);
-			CHECK_EQ_INT(tier_writer_from_file(t, p, 0, &size, &w), 0);
+			CHECK_EQ_INT(from_file(t, p, 0, &size, &w), 0);
 			CHECK_EQ_INT(size, 5001);
 			CHECK_EQ_INT(tier_writer_pread(w, got, 100, 4901), 0);
 			fill(want, 100, 8, 4901);
@@ -730,6 +741,94 @@ static void test_from_file(struct tier *t)
 	get_stats(t, &st2);
 	CHECK_EQ_INT(st2.used, st.used + 3000);
 	CHECK_EQ_INT(st2.files, st.files + 1);
+	no_temporaries(t);
+}
+
+/* tier_writer_from_file's rules: a file with another name or owner is
+ * refused when take.sole asks; one open for writing is copied, not linked;
+ * and tier_file_id sees a write. */
+static void test_from_file_rules(struct tier *t)
+{
+	char dir[512], src[600], other_name[600];
+	struct tier_writer *w = NULL;
+	struct tier_take take;
+	struct tier_file_id a, b;
+	struct stat s1, s2;
+	uint64_t size = 0;
+	int fd, tfd;
+
+	snprintf(dir, sizeof(dir), "%s/rules", home);
+	CHECK_EQ_INT(mkdir(dir, 0700), 0);
+	snprintf(src, sizeof(src), "%s/src.bin", dir);
+	snprintf(other_name, sizeof(other_name), "%s/src-keep.bin", dir);
+	write_plain_file(src, 4000, 9);
+	CHECK_EQ_INT(chmod(src, 0644), 0);
+
+	/* Two names: refused, nothing changed. */
+	CHECK_EQ_INT(link(src, other_name), 0);
+	memset(&take, 0, sizeof(take));
+	take.sole = 1;
+	take.owner = geteuid();
+	CHECK_EQ_INT(tier_writer_from_file(t, src, &take, &size, &w), KVTIER_E_DENIED);
+	CHECK(w == NULL);
+	CHECK_EQ_INT(take.nlink, 2);
+	CHECK_EQ_INT(stat(src, &s1), 0);
+	CHECK_EQ_INT(s1.st_mode & 0777, 0644);
+	CHECK_EQ_INT(unlink(other_name), 0);
+	/* Another owner: refused. */
+	take.owner = geteuid() + 1;
+	CHECK_EQ_INT(tier_writer_from_file(t, src, &take, &size, &w), KVTIER_E_DENIED);
+	CHECK_EQ_INT(take.uid, geteuid());
+
+	/* Open for writing (here by this process): a copy, the source untouched. */
+	fd = open(src, O_RDWR | O_CLOEXEC);
+	CHECK(fd >= 0);
+	take.owner = geteuid();
+	CHECK_EQ_INT(tier_writer_from_file(t, src, &take, &size, &w), 0);
+	CHECK_EQ_INT(take.linked, 0);
+	if (linkable())
+		CHECK(take.copy_reason && strstr(take.copy_reason, "open for writing"));
+	CHECK_EQ_INT(tier_writer_commit(w, "rules.bin"), 0);
+	close(fd);
+	CHECK_EQ_INT(stat(src, &s1), 0);
+	CHECK_EQ_INT(s1.st_nlink, 1);
+	CHECK_EQ_INT(s1.st_mode & 0777, 0644);
+	tfd = open(tier_path(t), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	CHECK(tfd >= 0);
+	CHECK_EQ_INT(fstatat(tfd, "rules.bin", &s2, AT_SYMLINK_NOFOLLOW), 0);
+	CHECK(s2.st_ino != s1.st_ino);
+	check_file_at(tfd, "rules.bin", 9, 4000);
+
+	/* Nothing else holds it: linked, and made the tier's (read-only). */
+	CHECK_EQ_INT(tier_writer_from_file(t, src, &take, &size, &w), 0);
+	CHECK_EQ_INT(take.linked, linkable());
+	CHECK_EQ_INT(tier_writer_commit(w, "rules2.bin"), 0);
+	CHECK_EQ_INT(stat(src, &s1), 0);
+	CHECK_EQ_INT(s1.st_mode & 0777, linkable() ? 0440 : 0644);
+
+	/* tier_file_id: settled after a tick, and a write changes it. */
+	CHECK_EQ_INT(tier_file_id(t, "rules.bin", &a), 0);
+	for (int i = 0; i < 200 && !a.settled; i++) {
+		usleep(1000);
+		CHECK_EQ_INT(tier_file_id(t, "rules.bin", &a), 0);
+	}
+	CHECK(a.settled);
+	CHECK_EQ_INT(a.size, 4000);
+	CHECK_EQ_INT(tier_file_id(t, "rules.bin", &b), 0);
+	CHECK(tier_file_id_equal(&a, &b));
+	CHECK_EQ_INT(fchmodat(tfd, "rules.bin", 0640, 0), 0); /* its owner can */
+	CHECK_EQ_INT(tier_file_id(t, "rules.bin", &b), 0);
+	CHECK(tier_file_id_equal(&a, &b)); /* a chmod is not a write */
+	fd = openat(tfd, "rules.bin", O_WRONLY | O_CLOEXEC);
+	CHECK(fd >= 0);
+	CHECK_EQ_INT(pwrite(fd, "x", 1, 100), 1);
+	close(fd);
+	CHECK_EQ_INT(tier_file_id(t, "rules.bin", &b), 0);
+	CHECK(!tier_file_id_equal(&a, &b));
+	CHECK_EQ_INT(tier_file_id(t, "missing.bin", &b), KVTIER_E_NOTFOUND);
+	close(tfd);
+	CHECK_EQ_INT(tier_remove(t, "rules.bin"), 0);
+	CHECK_EQ_INT(tier_remove(t, "rules2.bin"), 0);
 	no_temporaries(t);
 }
 
@@ -1484,6 +1583,7 @@ int main(void)
 		test_names(t);
 		test_writer_pread(t);
 		test_from_file(t);
+		test_from_file_rules(t);
 		test_link_out(t);
 		test_link_out_cross_fs(t);
 		test_scan(t);
