@@ -9,6 +9,17 @@
  * else unknown (chunked). A slow client makes the worker wait (at most 4 MiB
  * queued per request), which slows the backend's transfer, not the proxy.
  *
+ * Slow clients: a client must send a request's headers and body within
+ * --request-timeout-s (counted from the connection's start, or for the next
+ * request on a kept-alive connection from the end of the previous one plus
+ * --idle-timeout-s), and libmicrohttpd's idle timeout applies while it
+ * sends. Only while the proxy itself works on the answer (waits on the
+ * backend, streams its answer) is the connection exempt. The deadline is
+ * kept by a reaper thread that shuts down the socket of a connection past
+ * it, which wakes its libmicrohttpd thread: libmicrohttpd's own timeout is
+ * an idle timeout, which a client trickling a byte every few seconds never
+ * reaches.
+ *
  * A request object (struct preq) is shared by the connection thread, the
  * worker and the response; a reference count frees it when all three are
  * done. The raw URI comes from the URI log callback, so the query string is
@@ -43,6 +54,17 @@
 #define QUEUE_MAX (4u << 20) /* bytes queued per request before the worker waits */
 #define HEADERS_MAX 128      /* request headers forwarded */
 #define WAIT_SLICE_S 1       /* waits wake up this often to look at the client, stopping */
+#define REAP_SLICE_MS 250    /* the reaper looks at the deadlines this often */
+
+/* One client connection, from accept to close (libmicrohttpd's socket
+ * context). Listed in proxy.conns under proxy.conn_lock. */
+struct pconn {
+	struct pconn *prev, *next;
+	int fd;
+	double deadline; /* the request being received must be in by then (monotonic s) */
+	int exempt;      /* the proxy is answering: no deadline */
+	int reaped;      /* the socket was shut down for the deadline */
+};
 
 struct chunk {
 	struct chunk *next;
@@ -59,6 +81,12 @@ struct proxy {
 	pthread_cond_t cond;
 	unsigned workers;
 	char last_log[256];
+	pthread_mutex_t conn_lock; /* conns, reaper_stop */
+	pthread_cond_t conn_cond;
+	struct pconn *conns;
+	int reaper_stop;
+	pthread_t reaper;
+	int reaper_started;
 };
 
 struct preq {
@@ -94,6 +122,7 @@ struct preq {
 	int delivered;   /* ... all of them: Content-Length reached or end of stream */
 	int client_gone; /* the client left before getting the whole answer */
 	int fd;          /* the client's socket, to notice it leaving; -1 unknown */
+	struct pconn *pc; /* the connection's deadline state, or NULL */
 };
 
 static double now_s(void)
@@ -102,6 +131,105 @@ static double now_s(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* The connection's state (set up when it was accepted), or NULL. */
+static struct pconn *pconn_of(struct MHD_Connection *conn)
+{
+	const union MHD_ConnectionInfo *ci =
+	    conn ? MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT) : NULL;
+
+	return ci ? ci->socket_context : NULL;
+}
+
+/* Exempts the connection from the request deadline (the proxy answers), or
+ * starts a new deadline for the next request on it. */
+static void pconn_set(struct proxy *p, struct pconn *pc, int exempt, double deadline)
+{
+	if (!pc)
+		return;
+	pthread_mutex_lock(&p->conn_lock);
+	pc->exempt = exempt;
+	if (!exempt)
+		pc->deadline = deadline;
+	pthread_mutex_unlock(&p->conn_lock);
+}
+
+/* libmicrohttpd's connection notifications: a new connection gets its
+ * first deadline and joins the list; a closed one leaves it (before
+ * libmicrohttpd closes its socket, so the reaper never touches a reused fd). */
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode code)
+{
+	struct proxy *p = cls;
+	struct pconn *pc = *socket_context;
+
+	if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+		const union MHD_ConnectionInfo *ci =
+		    MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+
+		pc = calloc(1, sizeof(*pc));
+		if (!pc)
+			return; /* no deadline for it; the idle timeout still applies */
+		pc->fd = ci ? ci->connect_fd : -1;
+		pc->deadline = now_s() + p->cfg.request_timeout_s;
+		pthread_mutex_lock(&p->conn_lock);
+		pc->next = p->conns;
+		if (p->conns)
+			p->conns->prev = pc;
+		p->conns = pc;
+		pthread_mutex_unlock(&p->conn_lock);
+		*socket_context = pc;
+		return;
+	}
+	if (!pc)
+		return;
+	pthread_mutex_lock(&p->conn_lock);
+	if (pc->prev)
+		pc->prev->next = pc->next;
+	else
+		p->conns = pc->next;
+	if (pc->next)
+		pc->next->prev = pc->prev;
+	pthread_mutex_unlock(&p->conn_lock);
+	*socket_context = NULL;
+	free(pc);
+}
+
+/* The reaper: shuts down the socket of every connection still sending its
+ * request past the deadline. Its libmicrohttpd thread then sees the socket
+ * end and closes the connection. */
+static void *reaper_main(void *arg)
+{
+	struct proxy *p = arg;
+
+	pthread_mutex_lock(&p->conn_lock);
+	while (!p->reaper_stop) {
+		struct timespec dl;
+		double t = now_s();
+
+		for (struct pconn *pc = p->conns; pc; pc = pc->next) {
+			if (pc->exempt || pc->reaped || pc->fd < 0 || t < pc->deadline)
+				continue;
+			pc->reaped = 1;
+			shutdown(pc->fd, SHUT_RDWR);
+			metrics_client_refused(METRICS_REFUSED_REQUEST_TIMEOUT);
+			klog(LOG_WARN,
+			     "event=request_timeout fd=%d request_timeout_s=%u action=close "
+			     "hint=\"the client did not send its request within "
+			     "--request-timeout-s\"",
+			     pc->fd, p->cfg.request_timeout_s);
+		}
+		clock_gettime(CLOCK_MONOTONIC, &dl);
+		dl.tv_nsec += REAP_SLICE_MS * 1000000L;
+		if (dl.tv_nsec >= 1000000000L) {
+			dl.tv_sec++;
+			dl.tv_nsec -= 1000000000L;
+		}
+		pthread_cond_timedwait(&p->conn_cond, &p->conn_lock, &dl);
+	}
+	pthread_mutex_unlock(&p->conn_lock);
+	return NULL;
 }
 
 /* Waits on r->cond for at most WAIT_SLICE_S (r->lock held). */
@@ -634,9 +762,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		return MHD_NO;
 	if (r->phase == 0) {
 		r->phase = 1;
-		/* A proxied request may take as long as its timeouts allow;
-		 * the idle timeout applies again once it is answered. */
-		MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT, 0u);
+		/* The body comes under the idle timeout and the request
+		 * deadline, like the headers: no exemption before the proxy
+		 * has the whole request. */
+		r->pc = pconn_of(conn);
 		snprintf(r->method, sizeof(r->method), "%s", method);
 		r->ep = endpoint_of(r->uri);
 		{
@@ -705,6 +834,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 	}
 	if (atomic_load(&p->stopping))
 		return respond_error(conn, 503, "unavailable_error", "kvtier-llama is stopping");
+	/* The request is in: from here the proxy works on the answer, which
+	 * may take as long as --timeout-ms allows (a long completion). */
+	MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT, 0u);
+	pconn_set(p, r->pc, 1, 0);
 	pthread_mutex_lock(&r->lock);
 	r->refs++; /* the worker's */
 	pthread_mutex_unlock(&r->lock);
@@ -741,9 +874,14 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 	struct preq *r = *con_cls;
 
 	*con_cls = NULL;
-	if (conn)
+	if (conn) {
+		/* The next request on this connection: idle for at most
+		 * --idle-timeout-s, then --request-timeout-s to send it. */
 		MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT,
 		                          p->cfg.idle_timeout_s);
+		pconn_set(p, r && r->pc ? r->pc : pconn_of(conn), 0,
+		          now_s() + p->cfg.idle_timeout_s + p->cfg.request_timeout_s);
+	}
 	if (!r)
 		return;
 	pthread_mutex_lock(&r->lock);
@@ -853,14 +991,24 @@ int proxy_start(const struct proxy_config *cfg, struct engine *e, struct proxy *
 	p->cfg = *cfg;
 	pthread_mutex_init(&p->lock, NULL);
 	pthread_cond_init(&p->cond, NULL);
+	pthread_mutex_init(&p->conn_lock, NULL);
+	{
+		pthread_condattr_t ca;
+
+		pthread_condattr_init(&ca);
+		pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+		pthread_cond_init(&p->conn_cond, &ca);
+		pthread_condattr_destroy(&ca);
+	}
 	errno = 0;
 	p->daemon = MHD_start_daemon(
 	    flags, (uint16_t)atoi(port), NULL, NULL, on_request, p, MHD_OPTION_EXTERNAL_LOGGER,
 	    on_mhd_log, p, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
 	    MHD_OPTION_URI_LOG_CALLBACK, on_uri, p, MHD_OPTION_NOTIFY_COMPLETED, on_completed, p,
-	    MHD_OPTION_CONNECTION_LIMIT, cfg->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
-	    cfg->idle_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(256 * 1024),
-	    MHD_OPTION_END);
+	    MHD_OPTION_NOTIFY_CONNECTION, on_connection, p, MHD_OPTION_CONNECTION_LIMIT,
+	    cfg->max_connections, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+	    cfg->max_connections_per_ip, MHD_OPTION_CONNECTION_TIMEOUT, cfg->idle_timeout_s,
+	    MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(256 * 1024), MHD_OPTION_END);
 	saved = errno;
 	if (!p->daemon) {
 		snprintf(err, errlen, "cannot serve HTTP on %s: %s", cfg->listen,
@@ -868,17 +1016,29 @@ int proxy_start(const struct proxy_config *cfg, struct engine *e, struct proxy *
 		         : saved        ? strerror(saved)
 		                        : "libmicrohttpd failed");
 		rc = saved ? -saved : -EIO;
-		pthread_cond_destroy(&p->cond);
-		pthread_mutex_destroy(&p->lock);
-		free(p);
-		p = NULL;
-		goto out;
+		goto fail;
 	}
+	rc = pthread_create(&p->reaper, NULL, reaper_main, p);
+	if (rc) {
+		snprintf(err, errlen, "cannot start the request deadline thread: %s",
+		         strerror(rc));
+		MHD_stop_daemon(p->daemon);
+		rc = -rc;
+		goto fail;
+	}
+	p->reaper_started = 1;
 	*out = p;
 	rc = 0;
 out:
 	freeaddrinfo(res);
 	return rc;
+fail:
+	pthread_cond_destroy(&p->conn_cond);
+	pthread_mutex_destroy(&p->conn_lock);
+	pthread_cond_destroy(&p->cond);
+	pthread_mutex_destroy(&p->lock);
+	free(p);
+	goto out;
 }
 
 void proxy_stop(struct proxy *p)
@@ -886,6 +1046,13 @@ void proxy_stop(struct proxy *p)
 	if (!p)
 		return;
 	atomic_store(&p->stopping, 1);
+	if (p->reaper_started) {
+		pthread_mutex_lock(&p->conn_lock);
+		p->reaper_stop = 1;
+		pthread_cond_broadcast(&p->conn_cond);
+		pthread_mutex_unlock(&p->conn_lock);
+		pthread_join(p->reaper, NULL);
+	}
 	MHD_stop_daemon(p->daemon);
 	/* Workers end within a second or so: their transfers see `stopping`. */
 	pthread_mutex_lock(&p->lock);
@@ -897,6 +1064,8 @@ void proxy_stop(struct proxy *p)
 		pthread_cond_timedwait(&p->cond, &p->lock, &dl);
 	}
 	pthread_mutex_unlock(&p->lock);
+	pthread_cond_destroy(&p->conn_cond);
+	pthread_mutex_destroy(&p->conn_lock);
 	pthread_cond_destroy(&p->cond);
 	pthread_mutex_destroy(&p->lock);
 	free(p);
