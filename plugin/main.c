@@ -54,6 +54,7 @@ enum opt_id {
 	OPT_SLOT_CHECK_MS,
 	OPT_SAVE_WORKERS,
 	OPT_MAX_REQUEST_SIZE,
+	OPT_MAX_INFLIGHT_BODY,
 	OPT_MAX_CONNECTIONS,
 	OPT_SERVER_CACHE_RAM,
 	OPT_SERVER_CACHE_IDLE,
@@ -127,7 +128,12 @@ static const struct option_def options[] = {
      "The plugin then knows those slots are empty, and delays a request while a save of that "
      "backend runs (the save would find its slot cleared)."},
     {"max-request-size", OPT_MAX_REQUEST_SIZE, "SIZE", "64M",
-     "Largest request body accepted (K, M, G suffixes)."},
+     "Largest request body accepted (K, M, G suffixes); a larger one is refused with 413 "
+     "before it is read."},
+    {"max-inflight-body-bytes", OPT_MAX_INFLIGHT_BODY, "SIZE", "256M",
+     "Most bytes of request bodies held at once, over all connections (each body is held "
+     "once, until its backend call ends). A request whose body would pass it is answered "
+     "503 with Retry-After. At least --max-request-size."},
     {"max-connections", OPT_MAX_CONNECTIONS, "N", "256",
      "Client connections served at once; further ones are refused (reset) until one closes."},
     {"max-connections-per-ip", OPT_MAX_CONNECTIONS_PER_IP, "N", "64",
@@ -240,6 +246,7 @@ int main(int argc, char **argv)
 	ec.server_cache_idle_slots = 1;
 	pc.listen = "127.0.0.1:8081";
 	pc.max_request_bytes = 64u << 20;
+	pc.max_inflight_body_bytes = 256u << 20;
 	pc.max_connections = 256;
 	pc.idle_timeout_s = 60;
 	pc.request_timeout_s = 30;
@@ -365,6 +372,12 @@ int main(int argc, char **argv)
 				return die("--max-request-size %s: expected a size such as 64M",
 				           optarg);
 			break;
+		case OPT_MAX_INFLIGHT_BODY:
+			if (options_parse_size(optarg, &size) || size < 1024 || size > SIZE_MAX / 2)
+				return die("--max-inflight-body-bytes %s: expected a size such as 256M",
+				           optarg);
+			pc.max_inflight_body_bytes = (size_t)size;
+			break;
 		case OPT_MAX_CONNECTIONS:
 			if (options_parse_uint(optarg, 1, 65536, &pc.max_connections))
 				return die("--max-connections %s: expected 1..65536", optarg);
@@ -406,6 +419,10 @@ int main(int argc, char **argv)
 		           argv[optind]);
 	if (n_backends == 0)
 		return die("give at least one --backend URL (a llama-server)");
+	if (pc.max_inflight_body_bytes < pc.max_request_bytes + 1)
+		return die("--max-inflight-body-bytes %zu is smaller than --max-request-size %zu: "
+		           "no request of the largest size could ever be taken; raise it",
+		           pc.max_inflight_body_bytes, pc.max_request_bytes);
 	if (!ec.kvtier_address)
 		return die("give --kvtier ADDRESS: unix:PATH of kvtierd's socket, or HOST:PORT");
 	if (!ec.slot_dir)

@@ -20,6 +20,14 @@
  * an idle timeout, which a client trickling a byte every few seconds never
  * reaches.
  *
+ * Bodies: a request body is held once, in a buffer of its Content-Length
+ * (a chunked one grows by half), and the engine reads it in place and
+ * forwards it from there. The bytes of all bodies held at once are bounded
+ * by --max-inflight-body-bytes: a body over the budget is refused with 503
+ * and Retry-After as soon as its headers say how large it is (or, chunked,
+ * when it grows past it), and a body over --max-request-size with 413,
+ * without reading it. A body is freed as soon as its backend call is over.
+ *
  * A request object (struct preq) is shared by the connection thread, the
  * worker and the response; a reference count frees it when all three are
  * done. The raw URI comes from the URI log callback, so the query string is
@@ -55,6 +63,8 @@
 #define HEADERS_MAX 128      /* request headers forwarded */
 #define WAIT_SLICE_S 1       /* waits wake up this often to look at the client, stopping */
 #define REAP_SLICE_MS 250    /* the reaper looks at the deadlines this often */
+#define RETRY_AFTER_S "2"    /* Retry-After of a 503 for a full body budget */
+#define BODY_MIN_CAP 16384   /* first buffer of a body of unknown length */
 
 /* One client connection, from accept to close (libmicrohttpd's socket
  * context). Listed in proxy.conns under proxy.conn_lock. */
@@ -77,9 +87,10 @@ struct proxy {
 	struct engine *engine;
 	struct proxy_config cfg;
 	atomic_int stopping;
-	pthread_mutex_t lock; /* workers count */
+	pthread_mutex_t lock; /* workers count, body_bytes */
 	pthread_cond_t cond;
 	unsigned workers;
+	size_t body_bytes; /* body bytes reserved by all requests */
 	char last_log[256];
 	pthread_mutex_t conn_lock; /* conns, reaper_stop */
 	pthread_cond_t conn_cond;
@@ -102,7 +113,9 @@ struct preq {
 	unsigned n_headers;
 	char *body;
 	size_t body_len, body_cap;
+	size_t reserved; /* bytes of the body budget this request holds */
 	int too_big;
+	int over_budget; /* a chunked body grew past --max-inflight-body-bytes */
 	int key_ok; /* no --api-key-file, or the client sent the key */
 	double t_arrival;
 	/* filled by the worker */
@@ -269,6 +282,40 @@ static void wait_slice_conn(struct preq *r)
 	}
 }
 
+/* Takes n more bytes of the body budget for r. Returns 0, or -1 when
+ * that would pass --max-inflight-body-bytes (nothing is taken then). */
+static int body_reserve(struct proxy *p, struct preq *r, size_t n)
+{
+	int ok;
+
+	pthread_mutex_lock(&p->lock);
+	ok = n <= p->cfg.max_inflight_body_bytes - p->body_bytes;
+	if (ok) {
+		p->body_bytes += n;
+		r->reserved += n;
+		metrics_body_bytes(p->body_bytes);
+	}
+	pthread_mutex_unlock(&p->lock);
+	return ok ? 0 : -1;
+}
+
+/* Frees r's body and gives its share of the budget back. The caller owns
+ * r->body (the connection thread before the worker starts, the worker
+ * after, the last reference at the end). */
+static void body_release(struct proxy *p, struct preq *r)
+{
+	free(r->body);
+	r->body = NULL;
+	r->body_len = r->body_cap = 0;
+	if (!r->reserved)
+		return;
+	pthread_mutex_lock(&p->lock);
+	p->body_bytes -= r->reserved;
+	r->reserved = 0;
+	metrics_body_bytes(p->body_bytes);
+	pthread_mutex_unlock(&p->lock);
+}
+
 /* A request object for raw URI uri, with the MHD side's reference. NULL
  * when out of memory (the request is then refused). */
 static struct preq *preq_new(struct proxy *p, const char *uri)
@@ -321,7 +368,7 @@ static void preq_unref(struct preq *r)
 		free(r->resp_headers[i]);
 	free(r->resp_headers);
 	free(r->err_body);
-	free(r->body);
+	body_release(r->p, r);
 	free(r->uri);
 	pthread_cond_destroy(&r->cond);
 	pthread_mutex_destroy(&r->lock);
@@ -487,6 +534,9 @@ static void *worker_main(void *arg)
 	                            .t_arrival = r->t_arrival};
 	int broken = engine_handle(p->engine, &rq, &sink);
 
+	/* The backend call is over: the body is not needed any more, even if
+	 * the client is still reading the answer. */
+	body_release(p, r);
 	pthread_mutex_lock(&r->lock);
 	if (!r->finished) { /* else sink_end ended the answer already */
 		r->finished = 1;
@@ -669,6 +719,65 @@ static enum MHD_Result respond_error(struct MHD_Connection *conn, unsigned statu
 	                      1);
 }
 
+/* The 503 of a body over the budget: says why, and when to try again. */
+static enum MHD_Result respond_over_budget(struct MHD_Connection *conn, struct proxy *p)
+{
+	struct MHD_Response *resp;
+	enum MHD_Result ret;
+	char msg[256], *body;
+
+	metrics_client_refused(METRICS_REFUSED_BODY_BUDGET);
+	metrics_request_failed();
+	snprintf(msg, sizeof(msg),
+	         "kvtier-llama holds --max-inflight-body-bytes (%zu bytes) of request bodies "
+	         "already; retry in a few seconds",
+	         p->cfg.max_inflight_body_bytes);
+	klog(LOG_WARN, "event=body_budget_full max_inflight_body_bytes=%zu action=refuse status=503",
+	     p->cfg.max_inflight_body_bytes);
+	body = error_body(503, "unavailable_error", msg);
+	if (!body)
+		return MHD_NO;
+	resp = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
+	if (!resp) {
+		free(body);
+		return MHD_NO;
+	}
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
+	                        "application/json; charset=utf-8");
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, RETRY_AFTER_S);
+	ret = MHD_queue_response(conn, MHD_HTTP_SERVICE_UNAVAILABLE, resp);
+	MHD_destroy_response(resp);
+	return ret;
+}
+
+/* The 413 of a body over --max-request-size. */
+static enum MHD_Result respond_too_big(struct MHD_Connection *conn, struct proxy *p)
+{
+	char msg[128];
+
+	snprintf(msg, sizeof(msg), "request body larger than --max-request-size (%zu bytes)",
+	         p->cfg.max_request_bytes);
+	return respond_error(conn, 413, "invalid_request_error", msg);
+}
+
+/* The body's declared length (Content-Length), or -1 when it has none
+ * (chunked) or an unreadable one. */
+static int64_t declared_length(struct MHD_Connection *conn)
+{
+	const char *v =
+	    MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+	char *end;
+	unsigned long long n;
+
+	if (!v || *v < '0' || *v > '9')
+		return -1;
+	errno = 0;
+	n = strtoull(v, &end, 10);
+	if (errno || *end || n > INT64_MAX)
+		return -1;
+	return (int64_t)n;
+}
+
 /* The managed endpoint a raw URI names (llama-server's aliases included), or
  * METRICS_EP_OTHER. */
 static enum metrics_endpoint endpoint_of(const char *uri)
@@ -746,6 +855,48 @@ static enum MHD_Result answer(struct MHD_Connection *conn, struct preq *r)
 	return ret;
 }
 
+/* The client waits for "100 Continue" before it sends the body. */
+static int expects_continue(struct MHD_Connection *conn)
+{
+	const char *v = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_EXPECT);
+
+	return v && strcasecmp(v, "100-continue") == 0;
+}
+
+/* The headers are in: sizes the body. A body of known length is reserved
+ * against the budget and allocated once, whole. A request that will be
+ * refused (no key, too large, over the budget) keeps nothing: its body is
+ * read and dropped, and the refusal sent after it, so that any client reads
+ * it; a client that asked for "100 Continue" gets it at once instead and
+ * never sends the body. */
+static enum MHD_Result body_start(struct MHD_Connection *conn, struct proxy *p, struct preq *r)
+{
+	int64_t cl = declared_length(conn);
+
+	if (cl > 0 && (uint64_t)cl > p->cfg.max_request_bytes)
+		r->too_big = 1;
+	else if (r->key_ok && cl > 0 && body_reserve(p, r, (size_t)cl + 1))
+		r->over_budget = 1;
+	if (!r->key_ok || r->too_big || r->over_budget) {
+		if (!expects_continue(conn))
+			return MHD_YES;
+		r->phase = 2;
+		if (!r->key_ok)
+			return respond_error(conn, 401, "authentication_error", "Invalid API Key");
+		return r->too_big ? respond_too_big(conn, p) : respond_over_budget(conn, p);
+	}
+	if (cl > 0) {
+		r->body = malloc((size_t)cl + 1);
+		if (!r->body) {
+			body_release(p, r);
+			r->over_budget = 1; /* refused as a full budget: retry later */
+			return MHD_YES;
+		}
+		r->body_cap = (size_t)cl + 1;
+	}
+	return MHD_YES;
+}
+
 /* libmicrohttpd's access handler, on the connection's thread: collects the
  * headers and the body (bounded), answers /metrics itself, and for every
  * other request starts a worker and answers with what the worker gets. */
@@ -777,25 +928,36 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		MHD_get_connection_values(conn, MHD_HEADER_KIND, collect_header, r);
 		r->key_ok = !p->cfg.api_key || !strcmp(method, "OPTIONS") ||
 		            is_public_path(r->uri) || client_key_ok(conn, p->cfg.api_key);
-		return MHD_YES;
+		return body_start(conn, p, r);
 	}
 	if (*upload_size) {
 		size_t n = *upload_size;
 
 		*upload_size = 0;
-		if (r->too_big || n > p->cfg.max_request_bytes - r->body_len) {
+		if (!r->key_ok || r->too_big || r->over_budget)
+			return MHD_YES; /* refused: dropped as it comes */
+		if (n > p->cfg.max_request_bytes - r->body_len) {
 			r->too_big = 1;
+			body_release(p, r);
 			return MHD_YES;
 		}
 		if (r->body_len + n + 1 > r->body_cap) {
-			size_t cap = r->body_cap ? r->body_cap : 16384;
+			/* No Content-Length (chunked): grow by half, within the
+			 * request's limit and the budget. */
+			size_t cap = r->body_cap ? r->body_cap : BODY_MIN_CAP;
 			char *b;
 
 			while (cap < r->body_len + n + 1)
-				cap *= 2;
+				cap += cap / 2;
+			if (cap > p->cfg.max_request_bytes + 1)
+				cap = p->cfg.max_request_bytes + 1;
+			if (body_reserve(p, r, cap - r->body_cap)) {
+				r->over_budget = 1;
+				return MHD_YES;
+			}
 			b = realloc(r->body, cap);
 			if (!b) {
-				r->too_big = 1;
+				r->over_budget = 1;
 				return MHD_YES;
 			}
 			r->body = b;
@@ -824,13 +986,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		return respond_buffer(conn, 200, "text/plain; version=0.0.4; charset=utf-8", page,
 		                      len, 1);
 	}
-	if (r->too_big) {
-		char msg[128];
-
-		snprintf(msg, sizeof(msg),
-		         "request body larger than --max-request-size (%zu bytes)",
-		         p->cfg.max_request_bytes);
-		return respond_error(conn, 413, "invalid_request_error", msg);
+	if (r->too_big)
+		return respond_too_big(conn, p);
+	if (r->over_budget) {
+		body_release(p, r);
+		return respond_over_budget(conn, p);
 	}
 	if (atomic_load(&p->stopping))
 		return respond_error(conn, 503, "unavailable_error", "kvtier-llama is stopping");
