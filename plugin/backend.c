@@ -519,9 +519,10 @@ int backend_tokenize_json(const char *base, const char *content_json, size_t len
 {
 	static const char head[] = "{\"content\":",
 	                  tail[] = ",\"add_special\":true,\"parse_special\":true}";
-	struct backend_piece body[3] = {
+	const char *model = backend_model(base);
+	struct backend_piece body[5] = {
 	    {head, sizeof(head) - 1}, {content_json, len}, {tail, sizeof(tail) - 1}};
-	char *raw = NULL;
+	char *raw = NULL, *mq = NULL;
 	size_t raw_len = 0;
 	/* An id is at most 10 digits and a separator; pieces are not asked for. */
 	size_t max_reply = max_tokens < (BACKEND_MAX_REPLY - 4096) / 24
@@ -533,7 +534,25 @@ int backend_tokenize_json(const char *base, const char *content_json, size_t len
 
 	*tokens = NULL;
 	*n = 0;
+	if (model) {
+		/* A router takes the model from the body. */
+		size_t need = jscan_quote(model, NULL, 0);
+
+		mq = malloc(need);
+		if (!mq) {
+			memset(r, 0, sizeof(*r));
+			snprintf(r->err, sizeof(r->err), "out of memory");
+			return -ENOMEM;
+		}
+		jscan_quote(model, mq, need);
+		body[3] = body[2];
+		body[2] = (struct backend_piece){",\"model\":", 9};
+		body[4] = body[3];
+		body[3] = (struct backend_piece){mq, need};
+		cl.n_body = 5;
+	}
 	rc = json_call_ex(base, "/tokenize", &cl, timeout_ms, r);
+	free(mq);
 	if (rc == -E2BIG)
 		snprintf(r->err, sizeof(r->err), "%s/tokenize: more than %zu tokens", base,
 		         max_tokens);
