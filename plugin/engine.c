@@ -19,7 +19,12 @@
  *     the slot (the slot passes to the save, so it completes before anyone
  *     else uses the slot).
  * Anything the engine cannot manage (other paths, arrays of prompts,
- * multimodal input) is forwarded untouched to a backend that is up.
+ * multimodal input, a prompt longer than the slot context) is forwarded
+ * untouched to a backend that is up.
+ *
+ * The request body is read in place (jscan.h) and forwarded from its own
+ * bytes: the engine never builds a parse tree of it nor copies it, and holds
+ * at most n_ctx token ids of its prompt.
  *
  * This module must never fail a user's request because of kvtier: every
  * restore and save problem ends in plain prefill and a counter. It must never
