@@ -23,6 +23,8 @@
 
 #include <curl/curl.h>
 
+#include "jscan.h"
+
 #define CONNECT_TIMEOUT_MS 5000u
 #define HEADER_MAX 32768u /* bytes of response headers kept for the sink */
 
@@ -155,8 +157,92 @@ static CURL *handle_new(const char *url, unsigned timeout_ms, char *errbuf)
 struct membuf {
 	char *p;
 	size_t len, cap;
+	size_t max; /* larger answers abort the call */
 	int overflow;
+	CURL *h; /* to read the answer's Content-Length */
 };
+
+/* A request body sent from pieces (curl read callback): nothing is joined
+ * into one buffer. */
+struct piece_reader {
+	const struct backend_piece *pieces;
+	unsigned n;
+	unsigned i;  /* current piece */
+	size_t off;  /* within it */
+	curl_off_t total;
+};
+
+static curl_off_t pieces_total(const struct backend_piece *pieces, unsigned n)
+{
+	curl_off_t t = 0;
+
+	for (unsigned i = 0; i < n; i++)
+		t += (curl_off_t)pieces[i].len;
+	return t;
+}
+
+static size_t pieces_read(char *buf, size_t size, size_t nitems, void *ctx)
+{
+	struct piece_reader *pr = ctx;
+	size_t room = size * nitems, n = 0;
+
+	while (n < room && pr->i < pr->n) {
+		const struct backend_piece *pc = &pr->pieces[pr->i];
+		size_t k = pc->len - pr->off < room - n ? pc->len - pr->off : room - n;
+
+		memcpy(buf + n, pc->p + pr->off, k);
+		n += k;
+		pr->off += k;
+		if (pr->off == pc->len) {
+			pr->i++;
+			pr->off = 0;
+		}
+	}
+	return n;
+}
+
+/* curl rewinds the body when it must send it again (a reused connection the
+ * server had closed). */
+static int pieces_seek(void *ctx, curl_off_t offset, int origin)
+{
+	struct piece_reader *pr = ctx;
+
+	if (origin != SEEK_SET || offset < 0 || offset > pr->total)
+		return CURL_SEEKFUNC_CANTSEEK;
+	pr->i = 0;
+	pr->off = 0;
+	while (pr->i < pr->n && (curl_off_t)pr->pieces[pr->i].len <= offset) {
+		offset -= (curl_off_t)pr->pieces[pr->i].len;
+		pr->i++;
+	}
+	pr->off = (size_t)offset;
+	return CURL_SEEKFUNC_OK;
+}
+
+/* Makes h send the pieces as its request body (POST unless the method is
+ * set otherwise). */
+static CURLcode pieces_setopt(CURL *h, struct piece_reader *pr,
+                              const struct backend_piece *pieces, unsigned n)
+{
+	CURLcode c;
+
+	memset(pr, 0, sizeof(*pr));
+	pr->pieces = pieces;
+	pr->n = n;
+	pr->total = pieces_total(pieces, n);
+	c = curl_easy_setopt(h, CURLOPT_POST, 1L);
+	if (c == CURLE_OK)
+		c = curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, pr->total);
+	if (c == CURLE_OK)
+		c = curl_easy_setopt(h, CURLOPT_READFUNCTION, pieces_read);
+	if (c == CURLE_OK)
+		c = curl_easy_setopt(h, CURLOPT_READDATA, pr);
+	if (c == CURLE_OK)
+		c = curl_easy_setopt(h, CURLOPT_SEEKFUNCTION, pieces_seek);
+	if (c == CURLE_OK)
+		c = curl_easy_setopt(h, CURLOPT_SEEKDATA, pr);
+	return c;
+}
 
 /* curl write callback of the JSON calls: appends to the buffer, at most
  * BACKEND_MAX_REPLY bytes (returning short aborts the transfer). */
@@ -165,16 +251,22 @@ static size_t membuf_write(char *data, size_t size, size_t nmemb, void *ctx)
 	struct membuf *b = ctx;
 	size_t n = size * nmemb;
 
-	if (n > BACKEND_MAX_REPLY - b->len) {
+	if (n > b->max - b->len) {
 		b->overflow = 1;
 		return 0; /* aborts the transfer */
 	}
 	if (b->len + n + 1 > b->cap) {
+		curl_off_t cl = -1;
 		size_t cap = b->cap ? b->cap : 4096;
 		char *p;
 
+		/* The whole answer at once when its length is known. */
+		if (!b->cap && b->h &&
+		    curl_easy_getinfo(b->h, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &cl) == CURLE_OK &&
+		    cl > 0 && (uint64_t)cl <= b->max && (size_t)cl + 1 > cap)
+			cap = (size_t)cl + 1;
 		while (cap < b->len + n + 1)
-			cap *= 2;
+			cap = cap / 2 * 3;
 		p = realloc(b->p, cap);
 		if (!p)
 			return 0;
@@ -199,14 +291,28 @@ static int stop_progress(void *ctx, curl_off_t dltotal, curl_off_t dlnow, curl_o
 	return atomic_load((atomic_int *)ctx) != 0;
 }
 
-/* Runs a GET (body == NULL) or a JSON POST and fills r. With stop, the call
- * ends with -EALREADY (within about a second) once *stop is non-zero. */
-static int json_call(const char *base, const char *path, const char *body, unsigned timeout_ms,
-                     atomic_int *stop, struct backend_reply *r)
+/* How a JSON call is made and what comes back. */
+struct call {
+	const struct backend_piece *body; /* NULL: a GET */
+	unsigned n_body;
+	size_t max_reply;  /* 0: BACKEND_MAX_REPLY */
+	atomic_int *stop;  /* see json_call */
+	char **raw;        /* non-NULL: the answer's bytes are handed over here (NUL-terminated,
+	                      caller frees) instead of being parsed into r->json */
+	size_t *raw_len;
+};
+
+/* Runs a GET or a JSON POST and fills r. With c->stop, the call ends with
+ * -EALREADY (within about a second) once *stop is non-zero. */
+static int json_call_ex(const char *base, const char *path, const struct call *cl,
+                        unsigned timeout_ms, struct backend_reply *r)
 {
 	char url[2048], errbuf[CURL_ERROR_SIZE];
 	struct curl_slist *hdrs = NULL, *t;
-	struct membuf b = {0};
+	struct membuf b = {.max = cl->max_reply ? cl->max_reply : BACKEND_MAX_REPLY};
+	struct piece_reader pr;
+	atomic_int *stop = cl->stop;
+	const void *body = cl->body;
 	double t0 = now_s();
 	CURL *h = NULL;
 	CURLcode c;
@@ -242,6 +348,7 @@ static int json_call(const char *base, const char *path, const char *body, unsig
 		snprintf(r->err, sizeof(r->err), "out of memory");
 		goto out;
 	}
+	b.h = h;
 	t = curl_slist_append(hdrs, "Expect:");
 	if (t)
 		hdrs = t;
@@ -262,9 +369,7 @@ static int json_call(const char *base, const char *path, const char *body, unsig
 			goto out;
 		}
 		hdrs = t;
-		if (curl_easy_setopt(h, CURLOPT_POSTFIELDS, body) != CURLE_OK ||
-		    curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)strlen(body)) !=
-		        CURLE_OK) {
+		if (pieces_setopt(h, &pr, cl->body, cl->n_body) != CURLE_OK) {
 			rc = -ENOMEM;
 			snprintf(r->err, sizeof(r->err), "out of memory");
 			goto out;
@@ -290,9 +395,9 @@ static int json_call(const char *base, const char *path, const char *body, unsig
 	if (c != CURLE_OK) {
 		rc = rc_of(c);
 		if (b.overflow) {
-			rc = -EPROTO;
-			set_err(r->err, sizeof(r->err), "%s%s: answer larger than %u bytes", base,
-			        path, BACKEND_MAX_REPLY);
+			rc = -E2BIG;
+			set_err(r->err, sizeof(r->err), "%s%s: answer larger than %zu bytes", base,
+			        path, b.max);
 		} else {
 			set_err(r->err, sizeof(r->err), "%s%s: %s", base, path,
 			        errbuf[0] ? errbuf : curl_easy_strerror(c));
@@ -302,17 +407,36 @@ static int json_call(const char *base, const char *path, const char *body, unsig
 		goto out;
 	}
 	curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &r->status);
-	if (b.len)
+	if (b.len && !cl->raw)
 		r->json = json_loadb(b.p, b.len, JSON_DECODE_ANY, NULL);
 	if (r->status != 200)
 		snprintf(r->err, sizeof(r->err), "%s%s: HTTP %ld%s%.120s", base, path, r->status,
 		         b.len ? ": " : "", b.len ? b.p : "");
+	if (cl->raw && rc == 0) {
+		if (!b.p)
+			b.p = calloc(1, 1);
+		*cl->raw = b.p;
+		*cl->raw_len = b.len;
+		b.p = NULL;
+		if (!*cl->raw)
+			rc = -ENOMEM;
+	}
 out:
 	if (h)
 		curl_easy_cleanup(h);
 	curl_slist_free_all(hdrs);
 	free(b.p);
 	return rc;
+}
+
+/* json_call_ex with a body that is one NUL-terminated string (or NULL). */
+static int json_call(const char *base, const char *path, const char *body, unsigned timeout_ms,
+                     atomic_int *stop, struct backend_reply *r)
+{
+	struct backend_piece one = {body, body ? strlen(body) : 0};
+	struct call cl = {.body = body ? &one : NULL, .n_body = 1, .stop = stop};
+
+	return json_call_ex(base, path, &cl, timeout_ms, r);
 }
 
 int backend_get_json(const char *base, const char *path, unsigned timeout_ms,
@@ -347,14 +471,106 @@ int backend_post_json(const char *base, const char *path, const json_t *body, un
 	return rc;
 }
 
+/* Reads the token ids of a /tokenize answer ({"tokens": [1, 2]} or, with
+ * with_pieces, [{"id": 1, "piece": ...}]) without a parse tree. */
+static int tokens_of(const char *base, const char *raw, size_t len, size_t max_tokens,
+                     int32_t **tokens, size_t *n, struct backend_reply *r)
+{
+	struct jspan root, arr, v, id;
+	size_t pos = 0, count = 0, i = 0;
+	int32_t *t;
+
+	if (jscan_check(raw, len, &root) || jscan_get(root, "tokens", &arr) != 1 ||
+	    jscan_type(arr) != '[') {
+		snprintf(r->err, sizeof(r->err), "%s/tokenize: no \"tokens\" array", base);
+		return -EPROTO;
+	}
+	while (jscan_element_next(arr, &pos, &v))
+		count++;
+	if (count > max_tokens) {
+		snprintf(r->err, sizeof(r->err), "%s/tokenize: %zu tokens, more than %zu", base,
+		         count, max_tokens);
+		return -E2BIG;
+	}
+	t = malloc((count ? count : 1) * sizeof(*t));
+	if (!t)
+		return -ENOMEM;
+	for (pos = 0; jscan_element_next(arr, &pos, &v); i++) {
+		int64_t x;
+
+		if (jscan_type(v) == '{' && jscan_get(v, "id", &id) == 1)
+			v = id;
+		if (jscan_int(v, 0, INT32_MAX, &x)) {
+			free(t);
+			snprintf(r->err, sizeof(r->err), "%s/tokenize: token %zu is not an id",
+			         base, i);
+			return -EPROTO;
+		}
+		t[i] = (int32_t)x;
+	}
+	*tokens = t;
+	*n = count;
+	return 0;
+}
+
+int backend_tokenize_json(const char *base, const char *content_json, size_t len,
+                          size_t max_tokens, unsigned timeout_ms, int32_t **tokens, size_t *n,
+                          struct backend_reply *r)
+{
+	static const char head[] = "{\"content\":",
+	                  tail[] = ",\"add_special\":true,\"parse_special\":true}";
+	const char *model = backend_model(base);
+	struct backend_piece body[5] = {
+	    {head, sizeof(head) - 1}, {content_json, len}, {tail, sizeof(tail) - 1}};
+	char *raw = NULL, *mq = NULL;
+	size_t raw_len = 0;
+	/* An id is at most 10 digits and a separator; pieces are not asked for. */
+	size_t max_reply = max_tokens < (BACKEND_MAX_REPLY - 4096) / 24
+	                       ? max_tokens * 24 + 4096
+	                       : BACKEND_MAX_REPLY;
+	struct call cl = {.body = body, .n_body = 3, .max_reply = max_reply, .raw = &raw,
+	                  .raw_len = &raw_len};
+	int rc;
+
+	*tokens = NULL;
+	*n = 0;
+	if (model) {
+		/* A router takes the model from the body. */
+		size_t need = jscan_quote(model, NULL, 0);
+
+		mq = malloc(need);
+		if (!mq) {
+			memset(r, 0, sizeof(*r));
+			snprintf(r->err, sizeof(r->err), "out of memory");
+			return -ENOMEM;
+		}
+		jscan_quote(model, mq, need);
+		body[3] = body[2];
+		body[2] = (struct backend_piece){",\"model\":", 9};
+		body[4] = body[3];
+		body[3] = (struct backend_piece){mq, need};
+		cl.n_body = 5;
+	}
+	rc = json_call_ex(base, "/tokenize", &cl, timeout_ms, r);
+	free(mq);
+	if (rc == -E2BIG)
+		snprintf(r->err, sizeof(r->err), "%s/tokenize: more than %zu tokens", base,
+		         max_tokens);
+	if (rc)
+		return rc;
+	if (r->status != 200)
+		rc = -EPROTO;
+	else
+		rc = tokens_of(base, raw, raw_len, max_tokens, tokens, n, r);
+	free(raw);
+	return rc;
+}
+
 int backend_tokenize(const char *base, const char *content, unsigned timeout_ms, int32_t **tokens,
                      size_t *n, struct backend_reply *r)
 {
-	json_t *q =
-	    json_pack("{s:s, s:b, s:b}", "content", content, "add_special", 1, "parse_special", 1);
-	const json_t *arr;
-	int32_t *t = NULL;
-	size_t i, len;
+	size_t need = jscan_quote(content, NULL, 0);
+	char *q = malloc(need);
 	int rc;
 
 	*tokens = NULL;
@@ -364,59 +580,67 @@ int backend_tokenize(const char *base, const char *content, unsigned timeout_ms,
 		snprintf(r->err, sizeof(r->err), "out of memory");
 		return -ENOMEM;
 	}
-	rc = backend_post_json(base, "/tokenize", q, timeout_ms, r);
-	json_decref(q);
-	if (rc)
-		return rc;
-	arr = json_object_get(r->json, "tokens");
-	if (r->status != 200 || !json_is_array(arr)) {
-		if (r->status == 200)
-			snprintf(r->err, sizeof(r->err), "%s/tokenize: no \"tokens\" array", base);
-		return -EPROTO;
-	}
-	len = json_array_size(arr);
-	t = malloc((len ? len : 1) * sizeof(*t));
-	if (!t)
-		return -ENOMEM;
-	for (i = 0; i < len; i++) {
-		const json_t *v = json_array_get(arr, i);
-
-		/* {"tokens": [1, 2]} or, with with_pieces, [{"id": 1, "piece": ...}]. */
-		if (json_is_object(v))
-			v = json_object_get(v, "id");
-		if (!json_is_integer(v) || json_integer_value(v) < 0 ||
-		    json_integer_value(v) > INT32_MAX) {
-			free(t);
-			snprintf(r->err, sizeof(r->err), "%s/tokenize: token %zu is not an id",
-			         base, i);
-			return -EPROTO;
-		}
-		t[i] = (int32_t)json_integer_value(v);
-	}
-	*tokens = t;
-	*n = len;
-	return 0;
+	jscan_quote(content, q, need);
+	rc = backend_tokenize_json(base, q, need, BACKEND_MAX_TOKENS, timeout_ms, tokens, n, r);
+	free(q);
+	return rc;
 }
 
-int backend_apply_template(const char *base, const json_t *chat, unsigned timeout_ms, char **prompt,
+int backend_apply_template(const char *base, const char *chat, size_t chat_len,
+                           unsigned timeout_ms, char **buf, struct jspan *prompt_json,
                            struct backend_reply *r)
 {
-	const char *p;
+	const char *model = backend_model(base);
+	struct backend_piece body[4] = {{chat, chat_len}};
+	struct call cl = {.body = body, .n_body = 1, .raw = buf, .raw_len = &prompt_json->len};
+	struct jspan root, v;
+	char *mq = NULL;
 	int rc;
 
-	*prompt = NULL;
-	rc = backend_post_json(base, "/apply-template", chat, timeout_ms, r);
+	*buf = NULL;
+	memset(prompt_json, 0, sizeof(*prompt_json));
+	if (jscan_check(chat, chat_len, &root) || jscan_type(root) != '{') {
+		memset(r, 0, sizeof(*r));
+		snprintf(r->err, sizeof(r->err), "the chat body is not a JSON object");
+		return -EINVAL;
+	}
+	if (model && jscan_get(root, "model", &v) == 0) {
+		/* A router takes the model from the body: add it before the last
+		 * brace. */
+		size_t need = jscan_quote(model, NULL, 0);
+		int empty = jscan_member_next(root, &(size_t){0}, &v, &v) == 0;
+
+		mq = malloc(need + 1);
+		if (!mq) {
+			memset(r, 0, sizeof(*r));
+			snprintf(r->err, sizeof(r->err), "out of memory");
+			return -ENOMEM;
+		}
+		jscan_quote(model, mq, need);
+		mq[need] = '}';
+		body[0].p = root.p;
+		body[0].len = root.len - 1;
+		body[1].p = empty ? "\"model\":" : ",\"model\":";
+		body[1].len = strlen(body[1].p);
+		body[2].p = mq;
+		body[2].len = need + 1;
+		cl.n_body = 3;
+	}
+	rc = json_call_ex(base, "/apply-template", &cl, timeout_ms, r);
+	free(mq);
 	if (rc)
 		return rc;
-	p = json_string_value(json_object_get(r->json, "prompt"));
-	if (r->status != 200 || !p) {
-		if (r->status == 200)
-			snprintf(r->err, sizeof(r->err), "%s/apply-template: no \"prompt\" string",
-			         base);
-		return -EPROTO;
+	if (r->status == 200 && jscan_check(*buf, prompt_json->len, &root) == 0 &&
+	    jscan_get(root, "prompt", &v) == 1 && jscan_type(v) == '"') {
+		*prompt_json = v;
+		return 0;
 	}
-	*prompt = strdup(p);
-	return *prompt ? 0 : -ENOMEM;
+	if (r->status == 200)
+		snprintf(r->err, sizeof(r->err), "%s/apply-template: no \"prompt\" string", base);
+	free(*buf);
+	*buf = NULL;
+	memset(prompt_json, 0, sizeof(*prompt_json));
+	return -EPROTO;
 }
 
 int backend_filename_ok(const char *name)
@@ -655,6 +879,7 @@ int backend_forward(const struct backend_request *q, const struct backend_sink *
 	char url[8192], errbuf[CURL_ERROR_SIZE];
 	struct curl_slist *hdrs = NULL, *t;
 	struct fwd f = {.s = s, .res = res, .content_length = -1};
+	struct piece_reader pr;
 	double t0 = now_s();
 	CURL *h = NULL;
 	CURLcode c = CURLE_OK;
@@ -717,11 +942,15 @@ int backend_forward(const struct backend_request *q, const struct backend_sink *
 	} else {
 		if (strcmp(q->method, "POST") != 0)
 			c = curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, q->method);
-		if (c == CURLE_OK)
+		if (c == CURLE_OK && q->n_pieces) {
+			c = pieces_setopt(h, &pr, q->pieces, q->n_pieces);
+		} else if (c == CURLE_OK) {
 			c = curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE,
 			                     (curl_off_t)q->body_len);
-		if (c == CURLE_OK)
-			c = curl_easy_setopt(h, CURLOPT_POSTFIELDS, q->body ? q->body : "");
+			if (c == CURLE_OK)
+				c = curl_easy_setopt(h, CURLOPT_POSTFIELDS,
+				                     q->body ? q->body : "");
+		}
 		/* curl would add a form Content-Type when the client sent none. */
 		if (c == CURLE_OK && !has_header(q->headers, "Content-Type")) {
 			t = curl_slist_append(hdrs, "Content-Type:");

@@ -19,8 +19,20 @@
 
 #include <jansson.h>
 
+#include "jscan.h"
+
 /* Largest JSON answer read from a backend for the proxy's own calls. */
 #define BACKEND_MAX_REPLY (64u << 20)
+/* Most token ids read from one /tokenize answer when the caller gives no
+ * smaller bound (backend_tokenize). */
+#define BACKEND_MAX_TOKENS (1u << 20)
+
+/* A part of a request body: a body is sent from its pieces in order, never
+ * joined into one buffer. The bytes stay the caller's. */
+struct backend_piece {
+	const char *p;
+	size_t len;
+};
 
 struct backend_reply {
 	long status;    /* HTTP status; 0 when there was no answer */
@@ -59,17 +71,29 @@ int backend_get_json(const char *base, const char *path, unsigned timeout_ms,
 int backend_post_json(const char *base, const char *path, const json_t *body, unsigned timeout_ms,
                       struct backend_reply *r);
 
-/* POST /tokenize {"content": content, "add_special": true, "parse_special":
- * true}. On success *tokens (malloc'd, caller frees) holds *n token ids.
- * An HTTP error or a malformed answer is -EPROTO with r->err set. */
+/* POST /tokenize {"content": CONTENT, "add_special": true, "parse_special":
+ * true}, where content_json (len bytes) is the prompt as a JSON string,
+ * quotes included, sent as it is (no copy). On success *tokens (malloc'd,
+ * caller frees) holds *n token ids. An answer of more than max_tokens ids is
+ * -E2BIG (the call stops reading it: the prompt cannot fit a slot); an HTTP
+ * error or a malformed answer is -EPROTO with r->err set. */
+int backend_tokenize_json(const char *base, const char *content_json, size_t len,
+                          size_t max_tokens, unsigned timeout_ms, int32_t **tokens, size_t *n,
+                          struct backend_reply *r);
+
+/* backend_tokenize_json for a plain NUL-terminated string, at most
+ * BACKEND_MAX_TOKENS ids. */
 int backend_tokenize(const char *base, const char *content, unsigned timeout_ms, int32_t **tokens,
                      size_t *n, struct backend_reply *r);
 
-/* POST /apply-template with the chat request `chat` (the whole
- * /v1/chat/completions body: messages, tools and template options all shape
- * the prompt). On success *prompt (malloc'd, caller frees) is the prompt
- * string the server would tokenize. */
-int backend_apply_template(const char *base, const json_t *chat, unsigned timeout_ms, char **prompt,
+/* POST /apply-template with the chat request body (chat_len bytes, a JSON
+ * object: messages, tools and template options all shape the prompt) sent
+ * as it is, plus "model" for a router backend. On success *buf (malloc'd,
+ * caller frees) holds the answer and *prompt_json is its "prompt" member, a
+ * JSON string (quotes included) inside *buf: the prompt the server would
+ * tokenize, ready for backend_tokenize_json. */
+int backend_apply_template(const char *base, const char *chat, size_t chat_len,
+                           unsigned timeout_ms, char **buf, struct jspan *prompt_json,
                            struct backend_reply *r);
 
 /* Tells whether a slot action's effect can be seen (a saved file complete
@@ -120,6 +144,10 @@ struct backend_request {
 	char **headers;     /* "Name: value" lines to send; NULL-terminated or NULL */
 	const char *body;   /* may be NULL for no body */
 	size_t body_len;
+	/* When n_pieces > 0, the body is these pieces in order instead (body
+	 * and body_len are not used). */
+	const struct backend_piece *pieces;
+	unsigned n_pieces;
 	unsigned timeout_ms; /* whole transfer */
 };
 

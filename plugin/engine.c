@@ -19,7 +19,12 @@
  *     the slot (the slot passes to the save, so it completes before anyone
  *     else uses the slot).
  * Anything the engine cannot manage (other paths, arrays of prompts,
- * multimodal input) is forwarded untouched to a backend that is up.
+ * multimodal input, a prompt longer than the slot context) is forwarded
+ * untouched to a backend that is up.
+ *
+ * The request body is read in place (jscan.h) and forwarded from its own
+ * bytes: the engine never builds a parse tree of it nor copies it, and holds
+ * at most n_ctx token ids of its prompt.
  *
  * This module must never fail a user's request because of kvtier: every
  * restore and save problem ends in plain prefill and a counter. It must never
@@ -1025,10 +1030,86 @@ static void job_error(struct job *j, int status, const char *type, const char *m
 		j->sink->on_error(j->sink->ctx, status, type, msg);
 }
 
+/* At most this many members named id_slot or cache_prompt in a managed
+ * body (each splits the forwarded body into one more piece). */
+#define FWD_DROP_MAX 8
+
+/* A managed request's body as forwarded: the client's own bytes without its
+ * id_slot and cache_prompt members, then ours. Pieces point into the body
+ * and into `tail`: nothing is copied or serialized again. */
+struct fwd_body {
+	struct backend_piece pieces[2 * FWD_DROP_MAX + 6];
+	unsigned n;
+	char tail[64];
+};
+
+/* Builds the forwarded body for slot s. The runs of the client's members
+ * that are kept are sent as they are, joined by commas. */
+static void fwd_body_make(struct fwd_body *f, struct jspan body, unsigned s)
+{
+	struct jspan k, v;
+	const char *run = NULL, *run_end = NULL;
+	size_t pos = 0;
+	int any = 0;
+
+	f->n = 0;
+	f->pieces[f->n++] = (struct backend_piece){"{", 1};
+	while (jscan_member_next(body, &pos, &k, &v)) {
+		const char *start = k.p - 1; /* the key's opening quote */
+
+		if (jscan_key_is(k, "id_slot") || jscan_key_is(k, "cache_prompt")) {
+			if (run) {
+				if (any)
+					f->pieces[f->n++] = (struct backend_piece){",", 1};
+				f->pieces[f->n++] =
+				    (struct backend_piece){run, (size_t)(run_end - run)};
+				any = 1;
+			}
+			run = NULL;
+			continue;
+		}
+		if (!run)
+			run = start;
+		run_end = v.p + v.len;
+	}
+	if (run) {
+		if (any)
+			f->pieces[f->n++] = (struct backend_piece){",", 1};
+		f->pieces[f->n++] = (struct backend_piece){run, (size_t)(run_end - run)};
+		any = 1;
+	}
+	snprintf(f->tail, sizeof(f->tail), "%s\"id_slot\":%u,\"cache_prompt\":true}",
+	         any ? "," : "", s);
+	f->pieces[f->n++] = (struct backend_piece){f->tail, strlen(f->tail)};
+}
+
+/* How many members fwd_body_make() would drop. */
+static unsigned fwd_body_drops(struct jspan body)
+{
+	struct jspan k, v;
+	size_t pos = 0;
+	unsigned n = 0;
+
+	while (jscan_member_next(body, &pos, &k, &v))
+		n += jscan_key_is(k, "id_slot") || jscan_key_is(k, "cache_prompt");
+	return n;
+}
+
+static int forward_pieces(struct job *j, const char *url, const struct backend_piece *pieces,
+                          unsigned n_pieces, struct backend_result *res);
+
 /* Forwards body (or the client's own) to backend url; the answer goes to the
  * sink. Returns backend_forward's code; res is filled. */
 static int forward(struct job *j, const char *url, const char *body, size_t body_len,
                    struct backend_result *res)
+{
+	struct backend_piece one = {body, body_len};
+
+	return forward_pieces(j, url, body ? &one : NULL, body ? 1 : 0, res);
+}
+
+static int forward_pieces(struct job *j, const char *url, const struct backend_piece *pieces,
+                          unsigned n_pieces, struct backend_result *res)
 {
 	const struct engine_request *rq = j->rq;
 	struct backend_sink s = {.ctx = j,
@@ -1040,8 +1121,8 @@ static int forward(struct job *j, const char *url, const char *body, size_t body
 	                            .base = url,
 	                            .uri = rq->uri,
 	                            .headers = (char **)rq->headers,
-	                            .body = body,
-	                            .body_len = body_len,
+	                            .pieces = pieces,
+	                            .n_pieces = n_pieces,
 	                            .timeout_ms = j->e->cfg.timeout_ms};
 
 	int rc = backend_forward(&q, &s, res);
@@ -1116,68 +1197,102 @@ out:
 
 /* 1 when a chat message carries anything but text (images, audio): those
  * are passed through without slot management. */
-static int chat_is_multimodal(const json_t *messages)
+static int chat_is_multimodal(struct jspan messages)
 {
-	size_t i, k;
-	const json_t *m, *part;
+	struct jspan m, c, part, type;
+	size_t i = 0, k;
+	int got;
 
-	json_array_foreach(messages, i, m)
-	{
-		const json_t *c = json_object_get(m, "content");
-
-		if (!json_is_array(c))
+	while (jscan_element_next(messages, &i, &m)) {
+		if (jscan_type(m) != '{')
 			continue;
-		json_array_foreach(c, k, part)
-		{
-			const char *type = json_string_value(json_object_get(part, "type"));
-
-			if (!type || strcmp(type, "text") != 0)
+		got = jscan_get(m, "content", &c);
+		if (got < 0)
+			return 1; /* an escaped key: cannot tell */
+		if (got == 0 || jscan_type(c) != '[')
+			continue;
+		for (k = 0; jscan_element_next(c, &k, &part);) {
+			if (jscan_type(part) != '{' || jscan_get(part, "type", &type) != 1 ||
+			    !(type.len == 6 && memcmp(type.p, "\"text\"", 6) == 0))
 				return 1;
 		}
 	}
 	return 0;
 }
 
-/* What the prompt of a request is. */
+/* What the prompt of a request is: views into the request body. */
 struct prompt {
-	const char *text;   /* a string prompt, or NULL */
-	const json_t *ids;  /* an array of token ids, or NULL */
-	const json_t *chat; /* the chat body, or NULL */
+	struct jspan text; /* a string prompt (a JSON string, quotes included), or len 0 */
+	struct jspan ids;  /* an array of token ids, or len 0 */
+	struct jspan chat; /* the chat body, or len 0 */
 };
 
-/* Classifies the request body. Returns 0 when the engine can manage it. */
-static int prompt_of(const struct engine_request *rq, const json_t *body, struct prompt *p)
+/* Classifies the request body (a checked JSON object). Returns 0 when the
+ * engine can manage it. */
+static int prompt_of(const struct engine_request *rq, struct jspan body, struct prompt *p)
 {
-	const json_t *v;
-	size_t i;
+	struct jspan v, first;
+	size_t pos = 0;
+	int64_t id;
 
 	memset(p, 0, sizeof(*p));
-	if (json_object_get(body, "multimodal_data"))
-		return -1;
+	if (jscan_get(body, "multimodal_data", &v) != 0)
+		return -1; /* present, or an escaped key that could spell it */
 	if (rq->endpoint == METRICS_EP_V1_CHAT) {
-		v = json_object_get(body, "messages");
-		if (!json_is_array(v) || json_array_size(v) == 0 || chat_is_multimodal(v))
+		if (jscan_get(body, "messages", &v) != 1 || jscan_type(v) != '[' ||
+		    !jscan_element_next(v, &pos, &first) || chat_is_multimodal(v))
 			return -1;
 		p->chat = body;
 		return 0;
 	}
-	v = json_object_get(body, "prompt");
-	if (json_is_array(v) && json_array_size(v) == 1 && json_is_string(json_array_get(v, 0)))
-		v = json_array_get(v, 0);
-	if (json_is_string(v)) {
-		p->text = json_string_value(v);
-		return p->text[0] ? 0 : -1;
-	}
-	if (!json_is_array(v) || json_array_size(v) == 0)
+	if (jscan_get(body, "prompt", &v) != 1)
 		return -1;
-	for (i = 0; i < json_array_size(v); i++) {
-		const json_t *t = json_array_get(v, i);
-
-		if (!json_is_integer(t) || json_integer_value(t) < 0 ||
-		    json_integer_value(t) > INT32_MAX)
-			return -1;
+	if (jscan_type(v) == '[' && jscan_element_next(v, &pos, &first) &&
+	    jscan_type(first) == '"' && !jscan_element_next(v, &pos, &first)) {
+		pos = 0;
+		jscan_element_next(v, &pos, &v); /* ["text"] is "text" */
 	}
+	if (jscan_type(v) == '"') {
+		p->text = v;
+		return v.len > 2 ? 0 : -1;
+	}
+	if (jscan_type(v) != '[')
+		return -1;
+	for (pos = 0; jscan_element_next(v, &pos, &first);)
+		if (jscan_int(first, 0, INT32_MAX, &id))
+			return -1;
+	if (pos == 0)
+		return -1; /* [] */
 	p->ids = v;
+	return 0;
+}
+
+/* The most prompt tokens backend b's slots can hold: a longer prompt is
+ * not managed (llama-server refuses or truncates it), and its tokens are
+ * never held. */
+static size_t max_tokens_of(const struct bsnap *b)
+{
+	return b->n_ctx ? b->n_ctx : BACKEND_MAX_TOKENS;
+}
+
+/* Token ids given in the request, at most max of them. */
+static int ids_of(struct jspan ids, size_t max, int32_t **tokens, size_t *n)
+{
+	struct jspan v;
+	size_t pos = 0, count = 0, i = 0;
+	int64_t x;
+
+	while (jscan_element_next(ids, &pos, &v))
+		if (++count > max)
+			return -E2BIG;
+	*tokens = malloc(count * sizeof(**tokens));
+	if (!*tokens)
+		return -ENOMEM;
+	for (pos = 0; jscan_element_next(ids, &pos, &v); i++) {
+		jscan_int(v, 0, INT32_MAX, &x); /* checked by prompt_of */
+		(*tokens)[i] = (int32_t)x;
+	}
+	*n = count;
 	return 0;
 }
 
@@ -1187,38 +1302,37 @@ static int tokenize_group(struct job *j, struct group *g, const struct prompt *p
 	struct engine *e = j->e;
 	int rc = -ENOENT;
 
-	if (p->ids) {
-		size_t n = json_array_size(p->ids);
-
-		g->tokens = malloc(n * sizeof(*g->tokens));
-		if (!g->tokens)
-			return -ENOMEM;
-		for (size_t i = 0; i < n; i++)
-			g->tokens[i] = (int32_t)json_integer_value(json_array_get(p->ids, i));
-		g->n = n;
-		return 0;
-	}
 	for (unsigned bi = 0; bi < e->t.n_backends; bi++) {
 		struct backend_reply r = {0};
 		struct bsnap b;
 		char *templated = NULL;
+		struct jspan text = p->text;
 
 		if (j->group_of[bi] != (int)(g - j->groups))
 			continue;
 		snap(e, bi, &b);
 		if (!b.up)
 			continue;
+		if (p->ids.len) {
+			rc = ids_of(p->ids, max_tokens_of(&b), &g->tokens, &g->n);
+			if (rc == -E2BIG)
+				klog(LOG_DEBUG,
+				     "event=prompt_too_long url=%s n_ctx=%u action=passthrough",
+				     b.url, b.n_ctx);
+			break;
+		}
 		rc = 0;
-		if (p->chat) {
-			rc = backend_apply_template(b.url, p->chat, short_ms(e), &templated, &r);
+		if (p->chat.len) {
+			rc = backend_apply_template(b.url, p->chat.p, p->chat.len, short_ms(e),
+			                            &templated, &text, &r);
 			if (rc)
 				klog(LOG_DEBUG, "event=apply_template_failed url=%s error=\"%s\"",
 				     b.url, r.err);
 			backend_reply_free(&r);
 		}
 		if (rc == 0) {
-			rc = backend_tokenize(b.url, p->chat ? templated : p->text, short_ms(e),
-			                      &g->tokens, &g->n, &r);
+			rc = backend_tokenize_json(b.url, text.p, text.len, max_tokens_of(&b),
+			                           short_ms(e), &g->tokens, &g->n, &r);
 			if (rc)
 				klog(LOG_DEBUG, "event=tokenize_failed url=%s error=\"%s\"", b.url,
 				     r.err);
@@ -1570,7 +1684,7 @@ static void note_ignored(struct engine *e, unsigned bi, const struct bsnap *b, i
 
 /* Serves the request on the slot tk owns. Returns RUN_RETRY when the
  * backend could not be reached and nothing was sent to the client. */
-static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_ticket *tk,
+static enum run_result run_on_slot(struct job *j, struct jspan body, struct slot_ticket *tk,
                                    const int32_t *tokens, size_t n)
 {
 	struct engine *e = j->e;
@@ -1581,7 +1695,7 @@ static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_tick
 	struct bsnap b;
 	size_t tracked, be = e->cfg.break_even, tracked_before, own;
 	int64_t recorded, task;
-	char *fwd = NULL;
+	struct fwd_body fwd;
 	double t_forward, t0, t1, age_s;
 	int rc, ok, to_save = 0;
 	enum run_result rr = RUN_DONE;
@@ -1629,18 +1743,10 @@ static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_tick
 		server_cache_task(e, bi, s, &b, tokens, n);
 
 	/* The forward: the client's body with our slot and prompt caching. */
-	if (json_object_set_new(body, "id_slot", json_integer(s)) ||
-	    json_object_set_new(body, "cache_prompt", json_true()) ||
-	    !(fwd = json_dumps(body, JSON_COMPACT))) {
-		job_error(j, 500, "server_error", "out of memory");
-		slots_set_tokens(&e->t, bi, s, NULL, 0, SLOTS_NO_TASK);
-		slots_release(&e->t, tk, 0);
-		return RUN_DONE;
-	}
+	fwd_body_make(&fwd, body, s);
 	t_forward = now_s();
 	j->side.enabled = 1;
-	rc = forward(j, b.url, fwd, strlen(fwd), &res);
-	free(fwd);
+	rc = forward_pieces(j, b.url, fwd.pieces, fwd.n, &res);
 	t1 = now_s(); /* the forward's end: what follows is after_ms */
 	j->t_forward += t1 - t_forward;
 	if (rc == -ECONNREFUSED && !res.headers_done) {
@@ -1770,25 +1876,32 @@ static enum run_result run_on_slot(struct job *j, json_t *body, struct slot_tick
  * (successfully or with an error answer), -1 to pass it through instead
  * (nothing has been sent). */
 static int managed(struct engine *e, const struct engine_request *rq,
-                   const struct engine_sink *sink, json_t *body, int *broken)
+                   const struct engine_sink *sink, struct jspan body, int *broken)
 {
 	struct job *j = NULL;
 	struct prompt p;
+	struct jspan mv;
+	char *model = NULL;
 	unsigned n_tok;
 	double t0;
 	int rc = -1;
 
-	if (prompt_of(rq, body, &p))
+	if (prompt_of(rq, body, &p) || fwd_body_drops(body) > FWD_DROP_MAX)
+		return -1;
+	if (jscan_get(body, "model", &mv) == 1 && jscan_type(mv) == '"' &&
+	    jscan_string_dup(mv, 1024, &model) != 0)
 		return -1;
 	j = calloc(1, sizeof(*j));
-	if (!j)
+	if (!j) {
+		free(model);
 		return -1;
+	}
 	j->e = e;
 	j->rq = rq;
 	j->sink = sink;
 	revive(e);
 	t0 = now_s();
-	n_tok = tokenize_all(j, &p, json_string_value(json_object_get(body, "model")));
+	n_tok = tokenize_all(j, &p, model);
 	j->t_tokenize = now_s() - t0;
 	if (n_tok == 0)
 		goto out; /* no backend could tokenize it: let one answer as it would */
@@ -1846,21 +1959,20 @@ out:
 		free(j->groups[gi].tokens);
 	free(j->side.buf);
 	free(j);
+	free(model);
 	return rc;
 }
 
 int engine_handle(struct engine *e, const struct engine_request *rq, const struct engine_sink *sink)
 {
-	json_t *body = NULL;
+	struct jspan body;
 	int broken = 0;
 
-	if (rq->endpoint != METRICS_EP_OTHER && strcmp(rq->method, "POST") == 0 && rq->body_len)
-		body = json_loadb(rq->body, rq->body_len, 0, NULL);
-	if (json_is_object(body) && managed(e, rq, sink, body, &broken) == 0) {
-		json_decref(body);
+	/* The body is read in place: no parse tree, no second copy. */
+	if (rq->endpoint != METRICS_EP_OTHER && strcmp(rq->method, "POST") == 0 && rq->body_len &&
+	    jscan_check(rq->body, rq->body_len, &body) == 0 && jscan_type(body) == '{' &&
+	    managed(e, rq, sink, body, &broken) == 0)
 		return broken ? -1 : 0;
-	}
-	json_decref(body);
 	return passthrough(e, rq, sink);
 }
 

@@ -56,10 +56,13 @@ enum opt_id {
 	OPT_SLOT_CHECK_MS,
 	OPT_SAVE_WORKERS,
 	OPT_MAX_REQUEST_SIZE,
+	OPT_MAX_INFLIGHT_BODY,
 	OPT_MAX_CONNECTIONS,
 	OPT_SERVER_CACHE_RAM,
 	OPT_SERVER_CACHE_IDLE,
 	OPT_IDLE_TIMEOUT,
+	OPT_REQUEST_TIMEOUT,
+	OPT_MAX_CONNECTIONS_PER_IP,
 	OPT_LOG_LEVEL,
 	OPT_HELP,
 	OPT_HELP_MARKDOWN,
@@ -135,11 +138,26 @@ static const struct option_def options[] = {
      "The plugin then knows those slots are empty, and delays a request while a save of that "
      "backend runs (the save would find its slot cleared)."},
     {"max-request-size", OPT_MAX_REQUEST_SIZE, "SIZE", "64M",
-     "Largest request body accepted (K, M, G suffixes)."},
-    {"max-connections", OPT_MAX_CONNECTIONS, "N", "256", "Client connections served at once."},
+     "Largest request body accepted (K, M, G suffixes); a larger one is refused with 413 "
+     "before it is read."},
+    {"max-inflight-body-bytes", OPT_MAX_INFLIGHT_BODY, "SIZE", "256M",
+     "Most bytes of request bodies held at once, over all connections (each body is held "
+     "once, until its backend call ends). A request whose body would pass it is answered "
+     "503 with Retry-After. At least --max-request-size."},
+    {"max-connections", OPT_MAX_CONNECTIONS, "N", "256",
+     "Client connections served at once; further ones are refused (reset) until one closes."},
+    {"max-connections-per-ip", OPT_MAX_CONNECTIONS_PER_IP, "N", "64",
+     "Client connections one IP address may hold at once, so that one client cannot take "
+     "every connection; 0: no limit (for clients that all come through one reverse proxy)."},
     {"idle-timeout-s", OPT_IDLE_TIMEOUT, "N", "60",
-     "An idle client connection is closed after this many seconds (requests in flight are "
-     "bounded by --timeout-ms instead)."},
+     "A client connection that sends nothing for this many seconds (between requests, or "
+     "while sending one) is closed. Not while the plugin works on its answer: that is "
+     "bounded by --timeout-ms."},
+    {"request-timeout-s", OPT_REQUEST_TIMEOUT, "N", "30",
+     "A client must send a request's headers and body within this many seconds (counted "
+     "from its connection, or from its previous answer plus --idle-timeout-s), else its "
+     "connection is closed: a client trickling bytes cannot hold a connection. Raise it "
+     "for clients that upload large prompts over slow links."},
     {"log-level", OPT_LOG_LEVEL, "LEVEL", "info", "error, warn, info or debug."},
     {"help", OPT_HELP, NULL, NULL, "Show this help and exit."},
     {"help-markdown", OPT_HELP_MARKDOWN, NULL, NULL,
@@ -238,8 +256,11 @@ int main(int argc, char **argv)
 	ec.server_cache_idle_slots = 1;
 	pc.listen = "127.0.0.1:8081";
 	pc.max_request_bytes = 64u << 20;
+	pc.max_inflight_body_bytes = 256u << 20;
 	pc.max_connections = 256;
 	pc.idle_timeout_s = 60;
+	pc.request_timeout_s = 30;
+	pc.max_connections_per_ip = 64;
 	options_longopts(options, N_OPTIONS, longopts);
 
 	while ((rc = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -372,6 +393,12 @@ int main(int argc, char **argv)
 				return die("--max-request-size %s: expected a size such as 64M",
 				           optarg);
 			break;
+		case OPT_MAX_INFLIGHT_BODY:
+			if (options_parse_size(optarg, &size) || size < 1024 || size > SIZE_MAX / 2)
+				return die("--max-inflight-body-bytes %s: expected a size such as 256M",
+				           optarg);
+			pc.max_inflight_body_bytes = (size_t)size;
+			break;
 		case OPT_MAX_CONNECTIONS:
 			if (options_parse_uint(optarg, 1, 65536, &pc.max_connections))
 				return die("--max-connections %s: expected 1..65536", optarg);
@@ -379,6 +406,14 @@ int main(int argc, char **argv)
 		case OPT_IDLE_TIMEOUT:
 			if (options_parse_uint(optarg, 1, 86400, &pc.idle_timeout_s))
 				return die("--idle-timeout-s %s: expected 1..86400", optarg);
+			break;
+		case OPT_REQUEST_TIMEOUT:
+			if (options_parse_uint(optarg, 1, 86400, &pc.request_timeout_s))
+				return die("--request-timeout-s %s: expected 1..86400", optarg);
+			break;
+		case OPT_MAX_CONNECTIONS_PER_IP:
+			if (options_parse_uint(optarg, 0, 65536, &pc.max_connections_per_ip))
+				return die("--max-connections-per-ip %s: expected 0..65536", optarg);
 			break;
 		case OPT_LOG_LEVEL:
 			if (log_level_parse(optarg) < 0)
@@ -405,6 +440,10 @@ int main(int argc, char **argv)
 		           argv[optind]);
 	if (n_backends == 0)
 		return die("give at least one --backend URL (a llama-server)");
+	if (pc.max_inflight_body_bytes < pc.max_request_bytes + 1)
+		return die("--max-inflight-body-bytes %zu is smaller than --max-request-size %zu: "
+		           "no request of the largest size could ever be taken; raise it",
+		           pc.max_inflight_body_bytes, pc.max_request_bytes);
 	if (!ec.kvtier_address)
 		return die("give --kvtier ADDRESS: unix:PATH of kvtierd's socket, or HOST:PORT");
 	if (!ec.slot_dir)

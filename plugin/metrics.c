@@ -48,6 +48,8 @@ static const char *const direction_names[METRICS_DIR_COUNT] = {"restore", "save"
 static const char *const kvcall_names[METRICS_KV_COUNT] = {
     "lookup", "stage", "fetch", "adopt", "put", "report", "info",
 };
+static const char *const refusal_names[METRICS_REFUSED_COUNT] = {"request_timeout",
+                                                                  "body_budget"};
 static const char *const reset_names[METRICS_RESET_COUNT] = {
     "backend_down",
     "foreign",
@@ -63,6 +65,8 @@ static struct {
 	_Atomic uint64_t kv_errors[METRICS_KV_COUNT];
 	_Atomic uint64_t resets[METRICS_RESET_COUNT];
 	_Atomic uint64_t prefill_tokens, restored_tokens, failed;
+	_Atomic uint64_t refused[METRICS_REFUSED_COUNT];
+	_Atomic uint64_t body_bytes;
 	_Atomic uint64_t ttft_bucket[2][METRICS_TTFT_BUCKETS]; /* not cumulative */
 	_Atomic uint64_t ttft_sum_us[2];
 	_Atomic int up[METRICS_MAX_BACKENDS];
@@ -128,6 +132,17 @@ void metrics_restored_tokens(uint64_t n)
 void metrics_request_failed(void)
 {
 	atomic_fetch_add_explicit(&m.failed, 1, memory_order_relaxed);
+}
+
+void metrics_client_refused(enum metrics_refusal reason)
+{
+	if ((unsigned)reason < METRICS_REFUSED_COUNT)
+		atomic_fetch_add_explicit(&m.refused[reason], 1, memory_order_relaxed);
+}
+
+void metrics_body_bytes(uint64_t bytes)
+{
+	atomic_store_explicit(&m.body_bytes, bytes, memory_order_relaxed);
 }
 
 void metrics_backend_up(unsigned backend, int up)
@@ -204,6 +219,16 @@ char *metrics_render(size_t *len)
 	family(f, "kvtier_llama_request_errors_total", "counter",
 	       "Requests the proxy answered with an error of its own (no backend answer).");
 	fprintf(f, "kvtier_llama_request_errors_total %llu\n", (unsigned long long)ld(&m.failed));
+
+	family(f, "kvtier_llama_clients_refused_total", "counter",
+	       "Client requests the proxy cut off or refused to protect itself, by reason.");
+	for (int i = 0; i < METRICS_REFUSED_COUNT; i++)
+		fprintf(f, "kvtier_llama_clients_refused_total{reason=\"%s\"} %llu\n",
+		        refusal_names[i], (unsigned long long)ld(&m.refused[i]));
+
+	family(f, "kvtier_llama_body_bytes_in_flight", "gauge",
+	       "Request body bytes held by the proxy now (bounded by --max-inflight-body-bytes).");
+	fprintf(f, "kvtier_llama_body_bytes_in_flight %llu\n", (unsigned long long)ld(&m.body_bytes));
 
 	family(f, "kvtier_llama_restores_total", "counter",
 	       "Slot restores from kvtier by outcome; skipped_* were not sent to the backend.");

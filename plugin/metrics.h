@@ -81,6 +81,13 @@ enum metrics_reset {
 	METRICS_RESET_COUNT
 };
 
+/* Label reason= of kvtier_llama_clients_refused_total. */
+enum metrics_refusal {
+	METRICS_REFUSED_REQUEST_TIMEOUT, /* headers + body not in within --request-timeout-s: closed */
+	METRICS_REFUSED_BODY_BUDGET,     /* the body would pass --max-inflight-body-bytes: 503 */
+	METRICS_REFUSED_COUNT
+};
+
 /* Names the backends (label backend= of kvtier_llama_backend_up); call once
  * at start, before any other thread records. At most METRICS_MAX_BACKENDS;
  * the strings are copied. */
@@ -96,6 +103,9 @@ void metrics_prefill_tokens(uint64_t n);  /* timings.prompt_n summed */
 void metrics_restored_tokens(uint64_t n); /* matched tokens a restore brought */
 void metrics_backend_up(unsigned backend, int up);
 void metrics_request_failed(void); /* the proxy answered an error of its own */
+void metrics_client_refused(enum metrics_refusal reason);
+/* Request body bytes held by the proxy now (kvtier_llama_body_bytes_in_flight). */
+void metrics_body_bytes(uint64_t bytes);
 
 /* One time-to-first-token observation in seconds; `restored` says whether a
  * restore ran for the request. Negative or NaN values are recorded as 0. */

@@ -9,6 +9,25 @@
  * else unknown (chunked). A slow client makes the worker wait (at most 4 MiB
  * queued per request), which slows the backend's transfer, not the proxy.
  *
+ * Slow clients: a client must send a request's headers and body within
+ * --request-timeout-s (counted from the connection's start, or for the next
+ * request on a kept-alive connection from the end of the previous one plus
+ * --idle-timeout-s), and libmicrohttpd's idle timeout applies while it
+ * sends. Only while the proxy itself works on the answer (waits on the
+ * backend, streams its answer) is the connection exempt. The deadline is
+ * kept by a reaper thread that shuts down the socket of a connection past
+ * it, which wakes its libmicrohttpd thread: libmicrohttpd's own timeout is
+ * an idle timeout, which a client trickling a byte every few seconds never
+ * reaches.
+ *
+ * Bodies: a request body is held once, in a buffer of its Content-Length
+ * (a chunked one grows by half), and the engine reads it in place and
+ * forwards it from there. The bytes of all bodies held at once are bounded
+ * by --max-inflight-body-bytes: a body over the budget is refused with 503
+ * and Retry-After as soon as its headers say how large it is (or, chunked,
+ * when it grows past it), and a body over --max-request-size with 413,
+ * without reading it. A body is freed as soon as its backend call is over.
+ *
  * A request object (struct preq) is shared by the connection thread, the
  * worker and the response; a reference count frees it when all three are
  * done. The raw URI comes from the URI log callback, so the query string is
@@ -43,6 +62,19 @@
 #define QUEUE_MAX (4u << 20) /* bytes queued per request before the worker waits */
 #define HEADERS_MAX 128      /* request headers forwarded */
 #define WAIT_SLICE_S 1       /* waits wake up this often to look at the client, stopping */
+#define REAP_SLICE_MS 250    /* the reaper looks at the deadlines this often */
+#define RETRY_AFTER_S "2"    /* Retry-After of a 503 for a full body budget */
+#define BODY_MIN_CAP 16384   /* first buffer of a body of unknown length */
+
+/* One client connection, from accept to close (libmicrohttpd's socket
+ * context). Listed in proxy.conns under proxy.conn_lock. */
+struct pconn {
+	struct pconn *prev, *next;
+	int fd;
+	double deadline; /* the request being received must be in by then (monotonic s) */
+	int exempt;      /* the proxy is answering: no deadline */
+	int reaped;      /* the socket was shut down for the deadline */
+};
 
 struct chunk {
 	struct chunk *next;
@@ -55,10 +87,17 @@ struct proxy {
 	struct engine *engine;
 	struct proxy_config cfg;
 	atomic_int stopping;
-	pthread_mutex_t lock; /* workers count */
+	pthread_mutex_t lock; /* workers count, body_bytes */
 	pthread_cond_t cond;
 	unsigned workers;
+	size_t body_bytes; /* body bytes reserved by all requests */
 	char last_log[256];
+	pthread_mutex_t conn_lock; /* conns, reaper_stop */
+	pthread_cond_t conn_cond;
+	struct pconn *conns;
+	int reaper_stop;
+	pthread_t reaper;
+	int reaper_started;
 };
 
 struct preq {
@@ -74,7 +113,9 @@ struct preq {
 	unsigned n_headers;
 	char *body;
 	size_t body_len, body_cap;
+	size_t reserved; /* bytes of the body budget this request holds */
 	int too_big;
+	int over_budget; /* a chunked body grew past --max-inflight-body-bytes */
 	int key_ok; /* no --api-key-file, or the client sent the key */
 	double t_arrival;
 	/* filled by the worker */
@@ -94,6 +135,7 @@ struct preq {
 	int delivered;   /* ... all of them: Content-Length reached or end of stream */
 	int client_gone; /* the client left before getting the whole answer */
 	int fd;          /* the client's socket, to notice it leaving; -1 unknown */
+	struct pconn *pc; /* the connection's deadline state, or NULL */
 };
 
 static double now_s(void)
@@ -102,6 +144,105 @@ static double now_s(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* The connection's state (set up when it was accepted), or NULL. */
+static struct pconn *pconn_of(struct MHD_Connection *conn)
+{
+	const union MHD_ConnectionInfo *ci =
+	    conn ? MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT) : NULL;
+
+	return ci ? ci->socket_context : NULL;
+}
+
+/* Exempts the connection from the request deadline (the proxy answers), or
+ * starts a new deadline for the next request on it. */
+static void pconn_set(struct proxy *p, struct pconn *pc, int exempt, double deadline)
+{
+	if (!pc)
+		return;
+	pthread_mutex_lock(&p->conn_lock);
+	pc->exempt = exempt;
+	if (!exempt)
+		pc->deadline = deadline;
+	pthread_mutex_unlock(&p->conn_lock);
+}
+
+/* libmicrohttpd's connection notifications: a new connection gets its
+ * first deadline and joins the list; a closed one leaves it (before
+ * libmicrohttpd closes its socket, so the reaper never touches a reused fd). */
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode code)
+{
+	struct proxy *p = cls;
+	struct pconn *pc = *socket_context;
+
+	if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+		const union MHD_ConnectionInfo *ci =
+		    MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+
+		pc = calloc(1, sizeof(*pc));
+		if (!pc)
+			return; /* no deadline for it; the idle timeout still applies */
+		pc->fd = ci ? ci->connect_fd : -1;
+		pc->deadline = now_s() + p->cfg.request_timeout_s;
+		pthread_mutex_lock(&p->conn_lock);
+		pc->next = p->conns;
+		if (p->conns)
+			p->conns->prev = pc;
+		p->conns = pc;
+		pthread_mutex_unlock(&p->conn_lock);
+		*socket_context = pc;
+		return;
+	}
+	if (!pc)
+		return;
+	pthread_mutex_lock(&p->conn_lock);
+	if (pc->prev)
+		pc->prev->next = pc->next;
+	else
+		p->conns = pc->next;
+	if (pc->next)
+		pc->next->prev = pc->prev;
+	pthread_mutex_unlock(&p->conn_lock);
+	*socket_context = NULL;
+	free(pc);
+}
+
+/* The reaper: shuts down the socket of every connection still sending its
+ * request past the deadline. Its libmicrohttpd thread then sees the socket
+ * end and closes the connection. */
+static void *reaper_main(void *arg)
+{
+	struct proxy *p = arg;
+
+	pthread_mutex_lock(&p->conn_lock);
+	while (!p->reaper_stop) {
+		struct timespec dl;
+		double t = now_s();
+
+		for (struct pconn *pc = p->conns; pc; pc = pc->next) {
+			if (pc->exempt || pc->reaped || pc->fd < 0 || t < pc->deadline)
+				continue;
+			pc->reaped = 1;
+			shutdown(pc->fd, SHUT_RDWR);
+			metrics_client_refused(METRICS_REFUSED_REQUEST_TIMEOUT);
+			klog(LOG_WARN,
+			     "event=request_timeout fd=%d request_timeout_s=%u action=close "
+			     "hint=\"the client did not send its request within "
+			     "--request-timeout-s\"",
+			     pc->fd, p->cfg.request_timeout_s);
+		}
+		clock_gettime(CLOCK_MONOTONIC, &dl);
+		dl.tv_nsec += REAP_SLICE_MS * 1000000L;
+		if (dl.tv_nsec >= 1000000000L) {
+			dl.tv_sec++;
+			dl.tv_nsec -= 1000000000L;
+		}
+		pthread_cond_timedwait(&p->conn_cond, &p->conn_lock, &dl);
+	}
+	pthread_mutex_unlock(&p->conn_lock);
+	return NULL;
 }
 
 /* Waits on r->cond for at most WAIT_SLICE_S (r->lock held). */
@@ -139,6 +280,40 @@ static void wait_slice_conn(struct preq *r)
 		pthread_cond_broadcast(&r->cond);
 		klog(LOG_INFO, "event=client_gone uri=%s action=abort", r->uri);
 	}
+}
+
+/* Takes n more bytes of the body budget for r. Returns 0, or -1 when
+ * that would pass --max-inflight-body-bytes (nothing is taken then). */
+static int body_reserve(struct proxy *p, struct preq *r, size_t n)
+{
+	int ok;
+
+	pthread_mutex_lock(&p->lock);
+	ok = n <= p->cfg.max_inflight_body_bytes - p->body_bytes;
+	if (ok) {
+		p->body_bytes += n;
+		r->reserved += n;
+		metrics_body_bytes(p->body_bytes);
+	}
+	pthread_mutex_unlock(&p->lock);
+	return ok ? 0 : -1;
+}
+
+/* Frees r's body and gives its share of the budget back. The caller owns
+ * r->body (the connection thread before the worker starts, the worker
+ * after, the last reference at the end). */
+static void body_release(struct proxy *p, struct preq *r)
+{
+	free(r->body);
+	r->body = NULL;
+	r->body_len = r->body_cap = 0;
+	if (!r->reserved)
+		return;
+	pthread_mutex_lock(&p->lock);
+	p->body_bytes -= r->reserved;
+	r->reserved = 0;
+	metrics_body_bytes(p->body_bytes);
+	pthread_mutex_unlock(&p->lock);
 }
 
 /* A request object for raw URI uri, with the MHD side's reference. NULL
@@ -193,7 +368,7 @@ static void preq_unref(struct preq *r)
 		free(r->resp_headers[i]);
 	free(r->resp_headers);
 	free(r->err_body);
-	free(r->body);
+	body_release(r->p, r);
 	free(r->uri);
 	pthread_cond_destroy(&r->cond);
 	pthread_mutex_destroy(&r->lock);
@@ -359,6 +534,9 @@ static void *worker_main(void *arg)
 	                            .t_arrival = r->t_arrival};
 	int broken = engine_handle(p->engine, &rq, &sink);
 
+	/* The backend call is over: the body is not needed any more, even if
+	 * the client is still reading the answer. */
+	body_release(p, r);
 	pthread_mutex_lock(&r->lock);
 	if (!r->finished) { /* else sink_end ended the answer already */
 		r->finished = 1;
@@ -541,6 +719,65 @@ static enum MHD_Result respond_error(struct MHD_Connection *conn, unsigned statu
 	                      1);
 }
 
+/* The 503 of a body over the budget: says why, and when to try again. */
+static enum MHD_Result respond_over_budget(struct MHD_Connection *conn, struct proxy *p)
+{
+	struct MHD_Response *resp;
+	enum MHD_Result ret;
+	char msg[256], *body;
+
+	metrics_client_refused(METRICS_REFUSED_BODY_BUDGET);
+	metrics_request_failed();
+	snprintf(msg, sizeof(msg),
+	         "kvtier-llama holds --max-inflight-body-bytes (%zu bytes) of request bodies "
+	         "already; retry in a few seconds",
+	         p->cfg.max_inflight_body_bytes);
+	klog(LOG_WARN, "event=body_budget_full max_inflight_body_bytes=%zu action=refuse status=503",
+	     p->cfg.max_inflight_body_bytes);
+	body = error_body(503, "unavailable_error", msg);
+	if (!body)
+		return MHD_NO;
+	resp = MHD_create_response_from_buffer(strlen(body), body, MHD_RESPMEM_MUST_FREE);
+	if (!resp) {
+		free(body);
+		return MHD_NO;
+	}
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
+	                        "application/json; charset=utf-8");
+	MHD_add_response_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, RETRY_AFTER_S);
+	ret = MHD_queue_response(conn, MHD_HTTP_SERVICE_UNAVAILABLE, resp);
+	MHD_destroy_response(resp);
+	return ret;
+}
+
+/* The 413 of a body over --max-request-size. */
+static enum MHD_Result respond_too_big(struct MHD_Connection *conn, struct proxy *p)
+{
+	char msg[128];
+
+	snprintf(msg, sizeof(msg), "request body larger than --max-request-size (%zu bytes)",
+	         p->cfg.max_request_bytes);
+	return respond_error(conn, 413, "invalid_request_error", msg);
+}
+
+/* The body's declared length (Content-Length), or -1 when it has none
+ * (chunked) or an unreadable one. */
+static int64_t declared_length(struct MHD_Connection *conn)
+{
+	const char *v =
+	    MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+	char *end;
+	unsigned long long n;
+
+	if (!v || *v < '0' || *v > '9')
+		return -1;
+	errno = 0;
+	n = strtoull(v, &end, 10);
+	if (errno || *end || n > INT64_MAX)
+		return -1;
+	return (int64_t)n;
+}
+
 /* The managed endpoint a raw URI names (llama-server's aliases included), or
  * METRICS_EP_OTHER. */
 static enum metrics_endpoint endpoint_of(const char *uri)
@@ -618,6 +855,48 @@ static enum MHD_Result answer(struct MHD_Connection *conn, struct preq *r)
 	return ret;
 }
 
+/* The client waits for "100 Continue" before it sends the body. */
+static int expects_continue(struct MHD_Connection *conn)
+{
+	const char *v = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_EXPECT);
+
+	return v && strcasecmp(v, "100-continue") == 0;
+}
+
+/* The headers are in: sizes the body. A body of known length is reserved
+ * against the budget and allocated once, whole. A request that will be
+ * refused (no key, too large, over the budget) keeps nothing: its body is
+ * read and dropped, and the refusal sent after it, so that any client reads
+ * it; a client that asked for "100 Continue" gets it at once instead and
+ * never sends the body. */
+static enum MHD_Result body_start(struct MHD_Connection *conn, struct proxy *p, struct preq *r)
+{
+	int64_t cl = declared_length(conn);
+
+	if (cl > 0 && (uint64_t)cl > p->cfg.max_request_bytes)
+		r->too_big = 1;
+	else if (r->key_ok && cl > 0 && body_reserve(p, r, (size_t)cl + 1))
+		r->over_budget = 1;
+	if (!r->key_ok || r->too_big || r->over_budget) {
+		if (!expects_continue(conn))
+			return MHD_YES;
+		r->phase = 2;
+		if (!r->key_ok)
+			return respond_error(conn, 401, "authentication_error", "Invalid API Key");
+		return r->too_big ? respond_too_big(conn, p) : respond_over_budget(conn, p);
+	}
+	if (cl > 0) {
+		r->body = malloc((size_t)cl + 1);
+		if (!r->body) {
+			body_release(p, r);
+			r->over_budget = 1; /* refused as a full budget: retry later */
+			return MHD_YES;
+		}
+		r->body_cap = (size_t)cl + 1;
+	}
+	return MHD_YES;
+}
+
 /* libmicrohttpd's access handler, on the connection's thread: collects the
  * headers and the body (bounded), answers /metrics itself, and for every
  * other request starts a worker and answers with what the worker gets. */
@@ -634,9 +913,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		return MHD_NO;
 	if (r->phase == 0) {
 		r->phase = 1;
-		/* A proxied request may take as long as its timeouts allow;
-		 * the idle timeout applies again once it is answered. */
-		MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT, 0u);
+		/* The body comes under the idle timeout and the request
+		 * deadline, like the headers: no exemption before the proxy
+		 * has the whole request. */
+		r->pc = pconn_of(conn);
 		snprintf(r->method, sizeof(r->method), "%s", method);
 		r->ep = endpoint_of(r->uri);
 		{
@@ -648,25 +928,36 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		MHD_get_connection_values(conn, MHD_HEADER_KIND, collect_header, r);
 		r->key_ok = !p->cfg.api_key || !strcmp(method, "OPTIONS") ||
 		            is_public_path(r->uri) || client_key_ok(conn, p->cfg.api_key);
-		return MHD_YES;
+		return body_start(conn, p, r);
 	}
 	if (*upload_size) {
 		size_t n = *upload_size;
 
 		*upload_size = 0;
-		if (r->too_big || n > p->cfg.max_request_bytes - r->body_len) {
+		if (!r->key_ok || r->too_big || r->over_budget)
+			return MHD_YES; /* refused: dropped as it comes */
+		if (n > p->cfg.max_request_bytes - r->body_len) {
 			r->too_big = 1;
+			body_release(p, r);
 			return MHD_YES;
 		}
 		if (r->body_len + n + 1 > r->body_cap) {
-			size_t cap = r->body_cap ? r->body_cap : 16384;
+			/* No Content-Length (chunked): grow by half, within the
+			 * request's limit and the budget. */
+			size_t cap = r->body_cap ? r->body_cap : BODY_MIN_CAP;
 			char *b;
 
 			while (cap < r->body_len + n + 1)
-				cap *= 2;
+				cap += cap / 2;
+			if (cap > p->cfg.max_request_bytes + 1)
+				cap = p->cfg.max_request_bytes + 1;
+			if (body_reserve(p, r, cap - r->body_cap)) {
+				r->over_budget = 1;
+				return MHD_YES;
+			}
 			b = realloc(r->body, cap);
 			if (!b) {
-				r->too_big = 1;
+				r->over_budget = 1;
 				return MHD_YES;
 			}
 			r->body = b;
@@ -695,16 +986,18 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		return respond_buffer(conn, 200, "text/plain; version=0.0.4; charset=utf-8", page,
 		                      len, 1);
 	}
-	if (r->too_big) {
-		char msg[128];
-
-		snprintf(msg, sizeof(msg),
-		         "request body larger than --max-request-size (%zu bytes)",
-		         p->cfg.max_request_bytes);
-		return respond_error(conn, 413, "invalid_request_error", msg);
+	if (r->too_big)
+		return respond_too_big(conn, p);
+	if (r->over_budget) {
+		body_release(p, r);
+		return respond_over_budget(conn, p);
 	}
 	if (atomic_load(&p->stopping))
 		return respond_error(conn, 503, "unavailable_error", "kvtier-llama is stopping");
+	/* The request is in: from here the proxy works on the answer, which
+	 * may take as long as --timeout-ms allows (a long completion). */
+	MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT, 0u);
+	pconn_set(p, r->pc, 1, 0);
 	pthread_mutex_lock(&r->lock);
 	r->refs++; /* the worker's */
 	pthread_mutex_unlock(&r->lock);
@@ -741,9 +1034,14 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 	struct preq *r = *con_cls;
 
 	*con_cls = NULL;
-	if (conn)
+	if (conn) {
+		/* The next request on this connection: idle for at most
+		 * --idle-timeout-s, then --request-timeout-s to send it. */
 		MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT,
 		                          p->cfg.idle_timeout_s);
+		pconn_set(p, r && r->pc ? r->pc : pconn_of(conn), 0,
+		          now_s() + p->cfg.idle_timeout_s + p->cfg.request_timeout_s);
+	}
 	if (!r)
 		return;
 	pthread_mutex_lock(&r->lock);
@@ -853,14 +1151,24 @@ int proxy_start(const struct proxy_config *cfg, struct engine *e, struct proxy *
 	p->cfg = *cfg;
 	pthread_mutex_init(&p->lock, NULL);
 	pthread_cond_init(&p->cond, NULL);
+	pthread_mutex_init(&p->conn_lock, NULL);
+	{
+		pthread_condattr_t ca;
+
+		pthread_condattr_init(&ca);
+		pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+		pthread_cond_init(&p->conn_cond, &ca);
+		pthread_condattr_destroy(&ca);
+	}
 	errno = 0;
 	p->daemon = MHD_start_daemon(
 	    flags, (uint16_t)atoi(port), NULL, NULL, on_request, p, MHD_OPTION_EXTERNAL_LOGGER,
 	    on_mhd_log, p, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
 	    MHD_OPTION_URI_LOG_CALLBACK, on_uri, p, MHD_OPTION_NOTIFY_COMPLETED, on_completed, p,
-	    MHD_OPTION_CONNECTION_LIMIT, cfg->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
-	    cfg->idle_timeout_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(256 * 1024),
-	    MHD_OPTION_END);
+	    MHD_OPTION_NOTIFY_CONNECTION, on_connection, p, MHD_OPTION_CONNECTION_LIMIT,
+	    cfg->max_connections, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+	    cfg->max_connections_per_ip, MHD_OPTION_CONNECTION_TIMEOUT, cfg->idle_timeout_s,
+	    MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(256 * 1024), MHD_OPTION_END);
 	saved = errno;
 	if (!p->daemon) {
 		snprintf(err, errlen, "cannot serve HTTP on %s: %s", cfg->listen,
@@ -868,17 +1176,29 @@ int proxy_start(const struct proxy_config *cfg, struct engine *e, struct proxy *
 		         : saved        ? strerror(saved)
 		                        : "libmicrohttpd failed");
 		rc = saved ? -saved : -EIO;
-		pthread_cond_destroy(&p->cond);
-		pthread_mutex_destroy(&p->lock);
-		free(p);
-		p = NULL;
-		goto out;
+		goto fail;
 	}
+	rc = pthread_create(&p->reaper, NULL, reaper_main, p);
+	if (rc) {
+		snprintf(err, errlen, "cannot start the request deadline thread: %s",
+		         strerror(rc));
+		MHD_stop_daemon(p->daemon);
+		rc = -rc;
+		goto fail;
+	}
+	p->reaper_started = 1;
 	*out = p;
 	rc = 0;
 out:
 	freeaddrinfo(res);
 	return rc;
+fail:
+	pthread_cond_destroy(&p->conn_cond);
+	pthread_mutex_destroy(&p->conn_lock);
+	pthread_cond_destroy(&p->cond);
+	pthread_mutex_destroy(&p->lock);
+	free(p);
+	goto out;
 }
 
 void proxy_stop(struct proxy *p)
@@ -886,6 +1206,13 @@ void proxy_stop(struct proxy *p)
 	if (!p)
 		return;
 	atomic_store(&p->stopping, 1);
+	if (p->reaper_started) {
+		pthread_mutex_lock(&p->conn_lock);
+		p->reaper_stop = 1;
+		pthread_cond_broadcast(&p->conn_cond);
+		pthread_mutex_unlock(&p->conn_lock);
+		pthread_join(p->reaper, NULL);
+	}
 	MHD_stop_daemon(p->daemon);
 	/* Workers end within a second or so: their transfers see `stopping`. */
 	pthread_mutex_lock(&p->lock);
@@ -897,6 +1224,8 @@ void proxy_stop(struct proxy *p)
 		pthread_cond_timedwait(&p->cond, &p->lock, &dl);
 	}
 	pthread_mutex_unlock(&p->lock);
+	pthread_cond_destroy(&p->conn_cond);
+	pthread_mutex_destroy(&p->conn_lock);
 	pthread_cond_destroy(&p->cond);
 	pthread_mutex_destroy(&p->lock);
 	free(p);

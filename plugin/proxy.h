@@ -17,8 +17,11 @@ struct engine;
 struct proxy_config {
 	const char *listen;       /* HOST:PORT ([ADDR]:PORT for IPv6) */
 	size_t max_request_bytes; /* larger request bodies get 413 */
+	size_t max_inflight_body_bytes; /* bodies held at once; past it 503 + Retry-After */
 	unsigned max_connections;
-	unsigned idle_timeout_s; /* an idle keep-alive connection is closed after this */
+	unsigned idle_timeout_s; /* an idle connection (no byte for this long) is closed */
+	unsigned request_timeout_s; /* headers + body must be in within this, or closed */
+	unsigned max_connections_per_ip; /* 0: no limit */
 	const char *api_key;     /* clients must send it (but for /health); NULL: no check */
 };
 
