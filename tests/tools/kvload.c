@@ -6,7 +6,8 @@
  *   kvload verify --socket S --work DIR --log DAEMON_LOG --record FILE
  *
  * run: --clients threads, each on its own connection (libkvtier), for
- * --seconds run a mix of put / lookup / get / stage+release / rm. Puts are
+ * --seconds run a mix of put / lookup / get / stage+release / rm (35 / 15 /
+ * 25 / 15 / 10 percent; --rm-pct moves rm's share to get). Puts are
  * version-2 slot files it writes itself, every one with tokens no other put
  * has (unless --extend-pct: a put that extends an earlier one, which the
  * daemon supersedes). Every acknowledged put is recorded with the SHA-256 of
@@ -70,10 +71,10 @@ struct blob {
 
 static struct {
 	const char *socket, *work, *log, *slot_dir, *record, *ns;
-	unsigned clients, seconds, idle, min_tokens, max_tokens, extend_pct, seed;
+	unsigned clients, seconds, idle, min_tokens, max_tokens, extend_pct, rm_pct, seed;
 	int pid, allow_disconnect;
 } opt = {.ns = "load", .clients = 64, .seconds = 15, .min_tokens = 64, .max_tokens = 320,
-	 .seed = 1};
+	 .rm_pct = 10, .seed = 1};
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct blob *blobs;      /* acknowledged puts, in order */
@@ -642,7 +643,7 @@ static void *client_main(void *arg)
 	}
 	while (!atomic_load(&stop)) {
 		unsigned r = (unsigned)(rng_next(&cl->rng) % 100);
-		/* put 35, lookup 15, get 25, stage 15, rm 10 (percent) */
+		/* put 35, lookup 15, get 25 (+ 10 - rm), stage 15, rm --rm-pct (10) */
 		if (r < 35)
 			do_put(cl);
 		else if (r < 50)
@@ -651,6 +652,8 @@ static void *client_main(void *arg)
 			do_get(cl);
 		else if (r < 90)
 			do_stage(cl);
+		else if (r < 100 - opt.rm_pct)
+			do_get(cl);
 		else
 			do_rm(cl);
 	}
@@ -865,8 +868,6 @@ static int cmd_verify(void)
 	}
 	if (f)
 		fclose(f);
-	if (log_load())
-		return 2;
 	snprintf(addr, sizeof(addr), "unix:%s", opt.socket);
 	if (kvtier_open(&c, addr, &o))
 		return 2;
@@ -889,14 +890,7 @@ static int cmd_verify(void)
 			printf("corrupt: blob %s (%s)\n", b->id,
 			       rc == 1 ? "bytes differ from what was put" : kvtier_errmsg(c));
 		} else if (rc == KVTIER_E_NOTFOUND) {
-			if (log_explains(b->id)) {
-				n_evicted++;
-			} else {
-				n_lost++;
-				printf("lost: blob %s (acknowledged put, NOT_FOUND, no "
-				       "event=evict/supersede/delete line in %s)\n",
-				       b->id, opt.log);
-			}
+			b->notfound = 1; /* judged below, with the log as it is after the fetches */
 		} else {
 			n_err++;
 			printf("error: blob %s: %s: %s\n", b->id, kvtier_status_name(rc),
@@ -904,6 +898,22 @@ static int cmd_verify(void)
 		}
 	}
 	kvtier_close(c);
+	/* The fetches themselves move blobs (a read promotes, which demotes or
+	 * evicts others): read the log once they are done. */
+	if (log_load())
+		return 2;
+	for (size_t i = 0; i < n_blobs; i++) {
+		if (!blobs[i].notfound)
+			continue;
+		if (log_explains(blobs[i].id)) {
+			n_evicted++;
+		} else {
+			n_lost++;
+			printf("lost: blob %s (acknowledged put, NOT_FOUND, no "
+			       "event=evict/supersede/delete line in %s)\n",
+			       blobs[i].id, opt.log);
+		}
+	}
 	printf("verify acked=%zu ok=%llu evicted=%llu removed_by_rm=%llu lost=%llu corrupt=%llu "
 	       "errors=%llu\n",
 	       n_blobs, n_ok, n_evicted, n_removed, n_lost, n_corrupt, n_err);
@@ -918,7 +928,7 @@ static void usage(void)
 	fprintf(stderr,
 		"usage: kvload run --socket PATH --work DIR --log DAEMON_LOG [--slot-dir DIR]\n"
 		"              [--clients N] [--seconds S] [--ns NAME] [--tokens MIN-MAX]\n"
-		"              [--extend-pct P] [--seed N] [--pid PID [--idle S]]\n"
+		"              [--extend-pct P] [--rm-pct P (0-10)] [--seed N] [--pid PID [--idle S]]\n"
 		"              [--allow-disconnect] [--record FILE]\n"
 		"       kvload verify --socket PATH --log DAEMON_LOG --record FILE\n");
 }
@@ -961,6 +971,8 @@ int main(int argc, char **argv)
 			opt.seconds = (unsigned)atoi(v);
 		else if (!strcmp(a, "--idle"))
 			opt.idle = (unsigned)atoi(v);
+		else if (!strcmp(a, "--rm-pct"))
+			opt.rm_pct = (unsigned)atoi(v);
 		else if (!strcmp(a, "--extend-pct"))
 			opt.extend_pct = (unsigned)atoi(v);
 		else if (!strcmp(a, "--seed"))
@@ -979,7 +991,8 @@ int main(int argc, char **argv)
 	}
 	if (!opt.socket || !opt.log || (verify ? !opt.record : !opt.work) || opt.clients < 1 ||
 	    opt.clients > 1024 || opt.seconds > 3600 || opt.min_tokens < 64 ||
-	    opt.max_tokens < opt.min_tokens || opt.max_tokens > MAX_TOKENS - 64) {
+	    opt.max_tokens < opt.min_tokens || opt.max_tokens > MAX_TOKENS - 64 || opt.rm_pct > 10 ||
+	    opt.extend_pct > 100) {
 		usage();
 		return 2;
 	}
