@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """64 clients, mixed calls, byte checks (the red team's concurrency run, issue 12).
 
-kvtierd with a 48M tmpfs tier over a 160M disk tier, so puts spill, migrate
-and evict while 64 clients (tests/tools/kvload, one connection each) run
+kvtierd with a 16M tmpfs tier over a 48M disk tier, so puts spill, migrate
+and evict (also in the slower sanitizer build) while 64 clients (tests/tools/kvload, one connection each) run
 put / lookup / get / stage+release / rm for KVTIER_LOAD_SECONDS (default 15).
 Required: every get and every staged file byte-identical to what was put
 (SHA-256), every NOT_FOUND of an acknowledged put explained by an
@@ -27,7 +27,7 @@ IDLE_RSS_ANON_MIB = 64
 
 def load_daemon(root):
     disk = os.path.join(root, "disk")
-    return Daemon(root, tier_size="48M", extra=["--tier", "disk:%s:160M" % disk])
+    return Daemon(root, tier_size="16M", extra=["--tier", "disk:%s:48M" % disk])
 
 
 def run_load(d, root, seconds, clients, extra=()):

@@ -805,6 +805,12 @@ static int cmd_run(void)
 	       notfound[OP_RM], mismatches, corrupt, sum(failed), disconnects, nf_acked,
 	       unexplained, log_evict, log_supersede, log_delete, daemon_gone,
 	       peak.rss_anon_kib, peak.hwm_kib, peak.fds, peak.threads, idle_rss_anon_kib);
+	for (size_t i = 0; i < n_blobs; i++)
+		free(blobs[i].tokens);
+	free(blobs);
+	free(explained);
+	free(cl);
+	free(th);
 	if (rc)
 		return rc;
 	return mismatches || corrupt || unexplained || sum(failed) ? 1 : 0;
@@ -914,12 +920,14 @@ static int cmd_verify(void)
 			       blobs[i].id, opt.log);
 		}
 	}
+	free(explained);
 	printf("verify acked=%zu ok=%llu evicted=%llu removed_by_rm=%llu lost=%llu corrupt=%llu "
 	       "errors=%llu\n",
 	       n_blobs, n_ok, n_evicted, n_removed, n_lost, n_corrupt, n_err);
 	printf("json {\"acked\": %zu, \"ok\": %llu, \"evicted\": %llu, \"removed\": %llu, "
 	       "\"lost\": %llu, \"corrupt\": %llu, \"errors\": %llu}\n",
 	       n_blobs, n_ok, n_evicted, n_removed, n_lost, n_corrupt, n_err);
+	free(blobs);
 	return n_lost || n_corrupt || n_err ? 1 : 0;
 }
 
