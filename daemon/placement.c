@@ -561,9 +561,20 @@ static int evict_delete(struct store *s, const struct blob_meta *m, int reason, 
 	pthread_mutex_lock(&s->commit_lock);
 	rc = index_get(s->ix, &m->id, &cur, NULL, 0);
 	if (rc == 0 && cur.tier == m->tier && !store_pinned(s, &m->id)) {
+		/* The line goes out before the index delete commits: a crash
+		 * between the two then leaves a line for a blob that is still
+		 * there, never a blob gone without a line that says why (which
+		 * reads as a loss). A failed delete says so right after. */
+		klog(LOG_INFO,
+		     "event=evict blob=%s tier=%u reason=%s tokens=%u bytes=%llu value_s=%.4f",
+		     key_hex(&m->id, hex), m->tier, store_evict_reason_name[reason], m->n_tokens,
+		     (unsigned long long)m->stored_size, value);
 		rc = index_delete(s->ix, &m->id, &cur);
 		if (rc == 0)
 			store_remove_parts(s, cur.tier, &cur);
+		else
+			klog(LOG_WARN, "event=evict_failed blob=%s tier=%u err=\"%s\" kept=1",
+			     hex, m->tier, kvtier_strerror(rc));
 	} else if (rc == 0) {
 		rc = KVTIER_E_EXISTS;
 	}
@@ -571,9 +582,6 @@ static int evict_delete(struct store *s, const struct blob_meta *m, int reason, 
 	if (rc)
 		return rc;
 	atomic_fetch_add(&s->place[m->tier].evictions[reason], 1);
-	klog(LOG_INFO, "event=evict blob=%s tier=%u reason=%s tokens=%u bytes=%llu value_s=%.4f",
-	     key_hex(&m->id, hex), m->tier, store_evict_reason_name[reason], m->n_tokens,
-	     (unsigned long long)m->stored_size, value);
 	return 0;
 }
 

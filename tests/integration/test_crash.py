@@ -1,13 +1,27 @@
 #!/usr/bin/env python3
 """kill -9 in the middle of puts: every put that returned success survives with
-its bytes, no temporaries are left, fsck is clean. Plus fsck's own findings."""
+its bytes, no temporaries are left, fsck is clean. Plus fsck's own findings.
+
+And the red team's kill -9 rounds (issue 12): KVTIER_CRASH_ROUNDS (default 5)
+rounds of kill -9 while 8 clients (tests/tools/kvload) put, fetch, stage and
+remove on a 16M tmpfs tier over a 96M disk tier (migrations and evictions all
+the time). After each restart: every acknowledged put is fetched and
+compared by SHA-256; one that is gone counts as evicted only with an
+event=evict line (or an rm of the load) for its id, else as lost; 0 lost and
+0 corrupt required; no temporary in the tiers and no staged file left; fsck
+clean with the daemon stopped. Figures printed."""
+import json
 import os
 import random
+import re
 import subprocess
 import threading
 import time
 
-from harness import (KVTIER, Daemon, check, eq, make_slot, run, sha256)
+from harness import (BIN, KVTIER, Daemon, check, eq, make_slot, run, sha256)
+
+KVLOAD = os.path.join(BIN, "tests", "kvload")
+ROUNDS = int(os.environ.get("KVTIER_CRASH_ROUNDS", "5"))
 
 
 def test_kill9_during_puts(root, daemons):
@@ -98,5 +112,84 @@ def test_fsck_finds_and_restart_repairs(root, daemons):
     eq(r.rc, 0, "fsck clean after the repair: %r" % r)
 
 
+def kvload_json(out):
+    js = [l for l in out.splitlines() if l.startswith("json ")]
+    check(js, "kvload printed no figures:\n%s" % out)
+    return json.loads(js[-1][5:])
+
+
+def leftovers(d):
+    tmp = []
+    for t in (d.tier_dir, os.path.join(d.root, "disk")):
+        if os.path.isdir(t):
+            tmp += [os.path.join(t, f) for f in os.listdir(t) if f.startswith(".tmp-")]
+    staged = [f for f in os.listdir(d.slot_dir) if f.startswith("kvtier-")]
+    return tmp, staged
+
+
+def test_kill9_rounds_under_load(root, daemons):
+    check(os.access(KVLOAD, os.X_OK), "%s is not built" % KVLOAD)
+    disk = os.path.join(root, "disk")
+    d = Daemon(root, tier_size="16M", extra=["--tier", "disk:%s:96M" % disk])
+    daemons.append(d)
+    work = os.path.join(root, "work")
+    os.mkdir(work)
+    record = os.path.join(root, "acked.txt")
+    rnd = random.Random(11)
+    d.start()
+    totals = {"acked": 0, "ok": 0, "evicted": 0, "removed": 0, "lost": 0, "corrupt": 0}
+    for rnd_no in range(ROUNDS):
+        load = subprocess.Popen(
+            [KVLOAD, "run", "--socket", d.sock, "--work", work, "--log", d.log_path,
+             "--slot-dir", d.slot_dir, "--clients", "8", "--seconds", "30", "--pid",
+             str(d.pid()), "--allow-disconnect", "--record", record, "--seed",
+             str(1000 + rnd_no), "--tokens", "64-256", "--rm-pct", "2"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # Kill at a point that varies from round to round, puts in flight.
+        time.sleep(rnd.uniform(1.5, 3.5))
+        d.kill9()
+        try:
+            out = load.communicate(timeout=120)[0].decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            load.kill()
+            load.wait()
+            raise
+        f = kvload_json(out)
+        eq(f["mismatches"], 0, "byte mismatches during round %d" % rnd_no)
+        eq(f["unexplained"], 0, "unexplained NOT_FOUND during round %d:\n%s" % (rnd_no, out))
+        eq(f["errors"], 0, "errors other than the kill's during round %d:\n%s" % (rnd_no, out))
+        d.start()
+        tmp, staged = leftovers(d)
+        eq(tmp, [], "temporaries left after the restart of round %d" % rnd_no)
+        eq(staged, [], "staged files left after the restart of round %d" % rnd_no)
+        p = subprocess.run([KVLOAD, "verify", "--socket", d.sock, "--log", d.log_path,
+                            "--record", record], capture_output=True, timeout=300)
+        vout = p.stdout.decode(errors="replace")
+        v = kvload_json(vout)
+        log = open(d.log_path, "rb").read().decode(errors="replace")
+        repaired = len(re.findall(r"event=reconcile\w*remove", log))
+        print("round %d: load %d puts acked, %d gets + %d stages checked; after restart: %s; "
+              "migrations so far %d, restart removals so far %d" %
+              (rnd_no, f["put_ok"], f["get_ok"], f["stage_ok"],
+               [l for l in vout.splitlines() if l.startswith("verify ")][0],
+               log.count("event=migrate "), repaired))
+        eq(v["lost"], 0, "acknowledged puts lost after kill -9 (round %d):\n%s" % (rnd_no, vout))
+        eq(v["corrupt"], 0, "corrupt blobs after kill -9 (round %d):\n%s" % (rnd_no, vout))
+        eq(v["errors"], 0, "errors verifying round %d:\n%s" % (rnd_no, vout))
+        eq(p.returncode, 0, "kvload verify's verdict")
+        totals = v
+        eq(d.stop(), 0, "kvtierd exit status after round %d" % rnd_no)
+        r = d.fsck()
+        check(r.rc == 0, "fsck after round %d: %r" % (rnd_no, r))
+        d.start()
+    print("%d rounds: %d acknowledged puts, %d intact, %d evicted (each with its event=evict "
+          "line), %d removed by the load, 0 lost, 0 corrupt; %d migrations" %
+          (ROUNDS, totals["acked"], totals["ok"], totals["evicted"], totals["removed"],
+           open(d.log_path, "rb").read().count(b"event=migrate ")))
+    check(totals["acked"] >= 10 * ROUNDS, "too few acknowledged puts to mean something")
+    check(totals["ok"] >= 1, "nothing survived to be checked")
+
+
 if __name__ == "__main__":
-    run([test_kill9_during_puts, test_fsck_finds_and_restart_repairs])
+    run([test_kill9_during_puts, test_fsck_finds_and_restart_repairs,
+         test_kill9_rounds_under_load])
