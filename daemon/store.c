@@ -2134,9 +2134,9 @@ int store_report_prefill(struct store *s, const char *ns, uint32_t prefix, uint3
 
 	if (rc)
 		return rc;
-	if (tokens == 0 || !(ms > 0) || ms > 1e9) {
-		set_err(err, errlen, "prefill report needs tokens > 0 and 0 < ms < 1e9 (got %u, %g)",
-			tokens, ms);
+	if (prefill_report_check(tokens, ms, err, errlen)) {
+		klog(LOG_WARN, "event=prefill_report_refused ns=\"%s\" tokens=%u ms=%g", ns, tokens,
+		     ms);
 		return KVTIER_E_INVALID;
 	}
 	{
