@@ -89,7 +89,7 @@ static int index_fail(int mrc, const char *op, char *err, size_t errlen)
 	switch (mrc) {
 	case MDB_MAP_FULL:
 		rc = KVTIER_E_FULL;
-		hint = " (the index map is full: restart kvtierd with a larger index map size)";
+		hint = " (the index map is full: restart kvtierd with a larger --map-size)";
 		break;
 	case ENOSPC:
 	case EDQUOT:
