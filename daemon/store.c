@@ -1324,30 +1324,34 @@ static void remove_later(struct store *s, unsigned tier, const struct key *id, i
 	     (unsigned long long)size);
 }
 
+void store_remove_file(struct store *s, unsigned tier, const struct key *id, int part,
+		       uint64_t stored)
+{
+	char name[KEY_HEX_LEN + 32];
+	int rc;
+
+	part_name(id, part, name, sizeof(name));
+	rc = tier_remove(s->tiers[tier], name);
+	if (rc == KVTIER_E_NOTFOUND) {
+		/* Gone already (removed by hand, or with its directory): what
+		 * was counted for it goes too. */
+		tier_account(s->tiers[tier], -(int64_t)stored, -1);
+		atomic_store(&s->files_missing, 1);
+		klog(LOG_WARN, "event=file_missing tier=%u name=%s action=accounted_out", tier, name);
+	} else if (rc) {
+		remove_later(s, tier, id, part, stored, name, rc);
+	}
+}
+
 static void remove_parts(struct store *s, unsigned tier, const struct key *id, uint32_t parts,
 			 const uint64_t *stored)
 {
-	char name[KEY_HEX_LEN + 32];
-
 	/* The blob has left the index, whatever happens to its files. */
 	if (parts & (1u << PART_MAIN))
 		atomic_fetch_sub(&s->tier_blobs[tier], 1);
-	for (int p = 0; p < PART_COUNT; p++) {
-		if (!(parts & (1u << p)))
-			continue;
-		part_name(id, p, name, sizeof(name));
-		int rc = tier_remove(s->tiers[tier], name);
-		if (rc == KVTIER_E_NOTFOUND) {
-			/* Gone already (removed by hand, or with its directory):
-			 * what was counted for it goes too. */
-			tier_account(s->tiers[tier], -(int64_t)stored[p], -1);
-			atomic_store(&s->files_missing, 1);
-			klog(LOG_WARN, "event=file_missing tier=%u name=%s action=accounted_out", tier,
-			     name);
-		} else if (rc) {
-			remove_later(s, tier, id, p, stored[p], name, rc);
-		}
-	}
+	for (int p = 0; p < PART_COUNT; p++)
+		if (parts & (1u << p))
+			store_remove_file(s, tier, id, p, stored[p]);
 }
 
 /* Retries the removals that failed (every second, and at stop). A name the

@@ -186,6 +186,11 @@ void store_part_name(const struct key *id, int part, char *out, size_t cap);
  * is gone already is accounted out (and noted: no clean stop); one whose
  * unlink fails is kept for a retry (remove_later). */
 void store_remove_parts(struct store *s, unsigned tier, const struct blob_meta *m);
+/* Removes one committed file that no index record names (a blob's part, or
+ * a migration's copy being undone) the same way: accounted out when already
+ * gone, retried every second when the unlink fails. */
+void store_remove_file(struct store *s, unsigned tier, const struct key *id, int part,
+		       uint64_t stored);
 /* Opens part p of blob m for reading served bytes from its tier. */
 int part_src_open(struct store *s, const struct blob_meta *m, int p, struct part_src *src);
 /* Reads up to len served bytes at off (sequential only for encoded parts). */
