@@ -1031,12 +1031,12 @@ static int tier_full_msg(struct store *s, unsigned t, uint64_t need, char *err, 
 		     "event=remove_failed in the log: fix the tier's file system)",
 		     (unsigned long long)rm_bytes, n_rm);
 	if (other)
-		HELD("; %llu bytes are other blobs that could not be moved down or evicted in time "
-		     "(delete some with kvtier rm)", (unsigned long long)other);
+		HELD("; %llu bytes are unpinned blobs (evicted or moved down only when that makes "
+		     "enough room; delete some with kvtier rm)", (unsigned long long)other);
 #undef HELD
 	set_err(err, errlen,
-		"tier %u (%s:%s) has no room for this blob part of %llu bytes: %llu of %llu bytes "
-		"in use%s; or raise the tier's capacity (--tier)",
+		"tier %u (%s:%s) is full: no room for this blob part of %llu bytes, %llu of %llu "
+		"bytes in use%s; or raise the tier's capacity (--tier)",
 		t, tier_kind(s->tiers[t]), tier_path(s->tiers[t]), (unsigned long long)need,
 		(unsigned long long)(st.used + st.reserved), (unsigned long long)st.capacity, held);
 	return KVTIER_E_FULL;

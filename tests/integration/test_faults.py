@@ -305,7 +305,7 @@ def test_messages(root, daemons):
     for i in ids:
         d.cli("stage", i, "--dir", d.slot_dir)
     r = d.cli("put", "-n", "ns-test", big[2], check_rc=False)
-    expect_fail(r, "RESOURCE_EXHAUSTED", "has no room for this blob part",
+    expect_fail(r, "RESOURCE_EXHAUSTED", "is full: no room for this blob part",
                 "pinned by Fetches in progress or staged leases", "kvtier release")
     check("delete blobs (kvtier rm)" not in r.err, "no advice to delete: %r" % r)
     d.stop()
