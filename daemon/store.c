@@ -588,7 +588,6 @@ static int clean_start(struct store *s)
 static void clean_stop(struct store *s)
 {
 	struct clean_rec cr;
-
 	size_t pending;
 
 	pthread_mutex_lock(&s->rm_lock);
@@ -1425,7 +1424,7 @@ struct missing_ctx {
 	size_t n, cap;
 };
 
-/* 1 when a part of m is missing from its tier (or has another size). */
+/* 1 when a part of m is missing from its tier. */
 static int blob_files_missing(struct store *s, const struct blob_meta *m)
 {
 	char name[KEY_HEX_LEN + 32];
