@@ -36,8 +36,10 @@ extern "C" {
 enum kvtier_error {
 	KVTIER_E_FIRST = -30999,
 	KVTIER_E_INVALID = -30999,   /* bad input: malformed slot file, bad argument (INVALID_ARGUMENT) */
-	KVTIER_E_LAYOUT,             /* KV layout disagrees with the namespace (FAILED_PRECONDITION) */
-	KVTIER_E_FULL,               /* no room on any tier (RESOURCE_EXHAUSTED) */
+	KVTIER_E_LAYOUT,             /* KV layout disagrees with the namespace, or a tier needs an
+				      * operator: directory removed, file system read-only
+				      * (FAILED_PRECONDITION) */
+	KVTIER_E_FULL,               /* no room: a tier or the index map is full (RESOURCE_EXHAUSTED) */
 	KVTIER_E_NOTFOUND,           /* no such blob, lease or file (NOT_FOUND) */
 	KVTIER_E_UNAUTH,             /* missing or wrong bearer token (UNAUTHENTICATED) */
 	KVTIER_E_DENIED,             /* path outside the allowed slot directories (PERMISSION_DENIED) */

@@ -12,8 +12,9 @@
 
 static const char *const kvtier_error_names[] = {
 	[KVTIER_E_INVALID - KVTIER_E_FIRST] = "invalid argument or malformed slot file",
-	[KVTIER_E_LAYOUT - KVTIER_E_FIRST] = "KV layout does not match the namespace",
-	[KVTIER_E_FULL - KVTIER_E_FIRST] = "no room on any tier",
+	[KVTIER_E_LAYOUT - KVTIER_E_FIRST] = "a precondition failed: KV layout mismatch, or a tier "
+					   "that needs an operator",
+	[KVTIER_E_FULL - KVTIER_E_FIRST] = "no room: a tier or the index map is full",
 	[KVTIER_E_NOTFOUND - KVTIER_E_FIRST] = "no such blob, lease or file",
 	[KVTIER_E_UNAUTH - KVTIER_E_FIRST] = "missing or wrong bearer token",
 	[KVTIER_E_DENIED - KVTIER_E_FIRST] = "path outside the allowed slot directories",

@@ -29,6 +29,7 @@
 
 #include "kvtier.h"
 #include "log.h"
+#include "policy.h"
 
 #define INDEX_DEFAULT_MAP (64ull << 30) /* sparse: costs address space only */
 #define INDEX_MAX_BLOCK 65536u
@@ -88,7 +89,7 @@ static int index_fail(int mrc, const char *op, char *err, size_t errlen)
 	switch (mrc) {
 	case MDB_MAP_FULL:
 		rc = KVTIER_E_FULL;
-		hint = " (the index map is full: restart kvtierd with a larger index map size)";
+		hint = " (the index map is full: restart kvtierd with a larger --map-size)";
 		break;
 	case ENOSPC:
 	case EDQUOT:
@@ -1754,10 +1755,8 @@ int index_ns_report_prefill(struct index *ix, const char *ns, double tokens_per_
 		rc = read_rc(mrc, "report prefill", NULL, 0);
 		goto out;
 	}
-	if (rec.prefill_samples == 0 || !(rec.prefill_tps > 0))
-		rec.prefill_tps = tokens_per_s;
-	else
-		rec.prefill_tps = alpha * tokens_per_s + (1 - alpha) * rec.prefill_tps;
+	rec.prefill_tps = prefill_tps_blend(rec.prefill_tps, (double)rec.prefill_samples,
+					    tokens_per_s, alpha);
 	rec.prefill_samples++;
 	if (refit)
 		refit(rec.pf, ctx);

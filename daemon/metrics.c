@@ -374,6 +374,12 @@ static const struct metrics_field metrics_store_fields[] = {
 	METRICS_U64(struct store_stats, reconcile_removed_blobs,
 		    "kvtier_reconcile_removed_blobs_total", "counter",
 		    "Index records dropped by the start-up reconcile (files missing or wrong)."),
+	METRICS_U64(struct store_stats, remove_failures, "kvtier_remove_failures_total", "counter",
+		    "Removals of deleted blobs' files that failed (each is retried) since start."),
+	METRICS_U64(struct store_stats, removals_pending, "kvtier_removals_pending", "gauge",
+		    "Files of deleted blobs whose removal failed and waits for a retry now."),
+	METRICS_U64(struct store_stats, missing_dropped, "kvtier_missing_blobs_dropped_total",
+		    "counter", "Blobs dropped while running because their files were gone."),
 	METRICS_U64(struct store_stats, active_leases, "kvtier_active_leases", "gauge",
 		    "Leases held now."),
 	METRICS_U64(struct store_stats, blobs, "kvtier_blobs", "gauge", "Blobs stored now."),
@@ -423,6 +429,10 @@ static const struct metrics_field metrics_tier_fields[] = {
 		    "counter", "Blobs moved off the tier to another tier."),
 	METRICS_U64(struct store_tier_stats, enospc, "kvtier_tier_enospc_total", "counter",
 		    "Writes to the tier that hit ENOSPC (its file system filled before its capacity)."),
+	METRICS_U64(struct store_tier_stats, dir_missing, "kvtier_tier_dir_missing", "gauge",
+		    "1 while the tier's directory is removed, or its path names another directory."),
+	METRICS_U64(struct store_tier_stats, dir_events, "kvtier_tier_dir_lost_total", "counter",
+		    "Times the tier's directory was found removed or moved since start."),
 };
 
 static const struct metrics_field metrics_ns_fields[] = {

@@ -535,12 +535,9 @@ static int move_blob(struct store *s, const struct blob_meta *m, unsigned to, un
 	}
 	pthread_mutex_unlock(&s->commit_lock);
 undo:
-	for (int p = 0; p < PART_COUNT; p++) {
-		if (!(committed & (1u << p)))
-			continue;
-		store_part_name(&m->id, p, name, sizeof(name));
-		tier_remove(s->tiers[to], name);
-	}
+	for (int p = 0; p < PART_COUNT; p++)
+		if (committed & (1u << p))
+			store_remove_file(s, to, &m->id, p, pl.part_stored[p]);
 	if (rc && rc != KVTIER_E_EXISTS && rc != KVTIER_E_NOTFOUND)
 		klog(rc == KVTIER_E_FULL || rc == -ENOSPC ? LOG_INFO : LOG_WARN,
 		     "event=migrate_failed blob=%s from=%u to=%u err=\"%s\"", hex, from, to,

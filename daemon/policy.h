@@ -17,6 +17,7 @@
 #ifndef KVTIER_POLICY_H
 #define KVTIER_POLICY_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* Restore-time model of one tier, fed by a probe at start and every read. */
@@ -52,11 +53,33 @@ struct prefill_model {
 
 #define PREFILL_DECAY 0.95
 
+/* Plausibility of one prefill report (Report): no hardware prefills faster
+ * than PREFILL_MAX_TPS tokens/s or slower than PREFILL_MAX_MS_PER_TOKEN, and
+ * no prompt is longer than the longest slot file (4M tokens). A report
+ * outside these bounds is a client bug or a clock glitch, and is refused. */
+#define PREFILL_MAX_TPS 1e7              /* tokens/s: 0.1 microseconds per token */
+#define PREFILL_MAX_MS_PER_TOKEN 60000.0 /* a minute per token */
+#define PREFILL_MAX_TOKENS (1u << 22)    /* SLOT_MAX_TOKENS */
+#define PREFILL_MAX_MS 1e9
+
+/* Robustness of the fit: once a model exists, one report counts at most
+ * PREFILL_MAX_STEP times slower or faster than the model predicts for it,
+ * and weighs at most as much as all earlier reports together. One outlier
+ * then moves the model by less than a factor of (1 + PREFILL_MAX_STEP) / 2,
+ * while a real change of speed still wins after a few reports. */
+#define PREFILL_MAX_STEP 4.0
+
+/* Checks one report: `tokens` prefilled in `ms` milliseconds. Returns 0, or
+ * -EINVAL with a message in err (what is implausible, and the bound). */
+int prefill_report_check(uint32_t tokens, double ms, char *err, size_t errlen);
+
 void prefill_from_words(struct prefill_model *m, const double w[8]);
 void prefill_to_words(const struct prefill_model *m, double w[8]);
 
 /* Feeds a report: `tokens` were prefilled after `prefix` tokens already in
- * the context (restored or cached) and took `seconds`. */
+ * the context (restored or cached) and took `seconds`. Once the model knows
+ * something, the report is clamped to PREFILL_MAX_STEP of the prediction
+ * and its weight to the history's (see PREFILL_MAX_STEP). */
 void prefill_observe(struct prefill_model *m, uint32_t prefix, uint32_t tokens, double seconds);
 
 /* 1 when at least one report was fitted. */
@@ -68,6 +91,12 @@ double prefill_seconds(const struct prefill_model *m, uint32_t n, double assumed
 
 /* Tokens per second when the context is `depth` tokens deep (0 if unknown). */
 double prefill_tps_at(const struct prefill_model *m, uint32_t depth);
+
+/* The namespace's displayed speed (an exponential moving average with
+ * weight alpha of tokens/s), fed with one report's speed `tps` after
+ * `samples` earlier ones. A report is clamped to PREFILL_MAX_STEP of the
+ * previous value first. Returns the new value. */
+double prefill_tps_blend(double prev, double samples, double tps, double alpha);
 
 /* GDSF priority; frequency is hits + 1 (the save counts as one use). A
  * negative value (restoring costs more than recomputing) gives a priority

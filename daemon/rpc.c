@@ -155,6 +155,8 @@ static grpc_status_code status_of(int rc)
 	case KVTIER_E_INVALID:
 		return GRPC_STATUS_INVALID_ARGUMENT;
 	case KVTIER_E_LAYOUT:
+	case -ESTALE: /* a tier directory removed while running (store_tier_check) */
+	case -EROFS:  /* a tier's file system is read-only */
 		return GRPC_STATUS_FAILED_PRECONDITION;
 	case KVTIER_E_FULL:
 	case -ENOSPC:

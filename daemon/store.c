@@ -321,6 +321,8 @@ static void leases_expire(struct store *s, int all)
 	}
 }
 
+static void retry_removals(struct store *s);
+
 static void *bg_main(void *arg)
 {
 	struct store *s = arg;
@@ -336,6 +338,9 @@ static void *bg_main(void *arg)
 		pthread_mutex_unlock(&s->bg_lock);
 		leases_expire(s, 0);
 		touch_flush(s);
+		retry_removals(s);
+		for (unsigned t = 0; t < s->n_tiers; t++)
+			store_tier_check(s, t, NULL, 0);
 		pthread_mutex_lock(&s->bg_lock);
 	}
 	pthread_mutex_unlock(&s->bg_lock);
@@ -605,7 +610,20 @@ static int clean_start(struct store *s)
 static void clean_stop(struct store *s)
 {
 	struct clean_rec cr;
+	size_t pending;
 
+	pthread_mutex_lock(&s->rm_lock);
+	pending = s->n_rm;
+	pthread_mutex_unlock(&s->rm_lock);
+	if (pending || atomic_load(&s->rm_overflow) || atomic_load(&s->files_missing)) {
+		klog(LOG_WARN, "event=clean_stop_skipped files_missing=%d removals_pending=%zu "
+		     "reason=\"%s\" next_start=checks_every_file",
+		     atomic_load(&s->files_missing), pending,
+		     pending || atomic_load(&s->rm_overflow)
+			     ? "tier files of deleted blobs could not be removed"
+			     : "blob files went missing while kvtierd ran");
+		return;
+	}
 	memset(&cr, 0, sizeof(cr));
 	cr.version = CLEAN_VERSION;
 	cr.n_tiers = s->n_tiers;
@@ -751,6 +769,8 @@ int store_open(const struct store_config *cfg, struct store **out, char *err, si
 	pthread_mutex_init(&s->model_lock, NULL);
 	pthread_mutex_init(&s->move_lock, NULL);
 	pthread_mutex_init(&s->bg_lock, NULL);
+	pthread_mutex_init(&s->rm_lock, NULL);
+	pthread_mutex_init(&s->dir_lock, NULL);
 	pthread_cond_init(&s->bg_cond, NULL);
 	pthread_cond_init(&s->placer_cond, NULL);
 	if (!(s->cfg.high_watermark > 0 && s->cfg.high_watermark <= 1))
@@ -890,8 +910,10 @@ void store_close(struct store *s)
 	if (s->ix) {
 		leases_expire(s, 1);
 		touch_flush(s);
-		if (s->opened)
+		if (s->opened) {
+			retry_removals(s);
 			clean_stop(s);
+		}
 	}
 	for (unsigned d = 0; d < STORE_MAX_SLOT_DIRS; d++)
 		if (s->slot_fd[d] >= 0)
@@ -911,6 +933,9 @@ void store_close(struct store *s)
 	pthread_mutex_destroy(&s->model_lock);
 	pthread_mutex_destroy(&s->move_lock);
 	pthread_mutex_destroy(&s->bg_lock);
+	pthread_mutex_destroy(&s->rm_lock);
+	pthread_mutex_destroy(&s->dir_lock);
+	free(s->rm);
 	pthread_cond_destroy(&s->bg_cond);
 	pthread_cond_destroy(&s->placer_cond);
 	free(s->pins);
@@ -977,18 +1002,102 @@ static int put_check_reported(const struct store_put *p, uint64_t size, char *er
 	return KVTIER_E_INVALID;
 }
 
+/* Bytes on tier t held by pinned blobs (open Fetches, staged leases), and
+ * how many such blobs. */
+static uint64_t pinned_bytes(struct store *s, unsigned t, size_t *n)
+{
+	struct key *ids = NULL;
+	size_t k = 0;
+	uint64_t bytes = 0;
+
+	*n = 0;
+	pthread_mutex_lock(&s->pin_lock);
+	if (s->n_pins && (ids = malloc(s->n_pins * sizeof(*ids))) != NULL)
+		for (k = 0; k < s->n_pins; k++)
+			ids[k] = s->pins[k].id;
+	pthread_mutex_unlock(&s->pin_lock);
+	for (size_t i = 0; i < k; i++) {
+		struct blob_meta m;
+		if (index_get(s->ix, &ids[i], &m, NULL, 0) == 0 && m.tier == t) {
+			bytes += m.stored_size;
+			(*n)++;
+		}
+	}
+	free(ids);
+	return bytes;
+}
+
+/* The refusal of a part that tier t has no room for: what holds the space
+ * (uploads in progress, pinned blobs, files whose removal failed, other
+ * blobs) and what a person can do about each. */
 static int tier_full_msg(struct store *s, unsigned t, uint64_t need, char *err, size_t errlen)
 {
 	struct tier_stats st;
+	char held[768];
+	size_t n_pinned, n_rm, hl = 0;
+	uint64_t pinned, rm_bytes, other;
 
 	tier_get_stats(s->tiers[t], &st);
+	pinned = pinned_bytes(s, t, &n_pinned);
+	n_rm = store_pending_removals(s, &rm_bytes);
+	other = st.used > pinned + rm_bytes ? st.used - pinned - rm_bytes : 0;
+	held[0] = '\0';
+#define HELD(...) (hl += (size_t)snprintf(held + hl, hl < sizeof(held) ? sizeof(held) - hl : 0, \
+					  __VA_ARGS__))
+	if (st.reserved)
+		HELD("; %llu bytes are reserved by uploads in progress (freed when they finish: "
+		     "retry in a moment)", (unsigned long long)st.reserved);
+	if (pinned)
+		HELD("; %llu bytes are %zu blobs pinned by Fetches in progress or staged leases "
+		     "(they can move once released: kvtier release, or when the lease expires)",
+		     (unsigned long long)pinned, n_pinned);
+	if (n_rm)
+		HELD("; %llu bytes are %zu files of deleted blobs whose removal failed (see "
+		     "event=remove_failed in the log: fix the tier's file system)",
+		     (unsigned long long)rm_bytes, n_rm);
+	if (other)
+		HELD("; %llu bytes are unpinned blobs (evicted or moved down only when that makes "
+		     "enough room; delete some with kvtier rm)", (unsigned long long)other);
+#undef HELD
 	set_err(err, errlen,
-		"tier %u (%s:%s) is full: %llu of %llu bytes used, %llu reserved by uploads in "
-		"progress, this blob part needs %llu; delete blobs (kvtier rm) or raise the capacity",
-		t, tier_kind(s->tiers[t]), tier_path(s->tiers[t]), (unsigned long long)st.used,
-		(unsigned long long)st.capacity, (unsigned long long)st.reserved,
-		(unsigned long long)need);
+		"tier %u (%s:%s) is full: no room for this blob part of %llu bytes, %llu of %llu "
+		"bytes in use%s; or raise the tier's capacity (--tier)",
+		t, tier_kind(s->tiers[t]), tier_path(s->tiers[t]), (unsigned long long)need,
+		(unsigned long long)(st.used + st.reserved), (unsigned long long)st.capacity, held);
 	return KVTIER_E_FULL;
+}
+
+/* Why a file could not be created on tier 0, said so a person can act:
+ * a removed tier directory (reopened here when it was recreated: then the
+ * open is tried once more), a read-only file system, or the error. */
+static int put_open_failed(struct store_put *p, int part, uint64_t size, int rc, char *err,
+			   size_t errlen)
+{
+	struct store *s = p->s;
+	char why[1024];
+	int st;
+
+	if (rc == -ENOENT || rc == -ESTALE) {
+		st = store_tier_check(s, 0, why, sizeof(why));
+		if (st == TIER_DIR_REOPENED || st == TIER_DIR_OK)
+			rc = tier_writer_open(s->tiers[0], size, &p->w[part]);
+		if (rc && st == TIER_DIR_REMOVED) {
+			set_err(err, errlen, "cannot store on tier 0: its %s; nothing was stored", why);
+			return -ESTALE;
+		}
+		if (!rc)
+			return 0;
+	}
+	if (rc == -EROFS) {
+		set_err(err, errlen, "cannot create a file on tier 0 (%s:%s): its file system is "
+			"read-only (mounted or remounted read-only, perhaps after I/O errors); "
+			"remount it read-write; nothing was stored",
+			tier_kind(s->tiers[0]), tier_path(s->tiers[0]));
+		return rc;
+	}
+	set_err(err, errlen, "cannot create a file on tier 0 (%s): %s", tier_path(s->tiers[0]),
+		kvtier_strerror(rc));
+	return rc;
 }
 
 /* Refuses a part that cannot fit on tier 0 even with every other blob gone:
@@ -1081,10 +1190,10 @@ int store_put_part(struct store_put *p, int part, uint64_t size, char *err, size
 		rc = tier_writer_open(s->tiers[0], size, &p->w[part]);
 	if (rc == KVTIER_E_FULL)
 		return tier_full_msg(s, 0, size, err, errlen);
-	if (rc) {
-		set_err(err, errlen, "cannot create a file on tier 0: %s", kvtier_strerror(rc));
+	if (rc)
+		rc = put_open_failed(p, part, size, rc, err, errlen);
+	if (rc)
 		return rc;
-	}
 	p->parts |= 1u << part;
 	p->size[part] = size;
 	p->cur = part;
@@ -1122,19 +1231,23 @@ int store_put_write(struct store_put *p, const void *buf, size_t len, char *err,
 	}
 	p->crc[part] = crc32c(p->crc[part], buf, len);
 	rc = tier_writer_write(p->w[part], buf, len);
+	int evicted = 0;
 	if (rc == -ENOSPC) {
 		/* The file system is smaller than the configured capacity:
 		 * make room and try once more. */
 		placement_note_enospc(s_of(p), 0);
-		if (placement_make_room(s_of(p), 0, p->size[part] - p->written[part]) == 0 &&
-		    tier_writer_can_retry(p->w[part]))
+		evicted = placement_make_room(s_of(p), 0, p->size[part] - p->written[part]) == 0;
+		if (evicted && tier_writer_can_retry(p->w[part]))
 			rc = tier_writer_write(p->w[part], buf, len);
 	}
 	if (rc == -ENOSPC) {
 		set_err(err, errlen, "tier 0 (%s) ran out of space on its file system before its "
-			"configured capacity; blobs were evicted to make room, retry the upload, and "
-			"set --tier to a capacity the file system can hold",
-			tier_path(p->s->tiers[0]));
+			"configured capacity; %s; set --tier to a capacity the file system can hold",
+			tier_path(p->s->tiers[0]),
+			evicted ? "blobs were evicted to make room: retry the upload"
+				: "nothing could be evicted (the tier's blobs are pinned, or the "
+				  "space is taken by uploads in progress or by other files on that "
+				  "file system): free space there, then retry");
 		return KVTIER_E_FULL;
 	}
 	if (rc) {
@@ -1190,31 +1303,264 @@ static int writer_crc(struct tier_writer *w, uint64_t size, uint32_t *crc)
 	return rc;
 }
 
-static void remove_parts(struct store *s, unsigned tier, const struct key *id, uint32_t parts);
+static void remove_parts(struct store *s, unsigned tier, const struct key *id, uint32_t parts,
+			 const uint64_t *stored);
 static void verified_remember_put(struct store *s, const struct blob_meta *m);
 
 void store_remove_parts(struct store *s, unsigned tier, const struct blob_meta *m)
 {
-	remove_parts(s, tier, &m->id, m->parts);
+	remove_parts(s, tier, &m->id, m->parts, m->part_stored);
 	atomic_fetch_sub(&s->place[tier].raw_bytes, blob_raw_bytes(m));
 	atomic_fetch_sub(&s->place[tier].stored_bytes, m->stored_size);
 }
 
-static void remove_parts(struct store *s, unsigned tier, const struct key *id, uint32_t parts)
+/* Keeps a file whose unlink failed for retry_removals. Its bytes stay
+ * accounted on the tier (they still take room there); what no list can
+ * hold is left to the next start's reconcile (no clean stop is recorded). */
+static void remove_later(struct store *s, unsigned tier, const struct key *id, int part,
+			 uint64_t size, const char *name, int err)
+{
+	int kept = 0;
+
+	atomic_fetch_add(&s->remove_failures, 1);
+	pthread_mutex_lock(&s->rm_lock);
+	if (s->n_rm == s->cap_rm && s->cap_rm < STORE_MAX_PENDING_RM) {
+		size_t cap = s->cap_rm ? s->cap_rm * 2 : 64;
+		struct pending_rm *v = realloc(s->rm, cap * sizeof(*v));
+		if (v) {
+			s->rm = v;
+			s->cap_rm = cap;
+		}
+	}
+	if (s->n_rm < s->cap_rm) {
+		s->rm[s->n_rm].id = *id;
+		s->rm[s->n_rm].tier = tier;
+		s->rm[s->n_rm].part = part;
+		s->rm[s->n_rm].size = size;
+		s->n_rm++;
+		kept = 1;
+	}
+	pthread_mutex_unlock(&s->rm_lock);
+	if (!kept)
+		atomic_store(&s->rm_overflow, 1);
+	klog(LOG_WARN, "event=remove_failed tier=%u name=%s err=\"%s\" action=%s "
+	     "hint=\"the file keeps its %llu bytes on the tier until it can be removed; check "
+	     "the tier's file system (read-only? I/O errors?)\"",
+	     tier, name, kvtier_strerror(err), kept ? "retry_every_second" : "next_start",
+	     (unsigned long long)size);
+}
+
+void store_remove_file(struct store *s, unsigned tier, const struct key *id, int part,
+		       uint64_t stored)
+{
+	char name[KEY_HEX_LEN + 32];
+	int rc;
+
+	part_name(id, part, name, sizeof(name));
+	rc = tier_remove(s->tiers[tier], name);
+	if (rc == KVTIER_E_NOTFOUND) {
+		/* Gone already (removed by hand, or with its directory): what
+		 * was counted for it goes too. */
+		tier_account(s->tiers[tier], -(int64_t)stored, -1);
+		atomic_store(&s->files_missing, 1);
+		klog(LOG_WARN, "event=file_missing tier=%u name=%s action=accounted_out", tier, name);
+	} else if (rc) {
+		remove_later(s, tier, id, part, stored, name, rc);
+	}
+}
+
+static void remove_parts(struct store *s, unsigned tier, const struct key *id, uint32_t parts,
+			 const uint64_t *stored)
+{
+	/* The blob has left the index, whatever happens to its files. */
+	if (parts & (1u << PART_MAIN))
+		atomic_fetch_sub(&s->tier_blobs[tier], 1);
+	for (int p = 0; p < PART_COUNT; p++)
+		if (parts & (1u << p))
+			store_remove_file(s, tier, id, p, stored[p]);
+}
+
+/* Retries the removals that failed (every second, and at stop). A name the
+ * index uses again (the same blob stored anew) is no longer ours to remove. */
+static void retry_removals(struct store *s)
+{
+	struct pending_rm *v = NULL;
+	size_t n, keep = 0;
+
+	pthread_mutex_lock(&s->rm_lock);
+	n = s->n_rm;
+	if (n && (v = malloc(n * sizeof(*v))) != NULL) {
+		memcpy(v, s->rm, n * sizeof(*v));
+		s->n_rm = 0;
+	}
+	pthread_mutex_unlock(&s->rm_lock);
+	if (!v)
+		return;
+	for (size_t i = 0; i < n; i++) {
+		struct pending_rm *r = &v[i];
+		struct blob_meta m;
+		char name[KEY_HEX_LEN + 32];
+		int rc;
+		part_name(&r->id, r->part, name, sizeof(name));
+		pthread_mutex_lock(&s->commit_lock);
+		if (index_get(s->ix, &r->id, &m, NULL, 0) == 0 && m.tier == r->tier &&
+		    (m.parts & (1u << r->part)))
+			rc = KVTIER_E_EXISTS;
+		else
+			rc = tier_remove(s->tiers[r->tier], name);
+		if (rc == KVTIER_E_NOTFOUND)
+			tier_account(s->tiers[r->tier], -(int64_t)r->size, -1);
+		pthread_mutex_unlock(&s->commit_lock);
+		if (rc == 0 || rc == KVTIER_E_NOTFOUND || rc == KVTIER_E_EXISTS)
+			klog(LOG_INFO, "event=remove_retried tier=%u name=%s result=%s", r->tier, name,
+			     rc == 0 ? "removed" : rc == KVTIER_E_NOTFOUND ? "gone" : "in_use_again");
+		else
+			v[keep++] = *r;
+	}
+	pthread_mutex_lock(&s->rm_lock);
+	for (size_t i = 0; i < keep; i++) {
+		if (s->n_rm == s->cap_rm) {
+			atomic_store(&s->rm_overflow, 1); /* cannot happen: the list only shrank */
+			break;
+		}
+		s->rm[s->n_rm++] = v[i];
+	}
+	pthread_mutex_unlock(&s->rm_lock);
+	free(v);
+}
+
+size_t store_pending_removals(struct store *s, uint64_t *bytes)
+{
+	size_t n;
+
+	*bytes = 0;
+	pthread_mutex_lock(&s->rm_lock);
+	n = s->n_rm;
+	for (size_t i = 0; i < n; i++)
+		*bytes += s->rm[i].size;
+	pthread_mutex_unlock(&s->rm_lock);
+	return n;
+}
+
+/* ---- tier directories removed or replaced while running ---- */
+
+struct missing_ctx {
+	struct store *s;
+	unsigned tier;
+	struct key *ids;
+	size_t n, cap;
+};
+
+/* 1 when a part of m is missing from its tier. */
+static int blob_files_missing(struct store *s, const struct blob_meta *m)
 {
 	char name[KEY_HEX_LEN + 32];
 
 	for (int p = 0; p < PART_COUNT; p++) {
-		if (!(parts & (1u << p)))
+		uint64_t size;
+		if (!(m->parts & (1u << p)))
 			continue;
-		part_name(id, p, name, sizeof(name));
-		int rc = tier_remove(s->tiers[tier], name);
-		if (rc == 0 && p == PART_MAIN)
-			atomic_fetch_sub(&s->tier_blobs[tier], 1);
-		if (rc && rc != KVTIER_E_NOTFOUND)
-			klog(LOG_WARN, "event=remove_failed tier=%u name=%s err=\"%s\"", tier, name,
-			     kvtier_strerror(rc));
+		part_name(&m->id, p, name, sizeof(name));
+		if (tier_stat(s->tiers[m->tier], name, &size) == KVTIER_E_NOTFOUND)
+			return 1;
 	}
+	return 0;
+}
+
+static int missing_blob(void *ctx, const struct blob_meta *m, const char *ns)
+{
+	struct missing_ctx *c = ctx;
+
+	(void)ns;
+	if (m->tier != c->tier || !blob_files_missing(c->s, m))
+		return 0;
+	if (c->n == c->cap) {
+		size_t cap = c->cap ? c->cap * 2 : 64;
+		struct key *v = realloc(c->ids, cap * sizeof(*v));
+		if (!v)
+			return -ENOMEM;
+		c->ids = v;
+		c->cap = cap;
+	}
+	c->ids[c->n++] = m->id;
+	return 0;
+}
+
+/* Drops the records of tier t's blobs whose files are gone, so Lookup stops
+ * offering them and the tier's usage stops counting them. */
+static void drop_missing_blobs(struct store *s, unsigned t, const char *reason)
+{
+	struct missing_ctx c = {.s = s, .tier = t};
+	size_t dropped = 0;
+	int rc;
+
+	rc = index_list(s->ix, NULL, NULL, 0, missing_blob, &c, NULL);
+	for (size_t i = 0; i < c.n; i++) {
+		struct blob_meta m;
+		char hex[KEY_HEX_LEN + 1];
+		int gone = 0;
+		pthread_mutex_lock(&s->commit_lock);
+		if (index_get(s->ix, &c.ids[i], &m, NULL, 0) == 0 && m.tier == t &&
+		    blob_files_missing(s, &m) && index_delete(s->ix, &c.ids[i], &m) == 0) {
+			store_remove_parts(s, t, &m);
+			gone = 1;
+		}
+		pthread_mutex_unlock(&s->commit_lock);
+		if (gone) {
+			dropped++;
+			atomic_fetch_add(&s->missing_dropped, 1);
+			klog(LOG_WARN, "event=drop_missing_blob blob=%s tier=%u reason=\"%s\"",
+			     key_hex(&m.id, hex), t, reason);
+		}
+	}
+	if (rc)
+		klog(LOG_WARN, "event=drop_missing_failed tier=%u err=\"%s\" hint=\"restart "
+		     "kvtierd: the start checks every file\"", t, kvtier_strerror(rc));
+	if (dropped || rc)
+		atomic_store(&s->files_missing, 1);
+	klog(dropped ? LOG_WARN : LOG_INFO, "event=tier_files_checked tier=%u dropped_blobs=%zu",
+	     t, dropped);
+	free(c.ids);
+}
+
+int store_tier_check(struct store *s, unsigned t, char *why, size_t whylen)
+{
+	char msg[1024];
+	int st, was;
+
+	pthread_mutex_lock(&s->dir_lock);
+	msg[0] = '\0';
+	st = tier_dir_check(s->tiers[t], msg, sizeof(msg));
+	was = atomic_load(&s->dir_state[t]);
+	if (st < 0) {
+		klog(LOG_WARN, "event=tier_dir_check_failed tier=%u path=%s err=\"%s\"", t,
+		     tier_path(s->tiers[t]), kvtier_strerror(st));
+		goto out;
+	}
+	if (st != was && st != TIER_DIR_OK && st != TIER_DIR_REOPENED) {
+		atomic_fetch_add(&s->dir_events[t], 1);
+		klog(LOG_WARN, "event=%s tier=%u path=%s reason=\"%s\"",
+		     st == TIER_DIR_REMOVED ? "tier_dir_removed" : "tier_dir_moved", t,
+		     tier_path(s->tiers[t]), msg);
+	}
+	if (st == TIER_DIR_REOPENED) {
+		if (was != TIER_DIR_REMOVED)
+			atomic_fetch_add(&s->dir_events[t], 1);
+		klog(LOG_WARN, "event=tier_dir_reopened tier=%u path=%s", t, tier_path(s->tiers[t]));
+	} else if (st == TIER_DIR_OK && was == TIER_DIR_MOVED) {
+		klog(LOG_INFO, "event=tier_dir_back tier=%u path=%s", t, tier_path(s->tiers[t]));
+	}
+	/* The files of a removed directory are gone with it: drop their records
+	 * once when the removal is seen, and after a reopen (a removal and a
+	 * recreation between two checks). */
+	if ((st == TIER_DIR_REMOVED && was != TIER_DIR_REMOVED) || st == TIER_DIR_REOPENED)
+		drop_missing_blobs(s, t, "tier directory removed");
+	atomic_store(&s->dir_state[t], st == TIER_DIR_REOPENED ? TIER_DIR_OK : st);
+out:
+	pthread_mutex_unlock(&s->dir_lock);
+	if (why && whylen)
+		snprintf(why, whylen, "%s", msg);
+	return st;
 }
 
 int store_put_finish(struct store_put *p, struct store_put_result *res, char *err,
@@ -1373,7 +1719,7 @@ int store_put_finish(struct store_put *p, struct store_put_result *res, char *er
 	rc = 0;
 out:
 	if (committed)
-		remove_parts(s, 0, &meta.id, committed);
+		remove_parts(s, 0, &meta.id, committed, meta.part_stored);
 	if (locked)
 		pthread_mutex_unlock(&s->commit_lock);
 	if (rc == 0 && !res->deduplicated)
@@ -1706,6 +2052,18 @@ int store_fetch_open(struct store *s, const struct key *id, struct store_fetch *
 			rc = index_get(s->ix, id, &now, NULL, 0) == 0 && now.tier == meta->tier
 				     ? KVTIER_E_CORRUPT
 				     : KVTIER_E_NOTFOUND;
+		}
+		if (rc == KVTIER_E_CORRUPT) {
+			/* The next start must check every file; and a removed tier
+			 * directory is reported (and its records dropped) now. */
+			char why[1024];
+			atomic_store(&s->files_missing, 1);
+			if (store_tier_check(s, meta->tier, why, sizeof(why)) == TIER_DIR_REMOVED) {
+				set_err(err, errlen, "blob %s is lost: tier %u's %s", key_hex(id, hex),
+					meta->tier, why);
+				store_fetch_close(f);
+				return -ESTALE;
+			}
 		}
 		if (rc) {
 			char name[KEY_HEX_LEN + 32];
@@ -2343,9 +2701,17 @@ int store_delete(struct store *s, const struct key *id, char *err, size_t errlen
 	if (rc == 0)
 		store_remove_parts(s, m.tier, &m);
 	pthread_mutex_unlock(&s->commit_lock);
+	if (rc == KVTIER_E_FULL) {
+		/* LMDB needs free pages to write even a delete. */
+		set_err(err, errlen, "deleting %s failed: the index map is full (MDB_MAP_FULL: "
+			"%llu bytes); nothing was deleted; restart kvtierd with a larger --map-size "
+			"(the index keeps its data)", key_hex(id, hex),
+			(unsigned long long)s->cfg.map_size);
+		return rc;
+	}
 	if (rc) {
-		set_err(err, errlen, rc == KVTIER_E_NOTFOUND ? "no blob %s" : "deleting %s failed",
-			key_hex(id, hex));
+		set_err(err, errlen, rc == KVTIER_E_NOTFOUND ? "no blob %s" : "deleting %s failed: %s",
+			key_hex(id, hex), kvtier_strerror(rc));
 		return rc;
 	}
 	atomic_fetch_add(&s->deletes, 1);
@@ -2395,9 +2761,9 @@ int store_report_prefill(struct store *s, const char *ns, uint32_t prefix, uint3
 
 	if (rc)
 		return rc;
-	if (tokens == 0 || !(ms > 0) || ms > 1e9) {
-		set_err(err, errlen, "prefill report needs tokens > 0 and 0 < ms < 1e9 (got %u, %g)",
-			tokens, ms);
+	if (prefill_report_check(tokens, ms, err, errlen)) {
+		klog(LOG_WARN, "event=prefill_report_refused ns=\"%s\" tokens=%u ms=%g", ns, tokens,
+		     ms);
 		return KVTIER_E_INVALID;
 	}
 	{
@@ -2470,6 +2836,12 @@ void store_get_stats(struct store *s, struct store_stats *o)
 	o->active_leases = atomic_load(&s->active_leases);
 	o->reconcile_removed_files = s->reconcile_files;
 	o->reconcile_removed_blobs = s->reconcile_blobs;
+	o->remove_failures = atomic_load(&s->remove_failures);
+	{
+		uint64_t bytes;
+		o->removals_pending = store_pending_removals(s, &bytes);
+	}
+	o->missing_dropped = atomic_load(&s->missing_dropped);
 	o->n_tiers = s->n_tiers;
 	for (unsigned t = 0; t < s->n_tiers; t++) {
 		struct tier_stats st;
@@ -2516,6 +2888,8 @@ void store_get_stats(struct store *s, struct store_stats *o)
 		}
 		ts->moved_in_bytes = atomic_load(&pl->moved_in_bytes);
 		ts->enospc = atomic_load(&pl->enospc);
+		ts->dir_missing = atomic_load(&s->dir_state[t]) != TIER_DIR_OK;
+		ts->dir_events = atomic_load(&s->dir_events[t]);
 		ts->compression_ratio = ts->stored_bytes ? (double)ts->raw_bytes /
 								   (double)ts->stored_bytes
 							 : 1;

@@ -236,6 +236,8 @@ struct store_tier_stats {
 	uint64_t raw_bytes, stored_bytes; /* blobs on the tier, served vs stored */
 	uint64_t evictions[STORE_EVICT_REASONS];
 	uint64_t moved_in, moved_out, moved_in_bytes, enospc;
+	uint64_t dir_missing;            /* 1: the directory was removed or moved (store_tier_check) */
+	uint64_t dir_events;             /* removals or moves of the directory detected */
 	uint64_t read_ops, write_ops;
 	uint64_t read_hist[TIER_HIST_BUCKETS + 1], write_hist[TIER_HIST_BUCKETS + 1];
 	double read_hist_sum, write_hist_sum;
@@ -266,6 +268,9 @@ struct store_stats {
 	uint64_t promotions_declined; /* hits on a lower tier the policy left there */
 	uint64_t migrations[STORE_MAX_TIERS][STORE_MAX_TIERS]; /* [from][to] */
 	uint64_t reconcile_removed_files, reconcile_removed_blobs;
+	uint64_t remove_failures;     /* unlinks of deleted blobs' files that failed */
+	uint64_t removals_pending;    /* such files waiting for their retry now */
+	uint64_t missing_dropped;     /* records dropped at run time: their files were gone */
 	unsigned n_tiers;
 	struct store_tier_stats tiers[STORE_MAX_TIERS];
 };

@@ -51,6 +51,18 @@ struct verified_part {
 	struct tier_file_id fid;
 };
 
+/* A tier file whose unlink failed (read-only file system, I/O error): its
+ * blob left the index, the file still takes its bytes on the tier, and the
+ * background thread retries it every second (store.c, remove_later). */
+struct pending_rm {
+	struct key id;
+	unsigned tier;
+	int part;
+	uint64_t size; /* as accounted on the tier */
+};
+
+#define STORE_MAX_PENDING_RM 65536 /* beyond: left to the next start's reconcile */
+
 struct ns_counter {
 	char ns[INDEX_NS_MAX + 1];
 	uint64_t lookups, hits, matched;
@@ -132,6 +144,21 @@ struct store {
 	_Atomic uint64_t adopt_copies; /* adopts copied: the inode could not be made ours */
 	_Atomic uint64_t promotions_declined;
 	_Atomic uint64_t migrations[STORE_MAX_TIERS][STORE_MAX_TIERS]; /* [from][to] */
+	/* Files that went missing at run time (a tier directory removed, a file
+	 * deleted by hand) or could not be removed: the index may name files
+	 * that are gone, or the tiers hold files no record names, so a stop
+	 * must not be recorded as clean (the next start checks every file). */
+	_Atomic int files_missing;
+	_Atomic int rm_overflow;                     /* a failed removal not kept in rm */
+	pthread_mutex_t rm_lock;                     /* leaf: rm, n_rm, cap_rm */
+	struct pending_rm *rm;
+	size_t n_rm, cap_rm;
+	_Atomic uint64_t remove_failures;            /* unlinks that failed */
+	_Atomic uint64_t missing_dropped;            /* records dropped: their files were gone */
+	pthread_mutex_t dir_lock;                    /* one tier-directory check at a time;
+						      * taken before commit_lock */
+	_Atomic int dir_state[STORE_MAX_TIERS];      /* enum tier_dir_state, last seen */
+	_Atomic uint64_t dir_events[STORE_MAX_TIERS]; /* removals or moves detected */
 };
 
 struct store_put {
@@ -175,8 +202,15 @@ void store_set_err(char *err, size_t errlen, const char *fmt, ...)
 int64_t store_now_ms(void);
 double store_mono(void);
 void store_part_name(const struct key *id, int part, char *out, size_t cap);
-/* Removes a blob's files from a tier and fixes the counters. */
+/* Removes a blob's files from a tier and fixes the counters. A file that
+ * is gone already is accounted out (and noted: no clean stop); one whose
+ * unlink fails is kept for a retry (remove_later). */
 void store_remove_parts(struct store *s, unsigned tier, const struct blob_meta *m);
+/* Removes one committed file that no index record names (a blob's part, or
+ * a migration's copy being undone) the same way: accounted out when already
+ * gone, retried every second when the unlink fails. */
+void store_remove_file(struct store *s, unsigned tier, const struct key *id, int part,
+		       uint64_t stored);
 /* Opens part p of blob m for reading served bytes from its tier. */
 int part_src_open(struct store *s, const struct blob_meta *m, int p, struct part_src *src);
 /* Reads up to len served bytes at off (sequential only for encoded parts). */
@@ -190,6 +224,13 @@ void part_src_close(struct part_src *src);
 int store_copy_out(struct store *s, const struct blob_meta *m, int p, int dirfd, const char *dst,
                    double *seconds);
 void store_drop_corrupt(struct store *s, const struct blob_meta *m, int part, const char *during);
+/* Checks tier t's directory (tier_dir_check), logs a change, reopens a
+ * recreated one and drops the records whose files went with a removed one.
+ * why (may be NULL) gets the tier's message. Never called with commit_lock
+ * or move_lock held. Returns an enum tier_dir_state or -errno. */
+int store_tier_check(struct store *s, unsigned t, char *why, size_t whylen);
+/* Files waiting for a retried removal, and their bytes (rm_lock inside). */
+size_t store_pending_removals(struct store *s, uint64_t *bytes);
 
 void store_pin(struct store *s, const struct key *id);
 void store_unpin(struct store *s, const struct key *id);

@@ -102,7 +102,11 @@ struct tier_ops {
 struct tier {
 	const struct tier_ops *ops;
 	char *path;           /* as given to tier_open */
-	int dir_fd;           /* O_DIRECTORY fd for every *at() call */
+	int dir_fd;           /* O_DIRECTORY fd for every *at() call; a reopen dup2()s the
+			       * new directory onto this number, so no caller ever sees it
+			       * closed */
+	dev_t dir_dev;        /* identity of the directory dir_fd holds (under lock) */
+	ino_t dir_ino;
 	pthread_mutex_t lock; /* guards the fields below */
 	uint64_t capacity;    /* bytes */
 	uint64_t used;        /* committed bytes */
@@ -1713,6 +1717,8 @@ int tier_open(const char *kind, const char *path, uint64_t capacity, const struc
 		rc = -EPERM;
 		goto out;
 	}
+	t->dir_dev = st.st_dev;
+	t->dir_ino = st.st_ino;
 	if (ops == &tier_ops_disk)
 		tier_choose_io(t, opt);
 	rc = pthread_mutex_init(&t->lock, NULL);
@@ -2563,6 +2569,83 @@ int tier_link_out(struct tier *t, const char *name, int dst_dir, const char *dst
 	/* Another file system, or links refused: the caller copies (and checks
 	 * the bytes it copies). */
 	return err == EPERM || err == EMLINK ? -EXDEV : -err;
+}
+
+/* Opens path as the tier's new directory and puts it under t->dir_fd's
+ * number. Returns 0, or -errno / -EPERM (writable by everyone) / -ENOTDIR. */
+static int tier_dir_reopen(struct tier *t)
+{
+	struct stat st;
+	int fd, rc = 0;
+
+	fd = open(t->path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	if (fstat(fd, &st)) {
+		rc = -errno;
+		goto out;
+	}
+	if (st.st_mode & S_IWOTH) {
+		rc = -EPERM; /* the same rule as tier_open */
+		goto out;
+	}
+	/* Atomic for every thread using the number: an *at() call sees the old
+	 * directory or the new one, never a closed or reused descriptor. */
+	if (dup2(fd, t->dir_fd) < 0) {
+		rc = -errno;
+		goto out;
+	}
+	tier_lock(t);
+	t->dir_dev = st.st_dev;
+	t->dir_ino = st.st_ino;
+	tier_unlock(t);
+out:
+	close(fd);
+	return rc;
+}
+
+int tier_dir_check(struct tier *t, char *why, size_t whylen)
+{
+	struct stat fdst, pst;
+	int rc, err = 0, removed;
+
+	if (fstat(t->dir_fd, &fdst))
+		return -errno;
+	removed = fdst.st_nlink == 0;
+	if (stat(t->path, &pst))
+		err = errno;
+	tier_lock(t);
+	rc = !removed && !err && pst.st_dev == t->dir_dev && pst.st_ino == t->dir_ino;
+	tier_unlock(t);
+	if (rc)
+		return TIER_DIR_OK;
+	if (!removed) {
+		/* Renamed, or another directory mounted or put over the path: ours
+		 * still exists and holds the blobs, so kvtierd keeps using it. */
+		snprintf(why, whylen, "%s no longer names the directory kvtierd opened at start "
+			 "(it was renamed, replaced or mounted over: %s); kvtierd keeps using the "
+			 "directory it opened, which still holds the blobs: put it back at %s, or "
+			 "restart kvtierd to use what is there now",
+			 t->path, err ? strerror(err) : "another directory is there now", t->path);
+		return TIER_DIR_MOVED;
+	}
+	if (err == ENOENT) {
+		snprintf(why, whylen, "directory %s was removed while kvtierd was running, with "
+			 "every blob file in it; recreate it (mkdir -m 0700 %s) and kvtierd reopens "
+			 "it within a second, or restart kvtierd", t->path, t->path);
+		return TIER_DIR_REMOVED;
+	}
+	rc = err ? -err : S_ISDIR(pst.st_mode) ? tier_dir_reopen(t) : -ENOTDIR;
+	if (rc == 0) {
+		snprintf(why, whylen, "directory %s was removed and recreated; kvtierd reopened it "
+			 "(the blob files of the removed directory are lost)", t->path);
+		return TIER_DIR_REOPENED;
+	}
+	snprintf(why, whylen, "directory %s was removed while kvtierd was running, and what is "
+		 "at that path now cannot be used: %s; make it a private directory (mkdir -m "
+		 "0700 %s) and kvtierd reopens it within a second, or restart kvtierd", t->path,
+		 rc == -EPERM ? "it is writable by everyone" : kvtier_strerror(rc), t->path);
+	return TIER_DIR_REMOVED;
 }
 
 int tier_scan(struct tier *t, int (*cb)(void *ctx, const char *name, uint64_t size, int is_regular),

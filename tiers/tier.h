@@ -254,6 +254,28 @@ void tier_reader_account(struct tier_reader *r, uint64_t bytes, double seconds);
 /* Closes the reader (NULL is fine) and counts it in the read histogram. */
 void tier_reader_close(struct tier_reader *r);
 
+/* What tier_dir_check found. */
+enum tier_dir_state {
+	TIER_DIR_OK = 0,   /* the path names the directory the tier uses */
+	TIER_DIR_REMOVED,  /* the directory was removed (with its files) and nothing
+			    * usable is at the path yet: every file call fails */
+	TIER_DIR_REOPENED, /* it was removed and a new directory is at the path now: the
+			    * tier uses the new one from this call on (the caller
+			    * accounts out the files that were lost, tier_account) */
+	TIER_DIR_MOVED,    /* the directory still exists but the path names something
+			    * else (renamed, replaced, mounted over): the tier keeps using
+			    * the directory it has, which holds its files */
+};
+
+/* Checks that the tier's directory is still the one at its path: its link
+ * count (0 once removed) and the path's device and inode against the open
+ * descriptor's. A removed directory is replaced by the one now at the path
+ * when there is one (a private directory, as tier_open requires). Cheap (two
+ * stats); safe to call from any thread while other calls run. Returns an
+ * enum tier_dir_state with why (not for TIER_DIR_OK) saying what happened
+ * and what to do, or -errno when the open directory cannot be examined. */
+int tier_dir_check(struct tier *t, char *why, size_t whylen);
+
 /* Size of committed file `name`. Returns 0, KVTIER_E_NOTFOUND or -errno. */
 int tier_stat(struct tier *t, const char *name, uint64_t *size);
 

@@ -1,4 +1,5 @@
 /* test_policy.c: the placement arithmetic (daemon/policy.c). */
+#include <errno.h>
 #include <math.h>
 #include <string.h>
 
@@ -86,6 +87,74 @@ static void test_prefill_fit(void)
 	CHECK(NEAR(m.a, 0.05 / 1000, 0.05));
 }
 
+static void test_prefill_report_bounds(void)
+{
+	char err[512];
+
+	/* Real speeds pass: a CPU at 5 tokens/s, a GPU at 20k tokens/s, the
+	 * limits themselves. */
+	CHECK_EQ_INT(prefill_report_check(100, 20000, err, sizeof(err)), 0);
+	CHECK_EQ_INT(prefill_report_check(4096, 200, err, sizeof(err)), 0);
+	CHECK_EQ_INT(prefill_report_check(10000, 1, err, sizeof(err)), 0);      /* 1e7 tokens/s */
+	CHECK_EQ_INT(prefill_report_check(1, 60000, err, sizeof(err)), 0);      /* 1 min/token */
+	CHECK_EQ_INT(prefill_report_check(1u << 22, 1e6, err, sizeof(err)), 0); /* 4M tokens */
+	/* The red team's two reports: 4e12 tokens/s, and 1e301 tokens/s
+	 * (which overflows tokens/s to inf when divided). */
+	err[0] = '\0';
+	CHECK_EQ_INT(prefill_report_check(4294967295u, 0.001, err, sizeof(err)), -EINVAL);
+	CHECK(strstr(err, "implausible prefill report") != NULL);
+	CHECK_EQ_INT(prefill_report_check(10, 1e-300, err, sizeof(err)), -EINVAL);
+	CHECK(strstr(err, "faster than the plausible maximum of (tokens/s) 1e+07") != NULL);
+	CHECK(strstr(err, "10 tokens in 1e-300 ms") != NULL);
+	CHECK_EQ_INT(prefill_report_check(10001, 1, err, sizeof(err)), -EINVAL);
+	CHECK_EQ_INT(prefill_report_check(10, 600001, err, sizeof(err)), -EINVAL);
+	CHECK(strstr(err, "slower than the plausible maximum of (ms per token) 60000") != NULL);
+	CHECK_EQ_INT(prefill_report_check(0, 10, err, sizeof(err)), -EINVAL);
+	CHECK_EQ_INT(prefill_report_check((1u << 22) + 1, 1e6, err, sizeof(err)), -EINVAL);
+	CHECK_EQ_INT(prefill_report_check(10, 0, err, sizeof(err)), -EINVAL);
+	CHECK_EQ_INT(prefill_report_check(10, -1, err, sizeof(err)), -EINVAL);
+	CHECK_EQ_INT(prefill_report_check(10, NAN, err, sizeof(err)), -EINVAL);
+	CHECK_EQ_INT(prefill_report_check(10, INFINITY, err, sizeof(err)), -EINVAL);
+	CHECK_EQ_INT(prefill_report_check(100000000, 1.1e9, err, sizeof(err)), -EINVAL);
+	CHECK_EQ_INT(prefill_report_check(10, 1e-300, NULL, 0), -EINVAL); /* no buffer */
+}
+
+/* One plausible outlier (the largest, fastest report the bounds accept)
+ * after 20 steady ones moves the model by less than (1 + step) / 2, never by
+ * orders of magnitude; a lasting change still wins after some reports. */
+static void test_prefill_outlier(void)
+{
+	struct prefill_model m;
+	double before, after;
+
+	memset(&m, 0, sizeof(m));
+	for (int i = 0; i < 20; i++)
+		prefill_observe(&m, 0, 1000, 1.0); /* 1000 tokens/s */
+	before = prefill_seconds(&m, 1000, 500);
+	CHECK(NEAR(before, 1.0, 1e-6));
+	prefill_observe(&m, 0, 1u << 22, (1u << 22) / PREFILL_MAX_TPS); /* 4M tokens at 1e7/s */
+	after = prefill_seconds(&m, 1000, 500);
+	CHECK(after >= before / ((1 + PREFILL_MAX_STEP) / 2) * 0.999);
+	CHECK(after < before);
+	prefill_observe(&m, 0, 1u << 22, (1u << 22) / PREFILL_MAX_TPS);
+	CHECK(prefill_seconds(&m, 1000, 500) > before / 10); /* two: still under 10x */
+	/* Slow outliers likewise. */
+	memset(&m, 0, sizeof(m));
+	for (int i = 0; i < 20; i++)
+		prefill_observe(&m, 0, 1000, 1.0);
+	prefill_observe(&m, 0, 1u << 22, (1u << 22) * 60.0);
+	CHECK(prefill_seconds(&m, 1000, 500) <= (1 + PREFILL_MAX_STEP) / 2 * 1.001);
+	/* A real change (the model moved to a GPU 100x faster) wins. */
+	for (int i = 0; i < 200; i++)
+		prefill_observe(&m, 0, 1000, 0.01);
+	CHECK(NEAR(prefill_seconds(&m, 1000, 500), 0.01, 0.05));
+	/* The displayed speed: clamped, then averaged. */
+	CHECK(NEAR(prefill_tps_blend(0, 0, 1e7, 0.2), 1e7, 1e-12));  /* first: as is */
+	CHECK(NEAR(prefill_tps_blend(1000, 20, 1e7, 0.2), 0.2 * 4000 + 0.8 * 1000, 1e-12));
+	CHECK(NEAR(prefill_tps_blend(1000, 20, 1, 0.2), 0.2 * 250 + 0.8 * 1000, 1e-12));
+	CHECK(NEAR(prefill_tps_blend(1000, 20, 2000, 0.2), 1200, 1e-12));
+}
+
 static void test_gdsf(void)
 {
 	/* Same value per byte: more hits rank higher; a higher base (later
@@ -119,6 +188,8 @@ int main(void)
 {
 	test_cost_model();
 	test_prefill_fit();
+	test_prefill_report_bounds();
+	test_prefill_outlier();
 	test_gdsf();
 	return 0;
 }
