@@ -2463,20 +2463,27 @@ out:
 	return rc;
 }
 
+/* Stats the tier file `name` without following a symlink: 0 and *st for a
+ * regular file; KVTIER_E_NOTFOUND, KVTIER_E_INVALID (a bad name, or not a
+ * regular file) or -errno otherwise. */
+static int tier_lstat_regular(struct tier *t, const char *name, struct stat *st)
+{
+	int rc = tier_name_valid(name);
+
+	if (rc)
+		return rc;
+	if (fstatat(t->dir_fd, name, st, AT_SYMLINK_NOFOLLOW))
+		return errno == ENOENT ? KVTIER_E_NOTFOUND : -errno;
+	return S_ISREG(st->st_mode) ? 0 : KVTIER_E_INVALID;
+}
+
 int tier_stat(struct tier *t, const char *name, uint64_t *size)
 {
 	struct stat st;
-	int rc, err;
+	int rc = tier_lstat_regular(t, name, &st);
 
-	rc = tier_name_valid(name);
 	if (rc)
 		return rc;
-	if (fstatat(t->dir_fd, name, &st, AT_SYMLINK_NOFOLLOW)) {
-		err = errno;
-		return err == ENOENT ? KVTIER_E_NOTFOUND : -err;
-	}
-	if (!S_ISREG(st.st_mode))
-		return KVTIER_E_INVALID;
 	*size = (uint64_t)st.st_size;
 	return 0;
 }
@@ -2485,17 +2492,10 @@ int tier_file_id(struct tier *t, const char *name, struct tier_file_id *id)
 {
 	struct timespec now;
 	struct stat st;
-	int rc, err;
+	int rc = tier_lstat_regular(t, name, &st);
 
-	rc = tier_name_valid(name);
 	if (rc)
 		return rc;
-	if (fstatat(t->dir_fd, name, &st, AT_SYMLINK_NOFOLLOW)) {
-		err = errno;
-		return err == ENOENT ? KVTIER_E_NOTFOUND : -err;
-	}
-	if (!S_ISREG(st.st_mode))
-		return KVTIER_E_INVALID;
 	id->dev = (uint64_t)st.st_dev;
 	id->ino = (uint64_t)st.st_ino;
 	id->size = (uint64_t)st.st_size;
@@ -2517,17 +2517,10 @@ int tier_file_id_equal(const struct tier_file_id *a, const struct tier_file_id *
 int tier_remove(struct tier *t, const char *name)
 {
 	struct stat st;
-	int rc, err;
+	int rc = tier_lstat_regular(t, name, &st), err;
 
-	rc = tier_name_valid(name);
-	if (rc)
+	if (rc) /* not a regular file: never a committed one, tier_unlink_raw's business */
 		return rc;
-	if (fstatat(t->dir_fd, name, &st, AT_SYMLINK_NOFOLLOW)) {
-		err = errno;
-		return err == ENOENT ? KVTIER_E_NOTFOUND : -err;
-	}
-	if (!S_ISREG(st.st_mode))
-		return KVTIER_E_INVALID; /* never a committed file: tier_unlink_raw's business */
 	if (unlinkat(t->dir_fd, name, 0)) {
 		err = errno;
 		/* ENOENT: a concurrent remove won, and accounted. */
