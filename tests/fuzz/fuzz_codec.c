@@ -66,6 +66,8 @@ static ssize_t src_read(void *ctx, void *buf, size_t len)
 		return -EIO;
 	if (n > len)
 		n = len;
+	if (!n) /* end of input; s->p is NULL for an empty round trip */
+		return 0;
 	if (n > 1 && rng_next(s->rng) % 3 == 0)
 		n = 1 + rng_next(s->rng) % n; /* a short read */
 	memcpy(buf, s->p + s->pos, n);
