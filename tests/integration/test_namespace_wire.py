@@ -49,14 +49,18 @@ def need_grpc():
         raise Skip("python3-grpcio is not installed (scripts/deps installs it)")
 
 
-def test_invalid_utf8_namespace(root, daemons):
-    need_grpc()
+def started_with_chat_a(root, daemons):
+    """A started daemon, and the slot file both tests put: path, bytes, tokens."""
     d = Daemon(root)
     daemons.append(d)
     d.start()
     src = fixture("v2/chat-a-turn1.bin")
-    data = open(src, "rb").read()
-    toks = slot_tokens(src)
+    return d, src, open(src, "rb").read(), slot_tokens(src)
+
+
+def test_invalid_utf8_namespace(root, daemons):
+    need_grpc()
+    d, src, data, toks = started_with_chat_a(root, daemons)
     staged = os.path.join(d.slot_dir, "adopt-me.bin")
     shutil.copyfile(src, staged)
     raw = Raw(d.sock)
@@ -91,12 +95,7 @@ def test_invalid_utf8_namespace(root, daemons):
 
 def test_nul_in_namespace(root, daemons):
     need_grpc()
-    d = Daemon(root)
-    daemons.append(d)
-    d.start()
-    src = fixture("v2/chat-a-turn1.bin")
-    data = open(src, "rb").read()
-    toks = slot_tokens(src)
+    d, src, data, toks = started_with_chat_a(root, daemons)
     raw = Raw(d.sock)
     try:
         msg = refused(raw, "Put", put_request(b"model-A\x00fingerprint-1", data),
